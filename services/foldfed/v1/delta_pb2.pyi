@@ -1,0 +1,71 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_UNSPECIFIED: _ClassVar[Codec]
+    CODEC_SAFETENSORS: _ClassVar[Codec]
+CODEC_UNSPECIFIED: Codec
+CODEC_SAFETENSORS: Codec
+
+class TensorLayout(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "begin", "end")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BEGIN_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    begin: int
+    end: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class DeltaManifest(_message.Message):
+    __slots__ = ("format_version", "step", "participant", "weight", "codec", "tensors", "chunk_size", "payload_size", "chunk_digests", "payload_digest", "base_model_digest", "created_unix_ms")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    step: int
+    participant: str
+    weight: float
+    codec: Codec
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorLayout]
+    chunk_size: int
+    payload_size: int
+    chunk_digests: _containers.RepeatedScalarFieldContainer[bytes]
+    payload_digest: bytes
+    base_model_digest: bytes
+    created_unix_ms: int
+    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., participant: _Optional[str] = ..., weight: _Optional[float] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., payload_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., payload_digest: _Optional[bytes] = ..., base_model_digest: _Optional[bytes] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("step", "participant", "index", "digest", "body")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    participant: str
+    index: int
+    digest: bytes
+    body: bytes
+    def __init__(self, step: _Optional[int] = ..., participant: _Optional[str] = ..., index: _Optional[int] = ..., digest: _Optional[bytes] = ..., body: _Optional[bytes] = ...) -> None: ...
