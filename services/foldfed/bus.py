@@ -1,0 +1,284 @@
+"""The AMQP layer: one robust connection per process, confirmed publishes bounded by a
+timeout, manual acks, and the hub's idempotent topology declaration.
+
+Everything that crosses the broker goes through here; the services above see domain
+messages (foldfed.messages), never aio-pika objects except the delivery handle they ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+
+from foldfed import topology
+from foldfed.config import BusSettings, amqp_user
+from foldfed.errors import BrokerBlocked, BrokerError
+from foldfed.messages import AnyMessage, encode
+
+log = structlog.get_logger(__name__)
+
+# Errors after which the robust connection reconnects by itself: a publish is retried
+# once the channel is back (the receiver deduplicates, so a repeat is harmless).
+_RECONNECTING = (
+    aiormq.exceptions.ConnectionClosed,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    ConnectionError,
+    RuntimeError,
+)
+
+# Chunks are 1-4 MiB: a few in flight per consumer keep the pipe full without the broker
+# pushing hundreds of MiB into a slow consumer's socket.
+DEFAULT_PREFETCH = 8
+_PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+_TRANSIENT = aio_pika.DeliveryMode.NOT_PERSISTENT
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One delivery as a handler sees it."""
+
+    type: str
+    body: bytes
+    user_id: str | None
+    redelivered: bool
+    headers: dict[str, Any]
+    raw: AbstractIncomingMessage
+
+
+class Bus:
+    """One process's connection to the broker."""
+
+    def __init__(
+        self,
+        settings: BusSettings,
+        connection: AbstractRobustConnection,
+        publish_channel: AbstractChannel,
+    ) -> None:
+        self.settings = settings
+        self.user = amqp_user(settings.amqp_url)
+        self._connection = connection
+        self._channel = publish_channel
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consume_channels: list[AbstractChannel] = []
+
+    @classmethod
+    async def connect(cls, settings: BusSettings, name: str, timeout: float = 30.0) -> Bus:
+        """Connect (outbound only) and open the publishing channel with confirms on."""
+        try:
+            connection = await asyncio.wait_for(
+                aio_pika.connect_robust(
+                    settings.amqp_url,
+                    client_properties={"connection_name": name},
+                    # Deltas are big: keep the heartbeat generous but present, so a dead
+                    # peer is noticed; the loop never blocks long (hashing runs in threads).
+                    heartbeat=30,
+                ),
+                timeout,
+            )
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerError(f"cannot connect to the broker: {exc!r}") from exc
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(settings, connection, channel)
+
+    async def close(self) -> None:
+        """Safe to call twice."""
+        if not self._connection.is_closed:
+            await self._connection.close()
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            # No passive declare: participants have no configure permission, and the
+            # hub declared the exchange at start-up; a missing one surfaces on publish.
+            exchange = await self._channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        msg: AnyMessage,
+        *,
+        headers: dict[str, Any] | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+    ) -> None:
+        type_name, body = encode(msg)
+        await self.publish_bytes(
+            exchange,
+            routing_key,
+            body,
+            type_name=type_name,
+            headers=headers,
+            persistent=persistent,
+            mandatory=mandatory,
+        )
+
+    async def publish_bytes(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        type_name: str,
+        headers: dict[str, Any] | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+        attempts: int = 5,
+    ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        A confirm that does not come within publish_timeout_s raises BrokerBlocked: a
+        RabbitMQ memory or disk alarm blocks publishers without any error. A lost
+        connection is retried after the robust connection is back. `mandatory=False` is
+        for events, which may have no listener yet; everything else must be routable.
+        """
+        message = aio_pika.Message(
+            body,
+            type=type_name,
+            headers=headers or {},
+            # RabbitMQ refuses a user_id that is not the connection's user, so the
+            # receiver can trust it as the sender's identity.
+            user_id=self.user,
+            message_id=uuid.uuid4().hex,
+            delivery_mode=(
+                aio_pika.DeliveryMode.PERSISTENT
+                if persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
+            ),
+        )
+        timeout = self.settings.publish_timeout_s
+        for attempt in range(1, attempts + 1):
+            try:
+                target = await self._exchange(exchange)
+                await target.publish(message, routing_key, timeout=timeout, mandatory=mandatory)
+                return
+            except TimeoutError:
+                raise BrokerBlocked(
+                    f"broker blocked: no confirm for {type_name} to {exchange!r} within "
+                    f"{timeout:g} s (memory or disk alarm? check `rabbitmqctl status`)"
+                ) from None
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BrokerError(f"broker refused {type_name} to {exchange!r}: {exc}") from exc
+            except aio_pika.exceptions.PublishError as exc:
+                raise BrokerError(f"{type_name} to {exchange!r} is unroutable: {exc}") from exc
+            except _RECONNECTING as exc:
+                if attempt == attempts:
+                    raise BrokerError(f"publish failed after {attempts} tries: {exc!r}") from exc
+                log.warning("publish interrupted, retrying", error=repr(exc), attempt=attempt)
+                await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float) -> None:
+        self._exchanges.clear()
+        try:
+            await asyncio.wait_for(self._channel.ready(), timeout)  # type: ignore[attr-defined]
+        except TimeoutError:
+            raise BrokerError(f"broker unreachable for {timeout:g} s") from None
+
+    # ---------------------------------------------------------------- consuming
+
+    async def consume(
+        self,
+        queue: str,
+        handler: Callable[[Incoming], Awaitable[None]],
+        *,
+        stop: asyncio.Event,
+        prefetch: int = DEFAULT_PREFETCH,
+    ) -> None:
+        """Deliver messages of `queue` one at a time to `handler` until `stop` is set.
+
+        The handler acks (or dead-letters) each message itself, after its effects are
+        durable: a crash before the ack means a redelivery, never a loss. One message at
+        a time keeps the hub's order (a have-request is answered after the chunks the
+        sender published before it).
+        """
+        channel = await self._connection.channel(publisher_confirms=False)
+        self._consume_channels.append(channel)
+        await channel.set_qos(prefetch_count=prefetch)
+        amqp_queue = await channel.get_queue(queue, ensure=False)
+        stopping = asyncio.ensure_future(stop.wait())
+        async with amqp_queue.iterator() as it:
+            while not stop.is_set():
+                getting = asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait(
+                    {getting, stopping}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getting not in done:
+                    getting.cancel()
+                    break
+                raw = getting.result()
+                await handler(
+                    Incoming(
+                        type=raw.type or "",
+                        body=raw.body,
+                        user_id=raw.user_id,
+                        redelivered=bool(raw.redelivered),
+                        headers=dict(raw.headers or {}),
+                        raw=raw,
+                    )
+                )
+        stopping.cancel()
+
+    # ---------------------------------------------------------------- topology
+
+    async def declare_hub_topology(self, participants: Sequence[str]) -> None:
+        """Declare every exchange, queue and binding. Idempotent: run at each hub start.
+
+        Classic durable queues, not quorum: on RabbitMQ 3.10 a quorum queue declared
+        moments before a broker crash can lose confirmed messages (FIELD_NOTES).
+        """
+        ch = await self._connection.channel()
+        try:
+            dead = await ch.declare_exchange(
+                topology.DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            dlq = await ch.declare_queue(topology.DEAD_QUEUE, durable=True)
+            await dlq.bind(dead)
+            dead_letter_args = {"x-dead-letter-exchange": topology.DEAD_EXCHANGE}
+            hub = await ch.declare_exchange(
+                topology.HUB_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            control = await ch.declare_exchange(
+                topology.CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            ingest = await ch.declare_queue(
+                topology.INGEST_QUEUE, durable=True, arguments=dead_letter_args
+            )
+            await ingest.bind(hub, topology.INGEST_ROUTING_KEY)
+            await ingest.bind(control)
+            direct = await ch.declare_exchange(
+                topology.PARTICIPANT_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            broadcast = await ch.declare_exchange(
+                topology.BROADCAST_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            await ch.declare_exchange(
+                topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            for participant in participants:
+                queue = await ch.declare_queue(
+                    topology.participant_queue(participant),
+                    durable=True,
+                    arguments=dead_letter_args,
+                )
+                await queue.bind(direct, participant)
+                await queue.bind(broadcast)
+        finally:
+            await ch.close()

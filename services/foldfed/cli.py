@@ -1,0 +1,135 @@
+"""The one command line: `foldfed <service|tool> ...`.
+
+Each service's `main` builds its settings from the environment, its broker connection and
+its stores, and runs until SIGTERM/SIGINT, then shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from foldfed.errors import FoldfedError
+
+DEFAULT_BROKER_DIR = Path(os.environ.get("FOLDFED_BROKER_DIR", "var/broker"))
+
+
+def _run_service(body: Callable[[asyncio.Event], Awaitable[object]]) -> object:
+    """Run `body(stop)` with SIGTERM/SIGINT setting `stop` (graceful shutdown)."""
+
+    async def main() -> object:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await body(stop)
+
+    return asyncio.run(main())
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+
+    broker = LocalBroker(Path(args.dir), port=args.port)
+    if args.action == "start":
+        ensure_rabbitmq_installed()
+        url = broker.start()
+        print(url)
+    elif args.action == "stop":
+        broker.stop()
+        print("stopped")
+    else:
+        status = broker.status()
+        print(
+            json.dumps(
+                {
+                    "running": status.running,
+                    "pid": status.pid,
+                    "port": status.port,
+                    "amqp_url": status.amqp_url,
+                    "data_dir": str(status.data_dir),
+                }
+            )
+        )
+        return 0 if status.running else 3
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from foldfed.config import IngestSettings
+    from foldfed.ingest.service import run_ingest
+    from foldfed.logs import configure_logging
+
+    configure_logging("ingest")
+    settings = IngestSettings.from_env()
+    _run_service(lambda stop: run_ingest(settings, stop))
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from foldfed.config import UploaderSettings
+    from foldfed.logs import configure_logging
+    from foldfed.uploader.upload import run_upload
+
+    settings = UploaderSettings.from_env()
+    configure_logging("uploader", settings.participant)
+    base = bytes.fromhex(args.base_model_digest) if args.base_model_digest else b""
+    report = asyncio.run(run_upload(settings, Path(args.delta), args.step, args.weight, base))
+    print(json.dumps(report.as_dict()), flush=True)
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from foldfed.config import BusSettings
+    from foldfed.hubctl import release_step
+
+    digest = bytes.fromhex(args.model_digest) if args.model_digest else b""
+    asyncio.run(release_step(BusSettings.from_env(), args.step, digest, args.participants))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foldfed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    broker = sub.add_parser("broker", help="a private local RabbitMQ (tests, demo)")
+    broker.add_argument("action", choices=["start", "stop", "status"])
+    broker.add_argument("--dir", default=str(DEFAULT_BROKER_DIR), help="data folder")
+    broker.add_argument("--port", type=int, default=None, help="AMQP port (default: free)")
+    broker.set_defaults(func=cmd_broker)
+
+    ingest = sub.add_parser("ingest", help="hub: verify and store delivered chunks")
+    ingest.set_defaults(func=cmd_ingest)
+
+    upload = sub.add_parser("upload", help="participant: send one delta file to the hub")
+    upload.add_argument("--delta", required=True, help="safetensors delta file")
+    upload.add_argument("--step", type=int, required=True)
+    upload.add_argument("--weight", type=float, required=True, help="number of samples")
+    upload.add_argument("--base-model-digest", default="", help="hex digest of θ_t")
+    upload.set_defaults(func=cmd_upload)
+
+    release = sub.add_parser("release", help="hub: open a step for deltas")
+    release.add_argument("step", type=int)
+    release.add_argument("--model-digest", default="")
+    release.add_argument("--participants", default="", help="comma-separated")
+    release.set_defaults(func=cmd_release)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FoldfedError as exc:
+        print(f"foldfed: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hub-side ingest: verify, store and account for the chunks participants deliver."""

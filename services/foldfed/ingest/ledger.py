@@ -1,0 +1,296 @@
+"""The hub's durable record of what each participant delivered.
+
+`IngestLedger` turns one verified message into effects (replies, receipts) after making
+its consequences durable: chunk bytes in the content-addressed store (fsynced), facts in
+SQLite (WAL, synchronous=FULL). Handlers are idempotent: a redelivered message changes
+nothing and is counted as a duplicate. Blocking: the service calls it from a worker
+thread, one message at a time.
+
+What "held" means is scoped per participant: the hub answers a have-request with the
+chunks *this* participant delivered before, never with what another participant holds,
+so nobody can probe another company's update by digest.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from foldfed.chunkstore import ChunkStore
+from foldfed.digests import digest_of, short
+from foldfed.errors import Reject
+from foldfed.ingest.checks import check_body_size, check_chunk_body, check_manifest
+from foldfed.messages import (
+    Chunk,
+    DeliveryReceipt,
+    HaveReply,
+    HaveRequest,
+    Manifest,
+    StepReleased,
+    decode,
+    now_ms,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hub_state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS manifests (
+    step INTEGER NOT NULL,
+    participant TEXT NOT NULL,
+    manifest_id BLOB NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    completed_ms INTEGER,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (step, participant)
+);
+CREATE TABLE IF NOT EXISTS manifest_chunks (
+    step INTEGER NOT NULL,
+    participant TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    present INTEGER NOT NULL,
+    PRIMARY KEY (step, participant, idx)
+);
+CREATE TABLE IF NOT EXISTS owned (
+    participant TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (participant, digest)
+);
+"""
+
+
+@dataclass
+class Effects:
+    """What the service must publish once the ledger has made a message durable."""
+
+    replies: list[HaveReply] = field(default_factory=list)
+    receipts: list[DeliveryReceipt] = field(default_factory=list)
+    released: list[StepReleased] = field(default_factory=list)
+    duplicate: bool = False
+
+
+class IngestLedger:
+    def __init__(
+        self,
+        state_dir: Path,
+        participants: tuple[str, ...],
+        first_step: int,
+        max_payload_bytes: int,
+    ) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ChunkStore(state_dir / "store")
+        self.participants = frozenset(participants)
+        self.max_payload_bytes = max_payload_bytes
+        self._db = sqlite3.connect(
+            state_dir / "ingest.sqlite3", isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a fact we acked must survive power loss, not only a process crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO hub_state VALUES ('open_step', ?)", (first_step,)
+            )
+            self._db.execute("INSERT OR IGNORE INTO hub_state VALUES ('model_digest', x'')")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def open_step(self) -> int:
+        return int(self._state("open_step"))
+
+    @property
+    def model_digest(self) -> bytes:
+        return bytes(self._state("model_digest"))
+
+    def _state(self, key: str) -> int | bytes:
+        row = self._db.execute("SELECT value FROM hub_state WHERE key = ?", (key,)).fetchone()
+        return row[0]
+
+    def manifest(self, step: int, participant: str) -> Manifest | None:
+        raw = self.store.get_manifest(step, participant)
+        if raw is None:
+            return None
+        decoded = decode("foldfed.v1.DeltaManifest", raw)
+        assert isinstance(decoded, Manifest)
+        return decoded
+
+    def delivered(self, step: int) -> set[str]:
+        rows = self._db.execute(
+            "SELECT participant FROM manifests WHERE step = ? AND completed_ms IS NOT NULL",
+            (step,),
+        )
+        return {r[0] for r in rows}
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_sender(self, step: int, participant: str) -> None:
+        if participant not in self.participants:
+            raise Reject(f"unknown participant {participant!r}")
+        open_step = self.open_step
+        if step < open_step:
+            raise Reject(f"step {step} is closed (step {open_step} is open): replay?")
+        if step > open_step:
+            raise Reject(f"unknown step {step}: step {open_step} is open")
+
+    # ---------------------------------------------------------------- handlers
+
+    def on_step_released(self, msg: StepReleased) -> Effects:
+        """Open `msg.step` for deltas. Releases only move forward; a replay is a no-op."""
+        open_step, model_digest = self.open_step, self.model_digest
+        if msg.step < open_step or (msg.step == open_step and msg.model_digest == model_digest):
+            return Effects(duplicate=True)
+        if msg.step == open_step and model_digest:
+            raise Reject(f"step {msg.step} was already released with model {short(model_digest)}")
+        with self._db:
+            self._db.execute("UPDATE hub_state SET value = ? WHERE key = 'open_step'", (msg.step,))
+            self._db.execute(
+                "UPDATE hub_state SET value = ? WHERE key = 'model_digest'", (msg.model_digest,)
+            )
+        return Effects(released=[msg])
+
+    def on_manifest(self, m: Manifest, serialized: bytes) -> Effects:
+        self._check_sender(m.step, m.participant)
+        check_manifest(m, self.max_payload_bytes)
+        if m.base_model_digest and self.model_digest and m.base_model_digest != self.model_digest:
+            raise Reject(
+                f"delta was computed against model {short(m.base_model_digest)}, but step "
+                f"{m.step} released {short(self.model_digest)}"
+            )
+        new_id = digest_of(serialized)
+        row = self._db.execute(
+            "SELECT manifest_id FROM manifests WHERE step = ? AND participant = ?",
+            (m.step, m.participant),
+        ).fetchone()
+        if row is not None:
+            if bytes(row[0]) != new_id:
+                raise Reject(
+                    f"conflicting manifest for step {m.step}: {short(bytes(row[0]))} already "
+                    f"accepted, got {short(new_id)} (replay or forgery?)"
+                )
+            return Effects(duplicate=True)
+        # Write the manifest file first: the row that points to it is the commit point.
+        self.store.put_manifest(m.step, m.participant, serialized)
+        with self._db:
+            self._db.execute(
+                "INSERT INTO manifests (step, participant, manifest_id, chunk_count, received_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (m.step, m.participant, new_id, len(m.chunk_digests), now_ms()),
+            )
+            self._db.executemany(
+                "INSERT INTO manifest_chunks VALUES (?, ?, ?, ?, ?)",
+                [
+                    (m.step, m.participant, i, d, int(self._holds(m.participant, d)))
+                    for i, d in enumerate(m.chunk_digests)
+                ],
+            )
+        return self._complete_if_done(m.step, m.participant)
+
+    def on_have_request(self, r: HaveRequest) -> Effects:
+        self._check_sender(r.step, r.participant)
+        row = self._db.execute(
+            "SELECT manifest_id FROM manifests WHERE step = ? AND participant = ?",
+            (r.step, r.participant),
+        ).fetchone()
+        if row is None or bytes(row[0]) != r.manifest_id:
+            reply = HaveReply(
+                r.step, r.participant, r.manifest_id, r.request_id, (), "unknown manifest"
+            )
+            return Effects(replies=[reply])
+        missing = tuple(
+            i
+            for (i,) in self._db.execute(
+                "SELECT idx FROM manifest_chunks WHERE step = ? AND participant = ? AND present = 0"
+                " ORDER BY idx",
+                (r.step, r.participant),
+            )
+        )
+        reply = HaveReply(r.step, r.participant, r.manifest_id, r.request_id, missing)
+        # Delivered already: send the receipt again, the asker may have lost the first one
+        # (an uploader killed after completion). Receipts are idempotent.
+        receipts = [] if missing else [self.receipt(r.step, r.participant)]
+        return Effects(replies=[reply], receipts=receipts)
+
+    def on_chunk(self, c: Chunk) -> Effects:
+        self._check_sender(c.step, c.participant)
+        check_body_size(len(c.body))
+        manifest = self.manifest(c.step, c.participant)
+        if manifest is not None:
+            check_chunk_body(manifest, c.index, c.digest, len(c.body))
+        actual = digest_of(c.body)
+        if actual != c.digest:
+            raise Reject(
+                f"digest mismatch: chunk {c.index} hashes to {short(actual)}, "
+                f"message claims {short(c.digest)}"
+            )
+        # A chunk may arrive before its manifest (redelivery reorders): it is verified and
+        # stored, and the manifest counts it when it comes.
+        self.store.put(c.digest, c.body)
+        with self._db:
+            self._db.execute("INSERT OR IGNORE INTO owned VALUES (?, ?)", (c.participant, c.digest))
+            if manifest is None:
+                return Effects()
+            marked = self._db.execute(
+                "UPDATE manifest_chunks SET present = 1"
+                " WHERE step = ? AND participant = ? AND idx = ? AND present = 0",
+                (c.step, c.participant, c.index),
+            ).rowcount
+            if not marked:
+                self._db.execute(
+                    "UPDATE manifests SET duplicates = duplicates + 1"
+                    " WHERE step = ? AND participant = ?",
+                    (c.step, c.participant),
+                )
+                return Effects(duplicate=True)
+        return self._complete_if_done(c.step, c.participant)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _holds(self, participant: str, digest: bytes) -> bool:
+        owned = self._db.execute(
+            "SELECT 1 FROM owned WHERE participant = ? AND digest = ?", (participant, digest)
+        ).fetchone()
+        return owned is not None and self.store.has(digest)
+
+    def _complete_if_done(self, step: int, participant: str) -> Effects:
+        (missing,) = self._db.execute(
+            "SELECT count(*) FROM manifest_chunks"
+            " WHERE step = ? AND participant = ? AND present = 0",
+            (step, participant),
+        ).fetchone()
+        if missing:
+            return Effects()
+        completed = now_ms()
+        with self._db:
+            first_time = self._db.execute(
+                "UPDATE manifests SET completed_ms = ?"
+                " WHERE step = ? AND participant = ? AND completed_ms IS NULL",
+                (completed, step, participant),
+            ).rowcount
+        if not first_time:
+            return Effects(duplicate=True)
+        return Effects(receipts=[self.receipt(step, participant)])
+
+    def receipt(self, step: int, participant: str) -> DeliveryReceipt:
+        manifest = self.manifest(step, participant)
+        assert manifest is not None
+        manifest_id, duplicates, completed = self._db.execute(
+            "SELECT manifest_id, duplicates, completed_ms FROM manifests"
+            " WHERE step = ? AND participant = ?",
+            (step, participant),
+        ).fetchone()
+        return DeliveryReceipt(
+            step=step,
+            participant=participant,
+            manifest_id=bytes(manifest_id),
+            payload_digest=manifest.payload_digest,
+            chunk_count=len(manifest.chunk_digests),
+            payload_size=manifest.payload_size,
+            duplicate_chunks=duplicates,
+            completed_unix_ms=completed or 0,
+        )

@@ -1,0 +1,370 @@
+"""Domain messages and their one serde: `encode(msg) -> (type, bytes)` and
+`decode(type, bytes) -> msg`.
+
+The rest of foldfed never touches generated pb2 classes. Decoding validates what the
+protobuf schema cannot (digest lengths, finite weights, known codec) and raises
+DecodeError with the raw bytes kept, so a bad message is rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from google.protobuf.message import Message as ProtobufMessage
+
+from foldfed.deltafile import TensorSpan
+from foldfed.digests import DIGEST_SIZE, digest_of
+from foldfed.errors import DecodeError
+from foldfed.v1 import delta_pb2, events_pb2, step_pb2, transfer_pb2
+
+MANIFEST_FORMAT_VERSION = 1
+CODEC_SAFETENSORS = "safetensors"
+_CODECS = {delta_pb2.CODEC_SAFETENSORS: CODEC_SAFETENSORS}
+_CODEC_NUMBERS = {name: number for number, name in _CODECS.items()}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    participant: str
+    weight: float
+    codec: str
+    tensors: tuple[TensorSpan, ...]
+    chunk_size: int
+    payload_size: int
+    chunk_digests: tuple[bytes, ...]
+    payload_digest: bytes
+    base_model_digest: bytes = b""
+    created_unix_ms: int = 0
+
+    def id(self) -> bytes:
+        """blake3 over the serialized manifest: what have-requests and receipts name."""
+        return manifest_id(encode(self)[1])
+
+
+@dataclass(frozen=True)
+class Chunk:
+    step: int
+    participant: str
+    index: int
+    digest: bytes
+    body: bytes
+
+
+@dataclass(frozen=True)
+class HaveRequest:
+    step: int
+    participant: str
+    manifest_id: bytes
+    request_id: str
+
+
+@dataclass(frozen=True)
+class HaveReply:
+    step: int
+    participant: str
+    manifest_id: bytes
+    request_id: str
+    missing: tuple[int, ...]
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DeliveryReceipt:
+    step: int
+    participant: str
+    manifest_id: bytes
+    payload_digest: bytes
+    chunk_count: int
+    payload_size: int
+    duplicate_chunks: int
+    completed_unix_ms: int
+
+
+@dataclass(frozen=True)
+class StepReleased:
+    step: int
+    model_digest: bytes
+    participants: tuple[str, ...]
+    released_unix_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "rejected", "upload_started", "upload_finished", "delivered", "step_released"
+    service: str
+    participant: str
+    step: int
+    detail: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    unix_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    service: str
+    participant: str
+    step: int
+    state: str
+    unix_ms: int = 0
+
+
+Domain = Manifest | Chunk | HaveRequest | HaveReply | DeliveryReceipt | StepReleased | Event
+AnyMessage = Domain | Heartbeat
+
+_EVENT_KINDS = {
+    events_pb2.EVENT_KIND_REJECTED: "rejected",
+    events_pb2.EVENT_KIND_UPLOAD_STARTED: "upload_started",
+    events_pb2.EVENT_KIND_UPLOAD_FINISHED: "upload_finished",
+    events_pb2.EVENT_KIND_DELIVERED: "delivered",
+    events_pb2.EVENT_KIND_STEP_RELEASED: "step_released",
+}
+_EVENT_KIND_NUMBERS = {name: number for number, name in _EVENT_KINDS.items()}
+
+
+def manifest_id(serialized_manifest: bytes) -> bytes:
+    return digest_of(serialized_manifest)
+
+
+# ---------------------------------------------------------------- domain -> protobuf
+
+
+def manifest_to_proto(m: Manifest) -> delta_pb2.DeltaManifest:
+    return delta_pb2.DeltaManifest(
+        format_version=MANIFEST_FORMAT_VERSION,
+        step=m.step,
+        participant=m.participant,
+        weight=m.weight,
+        codec=_CODEC_NUMBERS[m.codec],
+        tensors=[
+            delta_pb2.TensorLayout(
+                name=t.name, dtype=t.dtype, shape=list(t.shape), begin=t.begin, end=t.end
+            )
+            for t in m.tensors
+        ],
+        chunk_size=m.chunk_size,
+        payload_size=m.payload_size,
+        chunk_digests=list(m.chunk_digests),
+        payload_digest=m.payload_digest,
+        base_model_digest=m.base_model_digest,
+        created_unix_ms=m.created_unix_ms,
+    )
+
+
+def _to_proto(msg: AnyMessage) -> ProtobufMessage:
+    match msg:
+        case Manifest():
+            return manifest_to_proto(msg)
+        case Chunk():
+            return delta_pb2.Chunk(
+                step=msg.step,
+                participant=msg.participant,
+                index=msg.index,
+                digest=msg.digest,
+                body=msg.body,
+            )
+        case HaveRequest():
+            return transfer_pb2.HaveRequest(
+                step=msg.step,
+                participant=msg.participant,
+                manifest_id=msg.manifest_id,
+                request_id=msg.request_id,
+            )
+        case HaveReply():
+            return transfer_pb2.HaveReply(
+                step=msg.step,
+                participant=msg.participant,
+                manifest_id=msg.manifest_id,
+                request_id=msg.request_id,
+                missing=list(msg.missing),
+                error=msg.error,
+            )
+        case DeliveryReceipt():
+            return transfer_pb2.DeliveryReceipt(
+                step=msg.step,
+                participant=msg.participant,
+                manifest_id=msg.manifest_id,
+                payload_digest=msg.payload_digest,
+                chunk_count=msg.chunk_count,
+                payload_size=msg.payload_size,
+                duplicate_chunks=msg.duplicate_chunks,
+                completed_unix_ms=msg.completed_unix_ms,
+            )
+        case StepReleased():
+            return step_pb2.StepReleased(
+                step=msg.step,
+                model_digest=msg.model_digest,
+                participants=list(msg.participants),
+                released_unix_ms=msg.released_unix_ms,
+            )
+        case Event():
+            return events_pb2.Event(
+                kind=_EVENT_KIND_NUMBERS[msg.kind],
+                service=msg.service,
+                participant=msg.participant,
+                step=msg.step,
+                detail=msg.detail,
+                metrics=msg.metrics,
+                unix_ms=msg.unix_ms,
+            )
+        case Heartbeat():
+            return events_pb2.Heartbeat(
+                service=msg.service,
+                participant=msg.participant,
+                step=msg.step,
+                state=msg.state,
+                unix_ms=msg.unix_ms,
+            )
+    raise TypeError(f"not a foldfed message: {type(msg).__name__}")
+
+
+def encode(msg: AnyMessage) -> tuple[str, bytes]:
+    """The AMQP `type` property (the protobuf's full name) and the serialized bytes.
+
+    Serialization is deterministic so that a manifest's id is stable across processes.
+    """
+    proto = _to_proto(msg)
+    return proto.DESCRIPTOR.full_name, proto.SerializeToString(deterministic=True)
+
+
+# ---------------------------------------------------------------- protobuf -> domain
+
+
+def _digest(value: bytes, what: str, *, allow_empty: bool = False) -> bytes:
+    if allow_empty and not value:
+        return b""
+    if len(value) != DIGEST_SIZE:
+        raise DecodeError(f"{what} must be {DIGEST_SIZE} bytes, got {len(value)}")
+    return bytes(value)
+
+
+def manifest_from_proto(p: delta_pb2.DeltaManifest) -> Manifest:
+    if p.format_version != MANIFEST_FORMAT_VERSION:
+        raise DecodeError(f"manifest format_version {p.format_version} is not supported")
+    if p.codec not in _CODECS:
+        raise DecodeError(f"manifest codec {p.codec} is not supported")
+    if not (math.isfinite(p.weight) and p.weight > 0):
+        raise DecodeError(f"manifest weight {p.weight} must be finite and > 0")
+    return Manifest(
+        step=p.step,
+        participant=p.participant,
+        weight=p.weight,
+        codec=_CODECS[p.codec],
+        tensors=tuple(
+            TensorSpan(name=t.name, dtype=t.dtype, shape=tuple(t.shape), begin=t.begin, end=t.end)
+            for t in p.tensors
+        ),
+        chunk_size=p.chunk_size,
+        payload_size=p.payload_size,
+        chunk_digests=tuple(_digest(d, "chunk digest") for d in p.chunk_digests),
+        payload_digest=_digest(p.payload_digest, "payload_digest"),
+        base_model_digest=_digest(p.base_model_digest, "base_model_digest", allow_empty=True),
+        created_unix_ms=p.created_unix_ms,
+    )
+
+
+def _from_proto(p: ProtobufMessage) -> AnyMessage:
+    match p:
+        case delta_pb2.DeltaManifest():
+            return manifest_from_proto(p)
+        case delta_pb2.Chunk():
+            return Chunk(
+                step=p.step,
+                participant=p.participant,
+                index=p.index,
+                digest=_digest(p.digest, "chunk digest"),
+                body=p.body,
+            )
+        case transfer_pb2.HaveRequest():
+            return HaveRequest(
+                step=p.step,
+                participant=p.participant,
+                manifest_id=_digest(p.manifest_id, "manifest_id"),
+                request_id=p.request_id,
+            )
+        case transfer_pb2.HaveReply():
+            return HaveReply(
+                step=p.step,
+                participant=p.participant,
+                manifest_id=_digest(p.manifest_id, "manifest_id"),
+                request_id=p.request_id,
+                missing=tuple(p.missing),
+                error=p.error,
+            )
+        case transfer_pb2.DeliveryReceipt():
+            return DeliveryReceipt(
+                step=p.step,
+                participant=p.participant,
+                manifest_id=_digest(p.manifest_id, "manifest_id"),
+                payload_digest=_digest(p.payload_digest, "payload_digest"),
+                chunk_count=p.chunk_count,
+                payload_size=p.payload_size,
+                duplicate_chunks=p.duplicate_chunks,
+                completed_unix_ms=p.completed_unix_ms,
+            )
+        case step_pb2.StepReleased():
+            return StepReleased(
+                step=p.step,
+                model_digest=_digest(p.model_digest, "model_digest", allow_empty=True),
+                participants=tuple(p.participants),
+                released_unix_ms=p.released_unix_ms,
+            )
+        case events_pb2.Event():
+            if p.kind not in _EVENT_KINDS:
+                raise DecodeError(f"unknown event kind {p.kind}")
+            return Event(
+                kind=_EVENT_KINDS[p.kind],
+                service=p.service,
+                participant=p.participant,
+                step=p.step,
+                detail=p.detail,
+                metrics=dict(p.metrics),
+                unix_ms=p.unix_ms,
+            )
+        case events_pb2.Heartbeat():
+            return Heartbeat(
+                service=p.service,
+                participant=p.participant,
+                step=p.step,
+                state=p.state,
+                unix_ms=p.unix_ms,
+            )
+    raise TypeError(type(p).__name__)
+
+
+_PROTO_BY_TYPE: dict[str, type[ProtobufMessage]] = {
+    cls.DESCRIPTOR.full_name: cls
+    for cls in (
+        delta_pb2.DeltaManifest,
+        delta_pb2.Chunk,
+        transfer_pb2.HaveRequest,
+        transfer_pb2.HaveReply,
+        transfer_pb2.DeliveryReceipt,
+        step_pb2.StepReleased,
+        events_pb2.Event,
+        events_pb2.Heartbeat,
+    )
+}
+
+
+def decode(type_name: str | None, data: bytes) -> AnyMessage:
+    """Parse a wire message by its AMQP `type`; DecodeError (raw bytes kept) if bad."""
+    cls = _PROTO_BY_TYPE.get(type_name or "")
+    if cls is None:
+        raise DecodeError(f"unknown message type {type_name!r}", data)
+    proto = cls()
+    try:
+        proto.ParseFromString(data)
+    except ProtobufDecodeError as exc:
+        raise DecodeError(f"malformed {type_name}: {exc}", data) from None
+    try:
+        return _from_proto(proto)
+    except DecodeError as exc:
+        raise DecodeError(str(exc), data) from None

@@ -1,0 +1,64 @@
+"""Names of every exchange and queue, and who may touch what.
+
+Pure functions and constants: the single place a queue name is spelled. The table in
+docs/format.md ("Queue topology") mirrors this module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Participants publish manifests, have-requests and chunks here (routing key "ingest").
+HUB_EXCHANGE = "foldfed.hub"
+INGEST_ROUTING_KEY = "ingest"
+INGEST_QUEUE = "foldfed.hub.ingest"
+# Hub-only control messages (StepReleased) reach the hub services through this exchange;
+# participants have no write permission on it, so they cannot open or close steps.
+CONTROL_EXCHANGE = "foldfed.control"
+# The hub addresses one participant: routing key = participant id.
+PARTICIPANT_EXCHANGE = "foldfed.participant"
+# The hub addresses every participant with one publish (fan-out: one publish, N queues).
+BROADCAST_EXCHANGE = "foldfed.broadcast"
+# Events and heartbeats from every service (topic: "<service>.<kind>").
+EVENTS_EXCHANGE = "foldfed.events"
+# Rejected messages, with the reason in headers.
+DEAD_EXCHANGE = "foldfed.dead"
+DEAD_QUEUE = "foldfed.dead-letter"
+
+# Header names the hub sets on a dead-lettered message.
+REASON_HEADER = "x-foldfed-reason"
+ORIGINAL_TYPE_HEADER = "x-foldfed-original-type"
+ORIGINAL_SENDER_HEADER = "x-foldfed-original-user"
+
+# A participant id becomes a queue name, a user name and a file name: keep it boring.
+_PARTICIPANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def is_valid_participant_id(participant: str) -> bool:
+    return bool(_PARTICIPANT_ID.match(participant))
+
+
+def participant_queue(participant: str) -> str:
+    """The only queue a participant consumes from."""
+    return f"foldfed.participant.{participant}"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """RabbitMQ permission regexes (configure, write, read) for one user on vhost /."""
+
+    configure: str
+    write: str
+    read: str
+
+
+def participant_permissions(participant: str) -> Permissions:
+    """Least privilege for a participant: declare nothing, publish only towards the hub
+    and the events exchange, read only its own queue."""
+    own_queue = re.escape(participant_queue(participant))
+    return Permissions(
+        configure="^$",
+        write=f"^({re.escape(HUB_EXCHANGE)}|{re.escape(EVENTS_EXCHANGE)})$",
+        read=f"^{own_queue}$",
+    )

@@ -1,0 +1,77 @@
+"""The uploader's local journal: which delta it is sending and which chunks the broker
+has confirmed, so a killed uploader resumes where it stopped.
+
+Layout under <spool>/uploads/step-<step>/:
+  manifest.pb   the serialized manifest being sent (atomic write)
+  source        "<size> <mtime_ns> <path>" of the delta file the manifest describes
+  confirmed     4-byte little-endian chunk indices, appended as confirms arrive
+
+Appends are not fsynced: they survive a process crash (the page cache outlives the
+process), and after a power loss the hub's have-reply, which is authoritative, makes up
+for a journal that lags behind. The journal only saves re-sending; it never decides what
+the hub holds.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+_INDEX = struct.Struct("<I")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class UploadJournal:
+    def __init__(self, spool_dir: Path, step: int) -> None:
+        self.dir = spool_dir / "uploads" / f"step-{step:012d}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+
+    @staticmethod
+    def source_stamp(delta_path: Path) -> str:
+        st = delta_path.stat()
+        return f"{st.st_size} {st.st_mtime_ns} {delta_path.resolve()}"
+
+    def load_manifest(self, delta_path: Path) -> bytes | None:
+        """The journaled manifest, if it describes this very delta file."""
+        try:
+            source = (self.dir / "source").read_text()
+            manifest = (self.dir / "manifest.pb").read_bytes()
+        except FileNotFoundError:
+            return None
+        return manifest if source == self.source_stamp(delta_path) else None
+
+    def start(self, delta_path: Path, manifest: bytes) -> None:
+        """Begin a fresh journal for a new manifest (forgets earlier confirms)."""
+        (self.dir / "confirmed").unlink(missing_ok=True)
+        _atomic_write(self.dir / "manifest.pb", manifest)
+        _atomic_write(self.dir / "source", self.source_stamp(delta_path).encode())
+
+    def confirmed(self) -> set[int]:
+        try:
+            data = (self.dir / "confirmed").read_bytes()
+        except FileNotFoundError:
+            return set()
+        whole = len(data) - len(data) % _INDEX.size  # a torn last record is ignored
+        return {i for (i,) in _INDEX.iter_unpack(data[:whole])}
+
+    def mark_confirmed(self, index: int) -> None:
+        if self._fd is None:
+            self._fd = os.open(
+                self.dir / "confirmed", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+            )
+        os.write(self._fd, _INDEX.pack(index))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,304 @@
+"""Send one delta: manifest first, ask what the hub lacks, send only that, confirm.
+
+Resumable: the manifest and every broker-confirmed chunk index are journaled locally, and
+the hub's have-reply is authoritative, so a restarted uploader sends only chunks that
+neither the hub holds nor the broker confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import structlog
+from tqdm import tqdm
+
+from foldfed import topology
+from foldfed.bus import Bus
+from foldfed.config import UploaderSettings
+from foldfed.deltafile import plan_chunks, read_chunk
+from foldfed.errors import FoldfedError
+from foldfed.messages import (
+    CODEC_SAFETENSORS,
+    AnyMessage,
+    Chunk,
+    DeliveryReceipt,
+    Event,
+    HaveReply,
+    HaveRequest,
+    Manifest,
+    decode,
+    encode,
+    manifest_id,
+    now_ms,
+)
+from foldfed.uploader.inbox import Inbox
+from foldfed.uploader.journal import UploadJournal
+from foldfed.uploader.ratelimit import TokenBucket
+
+log = structlog.get_logger(__name__)
+
+# How many times to ask again (have-request, re-send what is missing) before giving up.
+MAX_ROUNDS = 5
+
+
+class UploadRejected(FoldfedError):
+    """The hub rejected our delta; the reason says why. Retrying will not help."""
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    step: int
+    participant: str
+    manifest_id: str
+    chunks_total: int
+    chunks_sent: int
+    bytes_sent: int
+    skipped_held_by_hub: int
+    skipped_journaled: int
+    hub_duplicates: int
+    resumed: bool
+    seconds: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Uploader:
+    def __init__(self, settings: UploaderSettings, bus: Bus, inbox: Inbox) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.inbox = inbox
+        self._bucket: TokenBucket | None = None
+        if settings.rate_limit_bps:
+            # Burst of one chunk: enough to keep the pipe busy, small enough to be honest.
+            self._bucket = TokenBucket(
+                settings.rate_limit_bps, settings.chunk_size, time.monotonic()
+            )
+
+    async def upload(
+        self, delta_path: Path, step: int, weight: float, base_model_digest: bytes = b""
+    ) -> UploadReport:
+        started = time.monotonic()
+        structlog.contextvars.bind_contextvars(step=step)
+        journal = UploadJournal(self.settings.spool_dir, step)
+        try:
+            manifest, serialized, resumed = await self._manifest(
+                journal, delta_path, step, weight, base_model_digest
+            )
+            mid = manifest_id(serialized)
+            log.info(
+                "upload start",
+                chunks=len(manifest.chunk_digests),
+                bytes=manifest.payload_size,
+                resumed=resumed,
+            )
+            sent = skipped_hub = skipped_journal = 0
+            sent_bytes = 0
+            receipt: DeliveryReceipt | None = None
+            ignore_journal = False
+            for _round in range(MAX_ROUNDS):
+                receipt_future = self.inbox.expect(_receipt_for(step, mid))
+                await self.bus.publish_bytes(
+                    topology.HUB_EXCHANGE,
+                    topology.INGEST_ROUTING_KEY,
+                    serialized,
+                    type_name="foldfed.v1.DeltaManifest",
+                )
+                missing = await self._ask_missing(step, mid)
+                todo = [i for i in missing if ignore_journal or i not in journal.confirmed()]
+                skipped_hub += len(manifest.chunk_digests) - len(missing)
+                skipped_journal += len(missing) - len(todo)
+                n, b = await self._send_chunks(manifest, delta_path, todo, journal)
+                sent, sent_bytes = sent + n, sent_bytes + b
+                receipt = await self._await_receipt(receipt_future, step, mid)
+                if receipt is not None:
+                    break
+                # No receipt: something the journal called confirmed never arrived (a
+                # broker that lost it, a dead-lettered chunk). Ask again, trust the hub.
+                ignore_journal = True
+                log.warning("no receipt in time; asking the hub again", round=_round + 1)
+            if receipt is None:
+                raise FoldfedError(f"step {step}: no delivery receipt after {MAX_ROUNDS} rounds")
+        finally:
+            journal.close()
+        report = UploadReport(
+            step=step,
+            participant=self.settings.participant,
+            manifest_id=mid.hex(),
+            chunks_total=len(manifest.chunk_digests),
+            chunks_sent=sent,
+            bytes_sent=sent_bytes,
+            skipped_held_by_hub=skipped_hub,
+            skipped_journaled=skipped_journal,
+            hub_duplicates=receipt.duplicate_chunks,
+            resumed=resumed,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        log.info("upload done", **report.as_dict())
+        return report
+
+    async def _manifest(
+        self,
+        journal: UploadJournal,
+        delta_path: Path,
+        step: int,
+        weight: float,
+        base_model_digest: bytes,
+    ) -> tuple[Manifest, bytes, bool]:
+        journaled = journal.load_manifest(delta_path)
+        if journaled is not None:
+            decoded = decode("foldfed.v1.DeltaManifest", journaled)
+            assert isinstance(decoded, Manifest)
+            if decoded.step == step and decoded.participant == self.settings.participant:
+                return decoded, journaled, True
+        # Hashing a GB-sized file takes a fraction of a second per GB, but never on the loop.
+        plan = await asyncio.to_thread(plan_chunks, delta_path, self.settings.chunk_size)
+        manifest = Manifest(
+            step=step,
+            participant=self.settings.participant,
+            weight=weight,
+            codec=CODEC_SAFETENSORS,
+            tensors=plan.tensors,
+            chunk_size=plan.chunk_size,
+            payload_size=plan.payload_size,
+            chunk_digests=plan.chunk_digests,
+            payload_digest=plan.payload_digest,
+            base_model_digest=base_model_digest,
+            created_unix_ms=now_ms(),
+        )
+        serialized = encode(manifest)[1]
+        journal.start(delta_path, serialized)
+        return manifest, serialized, False
+
+    async def _ask_missing(self, step: int, mid: bytes) -> list[int]:
+        for _attempt in range(MAX_ROUNDS):
+            request_id = uuid.uuid4().hex
+            future = self.inbox.expect(
+                lambda m, rid=request_id: isinstance(m, HaveReply) and m.request_id == rid
+            )
+            request = HaveRequest(step, self.settings.participant, mid, request_id)
+            await self.bus.publish(topology.HUB_EXCHANGE, topology.INGEST_ROUTING_KEY, request)
+            reply = await self._wait(future, self.settings.reply_timeout_s)
+            if reply is None:
+                log.warning("no have-reply in time; asking again", request_id=request_id)
+                continue
+            assert isinstance(reply, HaveReply)
+            if reply.error:
+                raise UploadRejected(f"hub cannot answer for our manifest: {reply.error}")
+            return list(reply.missing)
+        raise FoldfedError(f"step {step}: the hub did not answer {MAX_ROUNDS} have-requests")
+
+    async def _wait(self, future: asyncio.Future[AnyMessage], timeout: float) -> AnyMessage | None:
+        """Wait for `future`, but fail fast if the hub rejects something of ours."""
+        seen = len(self.inbox.rejections)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, _ = await asyncio.wait({future}, timeout=min(0.5, timeout))
+            if done:
+                return future.result()
+            self._raise_on_rejection(seen)
+        self.inbox.forget(future)
+        future.cancel()
+        return None
+
+    def _raise_on_rejection(self, seen: int) -> None:
+        fresh: list[Event] = self.inbox.rejections[seen:]
+        if fresh:
+            raise UploadRejected(f"hub rejected our message: {fresh[0].detail}")
+
+    async def _await_receipt(
+        self, future: asyncio.Future[AnyMessage], step: int, mid: bytes
+    ) -> DeliveryReceipt | None:
+        known = self.inbox.receipts.get((step, mid))
+        if known is not None:
+            self.inbox.forget(future)
+            return known
+        got = await self._wait(future, self.settings.receipt_timeout_s)
+        assert got is None or isinstance(got, DeliveryReceipt)
+        return got
+
+    async def _send_chunks(
+        self, manifest: Manifest, delta_path: Path, todo: list[int], journal: UploadJournal
+    ) -> tuple[int, int]:
+        """Publish `todo` with at most `inflight_window` unconfirmed at once; journal each
+        index as its confirm arrives. Memory: window x chunk size."""
+        window = asyncio.Semaphore(self.settings.bus.inflight_window)
+        failures: list[BaseException] = []
+        sent_bytes = 0
+        tasks: set[asyncio.Task[None]] = set()
+        progress = tqdm(
+            total=sum(_chunk_len(manifest, i) for i in todo),
+            unit="B",
+            unit_scale=True,
+            desc=f"step {manifest.step} upload",
+            disable=None,  # shown on a terminal only
+        )
+
+        async def publish(index: int, body: bytes) -> None:
+            try:
+                chunk = Chunk(
+                    manifest.step, manifest.participant, index, manifest.chunk_digests[index], body
+                )
+                await self.bus.publish(topology.HUB_EXCHANGE, topology.INGEST_ROUTING_KEY, chunk)
+                journal.mark_confirmed(index)
+                progress.update(len(body))
+            except BaseException as exc:
+                failures.append(exc)
+            finally:
+                window.release()
+
+        try:
+            for index in todo:
+                await window.acquire()
+                if failures:
+                    break
+                body = await asyncio.to_thread(read_chunk, delta_path, manifest.chunk_size, index)
+                await self._throttle(len(body))
+                sent_bytes += len(body)
+                task = asyncio.create_task(publish(index, body))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(set(tasks))
+        finally:
+            progress.close()
+        if failures:
+            raise failures[0]
+        return len(todo), sent_bytes
+
+    async def _throttle(self, nbytes: int) -> None:
+        if self._bucket is not None:
+            delay = self._bucket.delay_for(nbytes, time.monotonic())
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+
+def _chunk_len(manifest: Manifest, index: int) -> int:
+    return min(manifest.chunk_size, manifest.payload_size - index * manifest.chunk_size)
+
+
+def _receipt_for(step: int, mid: bytes):
+    return lambda m: isinstance(m, DeliveryReceipt) and m.step == step and m.manifest_id == mid
+
+
+async def run_upload(
+    settings: UploaderSettings,
+    delta_path: Path,
+    step: int,
+    weight: float,
+    base_model_digest: bytes = b"",
+) -> UploadReport:
+    bus = await Bus.connect(settings.bus, name=f"uploader-{settings.participant}")
+    inbox = Inbox(bus, settings.participant)
+    inbox.start()
+    try:
+        return await Uploader(settings, bus, inbox).upload(
+            delta_path, step, weight, base_model_digest
+        )
+    finally:
+        await inbox.close()
+        await bus.close()

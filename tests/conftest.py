@@ -1,0 +1,159 @@
+"""Shared fixtures: one real private RabbitMQ per test session, participant identities,
+and helpers that run foldfed services as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+import aio_pika
+import pytest
+
+from foldfed import topology
+from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+
+PARTICIPANTS = ("org-a", "org-b", "org-c")
+# A real broker user that is *not* a participant of the federation.
+OUTSIDER = "org-x"
+FOLDFED = [sys.executable, "-m", "foldfed.cli"]
+
+
+@dataclass
+class BrokerHandle:
+    broker: LocalBroker
+    admin_url: str
+    passwords: dict[str, str]
+
+    def url_for(self, user: str) -> str:
+        parsed = urlparse(self.admin_url)
+        return f"amqp://{quote(user)}:{quote(self.passwords[user])}@{parsed.hostname}:{parsed.port}/"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
+    ensure_rabbitmq_installed()
+    local = LocalBroker(tmp_path_factory.mktemp("broker"))
+    admin_url = local.start()
+    passwords = {}
+    for user in (*PARTICIPANTS, OUTSIDER):
+        perms = topology.participant_permissions(user)
+        passwords[user] = f"pw-{user}-{os.getpid()}"
+        local.add_user(
+            user, passwords[user], configure=perms.configure, write=perms.write, read=perms.read
+        )
+    try:
+        yield BrokerHandle(local, admin_url, passwords)
+    finally:
+        local.stop()
+
+
+async def reset_topology(admin_url: str) -> None:
+    """Delete every foldfed queue so each test starts from an empty broker state."""
+    connection = await aio_pika.connect(admin_url)
+    try:
+        for name in (
+            topology.INGEST_QUEUE,
+            topology.DEAD_QUEUE,
+            *(topology.participant_queue(p) for p in (*PARTICIPANTS, OUTSIDER)),
+        ):
+            channel = await connection.channel()
+            await channel.queue_delete(name)
+            await channel.close()
+    finally:
+        await connection.close()
+
+
+def hub_env(handle: BrokerHandle, state_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FOLDFED_AMQP_URL=handle.admin_url,
+        FOLDFED_PARTICIPANTS=",".join(PARTICIPANTS),
+        FOLDFED_STATE_DIR=str(state_dir),
+        FOLDFED_FIRST_STEP="1",
+    )
+    env.update(extra)
+    return env
+
+
+def participant_env(
+    handle: BrokerHandle, participant: str, spool: Path, **extra: str
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FOLDFED_AMQP_URL=handle.url_for(participant),
+        FOLDFED_PARTICIPANT=participant,
+        FOLDFED_SPOOL_DIR=str(spool),
+    )
+    env.update(extra)
+    return env
+
+
+class Service:
+    """A foldfed service running as a real child process, its stderr in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*FOLDFED, *args], env=env, stdout=subprocess.PIPE, stderr=self._log
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"process exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not logged within {timeout} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL, for real
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_ingest(env: dict[str, str], log_path: Path) -> Service:
+    service = Service(["ingest"], env, log_path)
+    service.wait_for_log("ingest ready")
+    return service
+
+
+def release(env: dict[str, str], step: int, model_digest: str = "") -> None:
+    args = [*FOLDFED, "release", str(step)]
+    if model_digest:
+        args += ["--model-digest", model_digest]
+    subprocess.run(args, env=env, check=True, timeout=60)
+
+
+@pytest.fixture
+def hub(broker: BrokerHandle, tmp_path: Path) -> Iterator[tuple[dict[str, str], Service]]:
+    """A fresh topology and a running ingest service with step 1 open."""
+    asyncio.run(reset_topology(broker.admin_url))
+    env = hub_env(broker, tmp_path / "hub")
+    service = start_ingest(env, tmp_path / "ingest.log")
+    try:
+        yield env, service
+    finally:
+        service.stop()
