@@ -33,7 +33,9 @@ class BrokerHandle:
 
     def url_for(self, user: str) -> str:
         parsed = urlparse(self.admin_url)
-        return f"amqp://{quote(user)}:{quote(self.passwords[user])}@{parsed.hostname}:{parsed.port}/"
+        return (
+            f"amqp://{quote(user)}:{quote(self.passwords[user])}@{parsed.hostname}:{parsed.port}/"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +102,7 @@ class Service:
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [*FOLDFED, *args], env=env, stdout=subprocess.PIPE, stderr=self._log
         )

@@ -8,13 +8,15 @@ import dataclasses
 from pathlib import Path
 
 import aio_pika
+import aiormq
 import pytest
 
-from conftest import OUTSIDER, PARTICIPANTS, BrokerHandle, participant_env
 from foldfed import topology
 from foldfed.deltafile import MAX_CHUNK_SIZE, plan_chunks, read_chunk
 from foldfed.digests import digest_of
-from foldfed.messages import CODEC_SAFETENSORS, Chunk, Manifest, encode, now_ms
+from foldfed.messages import CODEC_SAFETENSORS, Chunk, Manifest, encode
+
+from conftest import OUTSIDER, PARTICIPANTS, BrokerHandle, participant_env
 from test_transfer import make_delta, report_of, stored_payload, upload
 
 pytestmark = pytest.mark.broker
@@ -34,7 +36,6 @@ def manifest_for(delta: Path, participant: str, step: int = 1, weight: float = 1
         payload_size=plan.payload_size,
         chunk_digests=plan.chunk_digests,
         payload_digest=plan.payload_digest,
-        created_unix_ms=now_ms(),
     )
 
 
@@ -77,19 +78,39 @@ def bad_messages(delta: Path) -> list[tuple[str, str, str, bytes]]:
     return [
         (A, "foldfed.v1.Chunk", "malformed", b"\xff\xff\xff garbage"),
         (A, "foldfed.v1.Nonsense", "unknown message type", b""),
-        (A, "foldfed.v1.Chunk", "digest mismatch",
-         encode(dataclasses.replace(chunk0, body=body0[:-1] + b"\x00"))[1]),
-        (A, "foldfed.v1.Chunk", "oversized",
-         encode(Chunk(1, A, 0, digest_of(oversized), oversized))[1]),
+        (
+            A,
+            "foldfed.v1.Chunk",
+            "digest mismatch",
+            encode(dataclasses.replace(chunk0, body=body0[:-1] + b"\x00"))[1],
+        ),
+        (
+            A,
+            "foldfed.v1.Chunk",
+            "oversized",
+            encode(Chunk(1, A, 0, digest_of(oversized), oversized))[1],
+        ),
         (A, "foldfed.v1.Chunk", "unknown step", encode(dataclasses.replace(chunk0, step=7))[1]),
-        (A, "foldfed.v1.DeltaManifest", "is closed",
-         encode(dataclasses.replace(good, step=0))[1]),
-        (OUTSIDER, "foldfed.v1.DeltaManifest", "unknown participant",
-         encode(dataclasses.replace(good, participant=OUTSIDER))[1]),
+        (A, "foldfed.v1.DeltaManifest", "is closed", encode(dataclasses.replace(good, step=0))[1]),
+        (
+            OUTSIDER,
+            "foldfed.v1.DeltaManifest",
+            "unknown participant",
+            encode(dataclasses.replace(good, participant=OUTSIDER))[1],
+        ),
         (B, "foldfed.v1.DeltaManifest", "forged sender", encode(good)[1]),
-        (A, "foldfed.v1.DeltaManifest", "weight", encode(dataclasses.replace(good, weight=float("nan")))[1]),
-        (A, "foldfed.v1.DeltaManifest", "chunk digests",
-         encode(dataclasses.replace(good, chunk_digests=good.chunk_digests[:-1]))[1]),
+        (
+            A,
+            "foldfed.v1.DeltaManifest",
+            "weight",
+            encode(dataclasses.replace(good, weight=float("nan")))[1],
+        ),
+        (
+            A,
+            "foldfed.v1.DeltaManifest",
+            "chunk digests",
+            encode(dataclasses.replace(good, chunk_digests=good.chunk_digests[:-1]))[1],
+        ),
         (A, "foldfed.v1.StepReleased", "only the hub releases steps", b"\x08\x05"),
     ]
 
@@ -106,8 +127,9 @@ def test_each_bad_input_is_rejected_with_reason_and_step_stays_intact(
         assert headers[topology.ORIGINAL_SENDER_HEADER] == sender
 
     # The step is intact: A's real delta still goes through, and B cannot have spoiled it.
-    report = report_of(upload(participant_env(broker, A, tmp_path / "spool"), delta, step=1,
-                              weight=10.0))
+    report = report_of(
+        upload(participant_env(broker, A, tmp_path / "spool"), delta, step=1, weight=10.0)
+    )
     assert report["chunks_sent"] == report["chunks_total"]
     assert stored_payload(Path(env["FOLDFED_STATE_DIR"]), 1, A) == delta.read_bytes()
     assert ingest.proc.poll() is None, "ingest must survive bad input"
@@ -136,5 +158,5 @@ def test_participant_cannot_read_another_participants_queue(broker: BrokerHandle
         finally:
             await connection.close()
 
-    with pytest.raises(aio_pika.exceptions.ChannelAccessRefused):
+    with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
         asyncio.run(attempt())

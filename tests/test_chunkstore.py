@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+
 from foldfed.chunkstore import ChunkStore
 from foldfed.digests import digest_of
 from foldfed.errors import IntegrityError, StoreError

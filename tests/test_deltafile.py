@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from foldfed.deltafile import (
     DEFAULT_CHUNK_SIZE,
     DTYPE_SIZES,
@@ -32,8 +35,6 @@ from foldfed.deltafile import (
 )
 from foldfed.digests import digest_of
 from foldfed.errors import CodecError
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 MiB = 1 << 20
 

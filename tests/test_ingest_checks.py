@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from foldfed.deltafile import (
     DTYPE_SIZES,
     MAX_CHUNK_SIZE,
@@ -16,11 +19,9 @@ from foldfed.deltafile import (
     write_delta,
 )
 from foldfed.digests import digest_of
+from foldfed.domain import CODEC_SAFETENSORS, Manifest
 from foldfed.errors import Reject
 from foldfed.ingest.checks import check_body_size, check_chunk_body, check_manifest
-from foldfed.messages import CODEC_SAFETENSORS, Manifest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 MiB = 1 << 20
 MAX_PAYLOAD = 64 * MiB

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from foldfed.deltafile import MAX_CHUNK_SIZE, ChunkPlan, plan_chunks, read_chunk, write_delta
 from foldfed.digests import digest_of
 from foldfed.errors import Reject
@@ -21,8 +22,12 @@ from foldfed.messages import (
     HaveRequest,
     Manifest,
     StepReleased,
+    decode,
     encode,
+    id_of,
+    manifest_to_proto,
 )
+from foldfed.v1 import delta_pb2
 
 MiB = 1 << 20
 PARTICIPANTS = ("org-a", "org-b")
@@ -99,7 +104,6 @@ def manifest_for(
         chunk_digests=plan.chunk_digests,
         payload_digest=plan.payload_digest,
         base_model_digest=base,
-        created_unix_ms=1_700_000_000_000,
     )
     return manifest, encode(manifest)[1]
 
@@ -126,11 +130,11 @@ def ask(
     ledger: IngestLedger, manifest: Manifest, request_id: str = "req"
 ) -> tuple[tuple[int, ...], Effects]:
     effects = ledger.on_have_request(
-        HaveRequest(manifest.step, manifest.participant, manifest.id(), request_id)
+        HaveRequest(manifest.step, manifest.participant, id_of(manifest), request_id)
     )
     (reply,) = effects.replies
     assert reply.request_id == request_id
-    assert reply.manifest_id == manifest.id()
+    assert reply.manifest_id == id_of(manifest)
     assert (reply.step, reply.participant) == (manifest.step, manifest.participant)
     assert reply.error == ""
     return reply.missing, effects
@@ -141,7 +145,7 @@ def assert_receipt(
 ) -> None:
     assert receipt.step == manifest.step
     assert receipt.participant == manifest.participant
-    assert receipt.manifest_id == digest_of(serialized) == manifest.id()
+    assert receipt.manifest_id == digest_of(serialized) == id_of(manifest)
     assert receipt.payload_digest == manifest.payload_digest
     assert receipt.chunk_count == len(manifest.chunk_digests)
     assert receipt.payload_size == manifest.payload_size
@@ -209,7 +213,7 @@ def test_a_have_request_after_half_lists_the_other_half(ledger: IngestLedger, de
 
 def test_a_have_request_for_an_unknown_manifest_says_so(ledger: IngestLedger, delta: Delta) -> None:
     m, _ = manifest_for(delta)
-    effects = ledger.on_have_request(HaveRequest(1, "org-a", m.id(), "r1"))
+    effects = ledger.on_have_request(HaveRequest(1, "org-a", id_of(m), "r1"))
     (reply,) = effects.replies
     assert reply.error == "unknown manifest"
     assert reply.missing == ()
@@ -313,7 +317,7 @@ def test_a_digest_another_participant_delivered_is_still_missing(
     assert missing == (0, 1, 2, 3)
     assert effects.receipts == []
     # Nor may org-b ask about org-a's manifest by its id.
-    reply = ledger.on_have_request(HaveRequest(1, "org-b", ma.id(), "probe")).replies[0]
+    reply = ledger.on_have_request(HaveRequest(1, "org-b", id_of(ma), "probe")).replies[0]
     assert reply.error == "unknown manifest"
     assert reply.missing == ()
     (receipt,) = receipts_of(send_chunks(ledger, delta, range(4), participant="org-b"))
@@ -338,6 +342,15 @@ Case = Callable[[IngestLedger, Delta], object]
 
 def _tampered(body: bytes) -> bytes:
     return bytes([body[0] ^ 1]) + body[1:]
+
+
+# Field 101, varint 1: a field this schema does not know, as a newer encoder might add.
+UNKNOWN_FIELD = b"\xa8\x06\x01"
+
+
+def _with_unknown_field(manifest_and_bytes: tuple[Manifest, bytes]) -> tuple[Manifest, bytes]:
+    m, ser = manifest_and_bytes
+    return m, ser + UNKNOWN_FIELD
 
 
 def _oversized() -> Chunk:
@@ -374,7 +387,7 @@ REJECTIONS: dict[str, tuple[Case, str]] = {
     ),
     "digest not the manifest's": (
         lambda lg, d: lg.on_chunk(Chunk(1, "org-a", 2, d.digests[0], d.bodies[0])),
-        "chunk 2 digest",
+        "is not the manifest's",
     ),
     "size not the manifest's": (
         lambda lg, d: lg.on_chunk(Chunk(1, "org-a", 2, d.digests[3], d.bodies[3])),
@@ -392,6 +405,14 @@ REJECTIONS: dict[str, tuple[Case, str]] = {
     "manifest against another model": (
         lambda lg, d: lg.on_manifest(*manifest_for(d, base=OTHER_MODEL)),
         "delta was computed against model",
+    ),
+    "manifest against no model": (
+        lambda lg, d: lg.on_manifest(*manifest_for(d, participant="org-b", base=b"")),
+        "delta was computed against model (none)",
+    ),
+    "manifest not in canonical form": (
+        lambda lg, d: lg.on_manifest(*_with_unknown_field(manifest_for(d, base=MODEL))),
+        "not in canonical form",
     ),
 }
 
@@ -445,6 +466,62 @@ def test_a_manifest_that_fails_its_checks_is_not_recorded(
     assert len(receipts_of(send_chunks(ledger, delta, range(4)))) == 1
 
 
+def test_a_manifest_without_a_base_model_is_refused_once_a_model_is_released(
+    ledger: IngestLedger, delta: Delta
+) -> None:
+    ledger.on_step_released(StepReleased(1, MODEL, PARTICIPANTS))
+    bare, bare_ser = manifest_for(delta, base=b"")
+    with pytest.raises(Reject, match="computed against model") as info:
+        ledger.on_manifest(bare, bare_ser)
+    assert "(none)" in info.value.reason
+    assert ledger.manifest(1, "org-a") is None
+    # The refusal left no trace: the manifest on the released model is not "conflicting".
+    m, ser = manifest_for(delta, base=MODEL)
+    assert ledger.on_manifest(m, ser) == Effects()
+    (receipt,) = receipts_of(send_chunks(ledger, delta, range(4)))
+    assert_receipt(receipt, m, ser, duplicates=0)
+
+
+def _reordered(m: Manifest) -> bytes:
+    """`m` as another encoder may write it: payload_digest first. Protobuf parses fields in
+    any order (and merges concatenated messages), so this decodes to `m` all the same."""
+    head = delta_pb2.DeltaManifest(payload_digest=m.payload_digest).SerializeToString()
+    rest = manifest_to_proto(dataclasses.replace(m, payload_digest=b"")).SerializeToString()
+    return head + rest
+
+
+@pytest.mark.parametrize("variant", ["unknown field", "field order"])
+def test_a_manifest_not_in_canonical_form_is_refused(
+    ledger: IngestLedger, delta: Delta, variant: str
+) -> None:
+    m, ser = manifest_for(delta)
+    other = ser + UNKNOWN_FIELD if variant == "unknown field" else _reordered(m)
+    assert other != ser
+    # It parses, and to the very same manifest: only its id (the hash of the bytes) differs.
+    decoded = decode("foldfed.v1.DeltaManifest", other)
+    assert decoded == m
+    assert encode(decoded)[1] == ser
+    with pytest.raises(Reject, match="not in canonical form"):
+        ledger.on_manifest(decoded, other)
+    assert ledger.manifest(1, "org-a") is None
+    reply = ledger.on_have_request(HaveRequest(1, "org-a", digest_of(other), "r")).replies[0]
+    assert reply.error == "unknown manifest"
+    # The canonical bytes are then accepted as if nothing had come before.
+    assert ledger.on_manifest(m, ser) == Effects()
+    (receipt,) = receipts_of(send_chunks(ledger, delta, range(4)))
+    assert_receipt(receipt, m, ser, duplicates=0)
+
+
+def test_an_unknown_field_in_an_accepted_manifest_is_no_duplicate(
+    ledger: IngestLedger, delta: Delta
+) -> None:
+    m, ser = manifest_for(delta)
+    assert ledger.on_manifest(m, ser) == Effects()
+    with pytest.raises(Reject, match="not in canonical form"):
+        ledger.on_manifest(m, ser + UNKNOWN_FIELD)
+    assert ledger.on_manifest(m, ser) == Effects(duplicate=True)
+
+
 def test_a_manifest_on_any_base_model_is_accepted_before_the_first_release(
     ledger: IngestLedger, delta: Delta
 ) -> None:
@@ -487,7 +564,7 @@ def test_a_release_closes_the_previous_step(ledger: IngestLedger, delta: Delta) 
     with pytest.raises(Reject, match="step 1 is closed"):
         ledger.on_chunk(chunk_of(delta, 0))
     with pytest.raises(Reject, match="step 1 is closed"):
-        ledger.on_have_request(HaveRequest(1, "org-a", m.id(), "r"))
+        ledger.on_have_request(HaveRequest(1, "org-a", id_of(m), "r"))
 
 
 def test_the_open_step_survives_a_restart(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import aio_pika
 import aiormq.exceptions
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
+
 from foldfed.errors import BrokerError
 from foldfed.localbroker import ADMIN_USER, LocalBroker, ensure_rabbitmq_installed
 

@@ -7,6 +7,10 @@ import dataclasses
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from foldfed import domain
 from foldfed.deltafile import TensorSpan
 from foldfed.digests import DIGEST_SIZE, digest_of
 from foldfed.errors import DecodeError
@@ -22,12 +26,11 @@ from foldfed.messages import (
     StepReleased,
     decode,
     encode,
+    id_of,
     manifest_id,
     manifest_to_proto,
 )
 from foldfed.v1 import delta_pb2, events_pb2
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 MiB = 1 << 20
 D0, D1, D2 = digest_of(b"chunk 0"), digest_of(b"chunk 1"), digest_of(b"chunk 2")
@@ -49,7 +52,6 @@ def _manifest(**changes: object) -> Manifest:
         chunk_digests=(D0, D1, D2),
         payload_digest=digest_of(b"payload"),
         base_model_digest=digest_of(b"model"),
-        created_unix_ms=1_700_000_000_123,
     )
     return dataclasses.replace(m, **changes)
 
@@ -97,6 +99,14 @@ def test_every_event_kind_survives_a_round_trip() -> None:
         assert decode(*encode(event)) == event
 
 
+def test_messages_re_exports_the_pure_domain_classes() -> None:
+    for cls in (Manifest, Chunk, HaveRequest, HaveReply, DeliveryReceipt, StepReleased, Event):
+        assert getattr(domain, cls.__name__) is cls
+    assert domain.Heartbeat is Heartbeat
+    assert domain.CODEC_SAFETENSORS == CODEC_SAFETENSORS
+    assert not hasattr(Manifest, "id"), "a manifest's id is messages.id_of(m)"
+
+
 def test_round_trip_covers_every_message_class() -> None:
     classes = {type(msg) for msg, _ in ALL_MESSAGES.values()}
     assert classes == {
@@ -132,7 +142,6 @@ _manifests = st.builds(
     chunk_digests=st.lists(_digests, max_size=5).map(tuple),
     payload_digest=_digests,
     base_model_digest=st.one_of(st.just(b""), _digests),
-    created_unix_ms=st.integers(-(2**63), 2**63 - 1),
 )
 
 
@@ -230,15 +239,15 @@ def test_manifest_id_is_blake3_of_the_deterministic_serialization() -> None:
     m = _manifest()
     first, second = encode(m)[1], encode(_manifest())[1]
     assert first == second
-    assert m.id() == _manifest().id() == manifest_id(first) == digest_of(first)
-    assert len(m.id()) == DIGEST_SIZE
+    assert id_of(m) == id_of(_manifest()) == manifest_id(first) == digest_of(first)
+    assert len(id_of(m)) == DIGEST_SIZE
 
 
 def test_manifest_id_survives_a_round_trip() -> None:
     m = _manifest()
     decoded = decode(*encode(m))
     assert isinstance(decoded, Manifest)
-    assert decoded.id() == m.id()
+    assert id_of(decoded) == id_of(m)
 
 
 def test_event_metrics_serialize_the_same_whatever_their_insertion_order() -> None:
@@ -269,7 +278,6 @@ FIELD_CHANGES: dict[str, dict[str, object]] = {
     "payload_digest": {"payload_digest": digest_of(b"other payload")},
     "base_model_digest": {"base_model_digest": digest_of(b"other model")},
     "base_model_digest.empty": {"base_model_digest": b""},
-    "created_unix_ms": {"created_unix_ms": 1_700_000_000_124},
 }
 
 
@@ -277,10 +285,10 @@ def test_manifest_id_changes_when_any_field_changes() -> None:
     top_level = {f.name for f in dataclasses.fields(Manifest)}
     assert top_level <= set(FIELD_CHANGES), "a new Manifest field needs a case here"
     base = _manifest()
-    ids = {"base": base.id()}
+    ids = {"base": id_of(base)}
     for name, change in FIELD_CHANGES.items():
         if change:
-            ids[name] = _manifest(**change).id()
+            ids[name] = id_of(_manifest(**change))
     assert len(set(ids.values())) == len(ids), "two different manifests share an id"
 
 
@@ -300,19 +308,18 @@ GOLDEN = Manifest(
     chunk_digests=(digest_of(b"golden chunk 0"),),
     payload_digest=digest_of(b"golden payload"),
     base_model_digest=digest_of(b"golden model"),
-    created_unix_ms=1_700_000_000_000,
 )
 # If either constant changes, every manifest id ever issued changes: that is a new
-# format_version, not a fix to this test.
+# format_version, not a fix to this test. (They were recomputed once, before any release,
+# when field 12 `created_unix_ms` was retired: the bytes are the old ones minus that field.)
 GOLDEN_MANIFEST_HEX = (
     "080110071a056f72672d612100000000004a93402801321e0a0e6c617965722e302e776569676874"
     "12034633321a0204082010289001321d0a0c6c617965722e302e626961731204424631361a010820"
     "900128a0013880804040a0014a202c18634d6960930880064bbee2138fa9648eba3a30048d9e816e"
     "6b67c2ca4e485220b3e919b0e81c94e7676b3c7f4b0f3f2676f38345076d189f0ff9653c4643bb9a"
-    "5a20e6e35d1d02e4a1c09f05c1de819b7c7721518609e9309e5b999d8976e54e866e6080d095ffbc"
-    "31"
+    "5a20e6e35d1d02e4a1c09f05c1de819b7c7721518609e9309e5b999d8976e54e866e"
 )
-GOLDEN_MANIFEST_ID = "d8cfa58c3ca85eebdd14a02fe9f204b99ff7b6e5a98fa154d2f1368b36375b2f"
+GOLDEN_MANIFEST_ID = "44a3d1b2b175c0b1c00232dfd11071ffb64c674915af0cea9192e7ce5421e8f8"
 
 
 def test_golden_manifest_bytes_and_id_are_stable() -> None:
@@ -320,8 +327,19 @@ def test_golden_manifest_bytes_and_id_are_stable() -> None:
     assert type_name == "foldfed.v1.DeltaManifest"
     assert data.hex() == GOLDEN_MANIFEST_HEX
     assert digest_of(data).hex() == GOLDEN_MANIFEST_ID
-    assert GOLDEN.id().hex() == GOLDEN_MANIFEST_ID
+    assert id_of(GOLDEN).hex() == GOLDEN_MANIFEST_ID
 
 
 def test_golden_manifest_bytes_decode_to_the_golden_manifest() -> None:
     assert decode("foldfed.v1.DeltaManifest", bytes.fromhex(GOLDEN_MANIFEST_HEX)) == GOLDEN
+
+
+def test_the_retired_created_unix_ms_field_is_neither_written_nor_kept() -> None:
+    # Field 12 (varint) as an older encoder wrote it: it parses as an unknown field and
+    # is dropped, so the canonical re-encoding is the golden bytes again.
+    old = bytes.fromhex(GOLDEN_MANIFEST_HEX) + bytes.fromhex("6080d095ffbc31")
+    decoded = decode("foldfed.v1.DeltaManifest", old)
+    assert decoded == GOLDEN
+    assert encode(decoded)[1].hex() == GOLDEN_MANIFEST_HEX
+    assert not hasattr(GOLDEN, "created_unix_ms")
+    assert "created_unix_ms" not in delta_pb2.DeltaManifest.DESCRIPTOR.fields_by_name

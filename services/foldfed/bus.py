@@ -8,6 +8,7 @@ messages (foldfed.messages), never aio-pika objects except the delivery handle t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -59,21 +60,33 @@ class Incoming:
     raw: AbstractIncomingMessage
 
 
+def _incoming(raw: AbstractIncomingMessage) -> Incoming:
+    return Incoming(
+        type=raw.type or "",
+        body=raw.body,
+        user_id=raw.user_id,
+        redelivered=bool(raw.redelivered),
+        headers=dict(raw.headers or {}),
+        raw=raw,
+    )
+
+
 class Bus:
     """One process's connection to the broker."""
 
     def __init__(
         self,
         settings: BusSettings,
+        name: str,
         connection: AbstractRobustConnection,
         publish_channel: AbstractChannel,
     ) -> None:
         self.settings = settings
+        self.name = name
         self.user = amqp_user(settings.amqp_url)
         self._connection = connection
         self._channel = publish_channel
         self._exchanges: dict[str, AbstractExchange] = {}
-        self._consume_channels: list[AbstractChannel] = []
 
     @classmethod
     async def connect(cls, settings: BusSettings, name: str, timeout: float = 30.0) -> Bus:
@@ -92,7 +105,7 @@ class Bus:
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerError(f"cannot connect to the broker: {exc!r}") from exc
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(settings, connection, channel)
+        return cls(settings, name, connection, channel)
 
     async def close(self) -> None:
         """Safe to call twice."""
@@ -207,34 +220,66 @@ class Bus:
         The handler acks (or dead-letters) each message itself, after its effects are
         durable: a crash before the ack means a redelivery, never a loss. One message at
         a time keeps the hub's order (a have-request is answered after the chunks the
-        sender published before it).
+        sender published before it). When the broker goes away (restart, network), the
+        consumer waits for the robust connection to come back and resumes on a fresh
+        channel; unacked messages are redelivered by the broker meanwhile.
         """
-        channel = await self._connection.channel(publisher_confirms=False)
-        self._consume_channels.append(channel)
-        await channel.set_qos(prefetch_count=prefetch)
-        amqp_queue = await channel.get_queue(queue, ensure=False)
-        stopping = asyncio.ensure_future(stop.wait())
-        async with amqp_queue.iterator() as it:
-            while not stop.is_set():
-                getting = asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait(
-                    {getting, stopping}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getting not in done:
-                    getting.cancel()
+        while not stop.is_set():
+            try:
+                await self._consume_until_lost(queue, handler, stop, prefetch)
+            except (*_RECONNECTING, StopAsyncIteration, aiormq.exceptions.AMQPError) as exc:
+                if stop.is_set():
                     break
-                raw = getting.result()
-                await handler(
-                    Incoming(
-                        type=raw.type or "",
-                        body=raw.body,
-                        user_id=raw.user_id,
-                        redelivered=bool(raw.redelivered),
-                        headers=dict(raw.headers or {}),
-                        raw=raw,
-                    )
-                )
-        stopping.cancel()
+                log.warning("consumer lost the broker; resuming", queue=queue, error=repr(exc))
+                await self._pause(stop, 1.0)
+
+    async def _consume_until_lost(
+        self,
+        queue: str,
+        handler: Callable[[Incoming], Awaitable[None]],
+        stop: asyncio.Event,
+        prefetch: int,
+    ) -> None:
+        # Consumers get a plain connection of their own, renewed by the loop in consume():
+        # a robust one would restore the old consumer beside the new one after a
+        # reconnect, and messages prefetched by that ghost would wait forever.
+        connection = await aio_pika.connect(
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"{self.name}-consumer"},
+            heartbeat=30,
+            timeout=30,
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            amqp_queue = await channel.get_queue(queue, ensure=False)
+            # An idle iterator does not notice a dead connection: watch the connection.
+            lost = asyncio.ensure_future(connection.closed())
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                async with amqp_queue.iterator() as it:
+                    while not stop.is_set():
+                        getting = asyncio.ensure_future(it.__anext__())
+                        done, _ = await asyncio.wait(
+                            {getting, stopping, lost}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        if getting not in done:
+                            getting.cancel()
+                            if lost in done:
+                                raise ConnectionError(f"connection consuming {queue!r} closed")
+                            return
+                        await handler(_incoming(getting.result()))
+            finally:
+                stopping.cancel()
+                lost.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    @staticmethod
+    async def _pause(stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
 
     # ---------------------------------------------------------------- topology
 

@@ -1,4 +1,4 @@
-"""Domain messages and their one serde: `encode(msg) -> (type, bytes)` and
+"""The one serde of domain messages (foldfed.domain): `encode(msg) -> (type, bytes)` and
 `decode(type, bytes) -> msg`.
 
 The rest of foldfed never touches generated pb2 classes. Decoding validates what the
@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message as ProtobufMessage
 
 from foldfed.deltafile import TensorSpan
 from foldfed.digests import DIGEST_SIZE, digest_of
+from foldfed.domain import (
+    CODEC_SAFETENSORS,
+    AnyMessage,
+    Chunk,
+    DeliveryReceipt,
+    Domain,
+    Event,
+    HaveReply,
+    HaveRequest,
+    Heartbeat,
+    Manifest,
+    StepReleased,
+)
 from foldfed.errors import DecodeError
 from foldfed.v1 import delta_pb2, events_pb2, step_pb2, transfer_pb2
 
 MANIFEST_FORMAT_VERSION = 1
-CODEC_SAFETENSORS = "safetensors"
 _CODECS = {delta_pb2.CODEC_SAFETENSORS: CODEC_SAFETENSORS}
 _CODEC_NUMBERS = {name: number for number, name in _CODECS.items()}
 
@@ -29,95 +40,6 @@ _CODEC_NUMBERS = {name: number for number, name in _CODECS.items()}
 def now_ms() -> int:
     return int(time.time() * 1000)
 
-
-@dataclass(frozen=True)
-class Manifest:
-    step: int
-    participant: str
-    weight: float
-    codec: str
-    tensors: tuple[TensorSpan, ...]
-    chunk_size: int
-    payload_size: int
-    chunk_digests: tuple[bytes, ...]
-    payload_digest: bytes
-    base_model_digest: bytes = b""
-    created_unix_ms: int = 0
-
-    def id(self) -> bytes:
-        """blake3 over the serialized manifest: what have-requests and receipts name."""
-        return manifest_id(encode(self)[1])
-
-
-@dataclass(frozen=True)
-class Chunk:
-    step: int
-    participant: str
-    index: int
-    digest: bytes
-    body: bytes
-
-
-@dataclass(frozen=True)
-class HaveRequest:
-    step: int
-    participant: str
-    manifest_id: bytes
-    request_id: str
-
-
-@dataclass(frozen=True)
-class HaveReply:
-    step: int
-    participant: str
-    manifest_id: bytes
-    request_id: str
-    missing: tuple[int, ...]
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class DeliveryReceipt:
-    step: int
-    participant: str
-    manifest_id: bytes
-    payload_digest: bytes
-    chunk_count: int
-    payload_size: int
-    duplicate_chunks: int
-    completed_unix_ms: int
-
-
-@dataclass(frozen=True)
-class StepReleased:
-    step: int
-    model_digest: bytes
-    participants: tuple[str, ...]
-    released_unix_ms: int = 0
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str  # "rejected", "upload_started", "upload_finished", "delivered", "step_released"
-    service: str
-    participant: str
-    step: int
-    detail: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    unix_ms: int = 0
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    service: str
-    participant: str
-    step: int
-    state: str
-    unix_ms: int = 0
-
-
-Domain = Manifest | Chunk | HaveRequest | HaveReply | DeliveryReceipt | StepReleased | Event
-AnyMessage = Domain | Heartbeat
 
 _EVENT_KINDS = {
     events_pb2.EVENT_KIND_REJECTED: "rejected",
@@ -130,7 +52,12 @@ _EVENT_KIND_NUMBERS = {name: number for number, name in _EVENT_KINDS.items()}
 
 
 def manifest_id(serialized_manifest: bytes) -> bytes:
+    """What have-requests and receipts name a manifest by: blake3 of its canonical bytes."""
     return digest_of(serialized_manifest)
+
+
+def id_of(m: Manifest) -> bytes:
+    return manifest_id(encode(m)[1])
 
 
 # ---------------------------------------------------------------- domain -> protobuf
@@ -154,7 +81,6 @@ def manifest_to_proto(m: Manifest) -> delta_pb2.DeltaManifest:
         chunk_digests=list(m.chunk_digests),
         payload_digest=m.payload_digest,
         base_model_digest=m.base_model_digest,
-        created_unix_ms=m.created_unix_ms,
     )
 
 
@@ -266,7 +192,6 @@ def manifest_from_proto(p: delta_pb2.DeltaManifest) -> Manifest:
         chunk_digests=tuple(_digest(d, "chunk digest") for d in p.chunk_digests),
         payload_digest=_digest(p.payload_digest, "payload_digest"),
         base_model_digest=_digest(p.base_model_digest, "base_model_digest", allow_empty=True),
-        created_unix_ms=p.created_unix_ms,
     )
 
 
@@ -368,3 +293,23 @@ def decode(type_name: str | None, data: bytes) -> AnyMessage:
         return _from_proto(proto)
     except DecodeError as exc:
         raise DecodeError(str(exc), data) from None
+
+
+__all__ = [
+    "CODEC_SAFETENSORS",
+    "AnyMessage",
+    "Chunk",
+    "DeliveryReceipt",
+    "Domain",
+    "Event",
+    "HaveReply",
+    "HaveRequest",
+    "Heartbeat",
+    "Manifest",
+    "StepReleased",
+    "decode",
+    "encode",
+    "id_of",
+    "manifest_id",
+    "now_ms",
+]

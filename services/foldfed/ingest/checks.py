@@ -8,8 +8,8 @@ from foldfed.deltafile import (
     chunk_count,
     validate_chunk_size,
 )
+from foldfed.domain import Manifest
 from foldfed.errors import CodecError, Reject
-from foldfed.messages import Manifest
 
 
 def check_manifest(m: Manifest, max_payload_bytes: int) -> None:

@@ -29,6 +29,7 @@ from foldfed.messages import (
     Manifest,
     StepReleased,
     decode,
+    encode,
     now_ms,
 )
 
@@ -157,11 +158,6 @@ class IngestLedger:
     def on_manifest(self, m: Manifest, serialized: bytes) -> Effects:
         self._check_sender(m.step, m.participant)
         check_manifest(m, self.max_payload_bytes)
-        if m.base_model_digest and self.model_digest and m.base_model_digest != self.model_digest:
-            raise Reject(
-                f"delta was computed against model {short(m.base_model_digest)}, but step "
-                f"{m.step} released {short(self.model_digest)}"
-            )
         new_id = digest_of(serialized)
         row = self._db.execute(
             "SELECT manifest_id FROM manifests WHERE step = ? AND participant = ?",
@@ -174,6 +170,16 @@ class IngestLedger:
                     f"accepted, got {short(new_id)} (replay or forgery?)"
                 )
             return Effects(duplicate=True)
+        released = self.model_digest
+        if released and m.base_model_digest != released:
+            raise Reject(
+                f"delta was computed against model {short(m.base_model_digest) or '(none)'}, "
+                f"but step {m.step} released {short(released)}"
+            )
+        if encode(m)[1] != serialized:
+            # Ids are hashes of canonical bytes: anything else (unknown fields, another
+            # encoder's ordering) would give one delta two ids.
+            raise Reject("manifest is not in canonical form (unknown fields?)")
         # Write the manifest file first: the row that points to it is the commit point.
         self.store.put_manifest(m.step, m.participant, serialized)
         with self._db:

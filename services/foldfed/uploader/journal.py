@@ -52,6 +52,7 @@ class UploadJournal:
 
     def start(self, delta_path: Path, manifest: bytes) -> None:
         """Begin a fresh journal for a new manifest (forgets earlier confirms)."""
+        self.close()  # an open append handle would keep writing to the unlinked file
         (self.dir / "confirmed").unlink(missing_ok=True)
         _atomic_write(self.dir / "manifest.pb", manifest)
         _atomic_write(self.dir / "source", self.source_stamp(delta_path).encode())
@@ -66,9 +67,13 @@ class UploadJournal:
 
     def mark_confirmed(self, index: int) -> None:
         if self._fd is None:
-            self._fd = os.open(
-                self.dir / "confirmed", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
-            )
+            path = self.dir / "confirmed"
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            # Cut a torn last record (a crash mid-append), or every later record would
+            # be read shifted.
+            size = os.fstat(self._fd).st_size
+            if size % _INDEX.size:
+                os.ftruncate(self._fd, size - size % _INDEX.size)
         os.write(self._fd, _INDEX.pack(index))
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ class TokenBucket:
     """
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
-        if rate <= 0 or burst <= 0:
+        if not (rate > 0 and burst > 0):  # also refuses NaN
             raise ValueError("rate and burst must be > 0")
         self.rate = rate
         self.burst = burst

@@ -33,7 +33,6 @@ from foldfed.messages import (
     decode,
     encode,
     manifest_id,
-    now_ms,
 )
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.journal import UploadJournal
@@ -153,7 +152,14 @@ class Uploader:
         if journaled is not None:
             decoded = decode("foldfed.v1.DeltaManifest", journaled)
             assert isinstance(decoded, Manifest)
-            if decoded.step == step and decoded.participant == self.settings.participant:
+            same_delivery = (
+                decoded.step == step
+                and decoded.participant == self.settings.participant
+                and decoded.weight == weight
+                and decoded.base_model_digest == base_model_digest
+                and encode(decoded)[1] == journaled  # written by this version's encoder
+            )
+            if same_delivery:
                 return decoded, journaled, True
         # Hashing a GB-sized file takes a fraction of a second per GB, but never on the loop.
         plan = await asyncio.to_thread(plan_chunks, delta_path, self.settings.chunk_size)
@@ -168,7 +174,6 @@ class Uploader:
             chunk_digests=plan.chunk_digests,
             payload_digest=plan.payload_digest,
             base_model_digest=base_model_digest,
-            created_unix_ms=now_ms(),
         )
         serialized = encode(manifest)[1]
         journal.start(delta_path, serialized)

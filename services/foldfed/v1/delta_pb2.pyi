@@ -29,7 +29,7 @@ class TensorLayout(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class DeltaManifest(_message.Message):
-    __slots__ = ("format_version", "step", "participant", "weight", "codec", "tensors", "chunk_size", "payload_size", "chunk_digests", "payload_digest", "base_model_digest", "created_unix_ms")
+    __slots__ = ("format_version", "step", "participant", "weight", "codec", "tensors", "chunk_size", "payload_size", "chunk_digests", "payload_digest", "base_model_digest")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -41,7 +41,6 @@ class DeltaManifest(_message.Message):
     CHUNK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
-    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     step: int
     participant: str
@@ -53,8 +52,7 @@ class DeltaManifest(_message.Message):
     chunk_digests: _containers.RepeatedScalarFieldContainer[bytes]
     payload_digest: bytes
     base_model_digest: bytes
-    created_unix_ms: int
-    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., participant: _Optional[str] = ..., weight: _Optional[float] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., payload_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., payload_digest: _Optional[bytes] = ..., base_model_digest: _Optional[bytes] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., participant: _Optional[str] = ..., weight: _Optional[float] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., payload_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., payload_digest: _Optional[bytes] = ..., base_model_digest: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("step", "participant", "index", "digest", "body")

@@ -1,0 +1,98 @@
+"""The messages services exchange, as plain frozen dataclasses.
+
+Pure: no protobuf here (foldfed.messages converts), so the core logic that checks and
+uses these can be tested and imported without the wire code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from foldfed.deltafile import TensorSpan
+
+CODEC_SAFETENSORS = "safetensors"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    participant: str
+    weight: float
+    codec: str
+    tensors: tuple[TensorSpan, ...]
+    chunk_size: int
+    payload_size: int
+    chunk_digests: tuple[bytes, ...]
+    payload_digest: bytes
+    base_model_digest: bytes = b""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    step: int
+    participant: str
+    index: int
+    digest: bytes
+    body: bytes
+
+
+@dataclass(frozen=True)
+class HaveRequest:
+    step: int
+    participant: str
+    manifest_id: bytes
+    request_id: str
+
+
+@dataclass(frozen=True)
+class HaveReply:
+    step: int
+    participant: str
+    manifest_id: bytes
+    request_id: str
+    missing: tuple[int, ...]
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DeliveryReceipt:
+    step: int
+    participant: str
+    manifest_id: bytes
+    payload_digest: bytes
+    chunk_count: int
+    payload_size: int
+    duplicate_chunks: int
+    completed_unix_ms: int
+
+
+@dataclass(frozen=True)
+class StepReleased:
+    step: int
+    model_digest: bytes
+    participants: tuple[str, ...]
+    released_unix_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "rejected", "upload_started", "upload_finished", "delivered", "step_released"
+    service: str
+    participant: str
+    step: int
+    detail: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    unix_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    service: str
+    participant: str
+    step: int
+    state: str
+    unix_ms: int = 0
+
+
+Domain = Manifest | Chunk | HaveRequest | HaveReply | DeliveryReceipt | StepReleased | Event
+AnyMessage = Domain | Heartbeat

@@ -1,0 +1,296 @@
+"""Contracts no single module can keep on its own: generated code matches the protos, the
+pure core stays pure, and the wire schema documents itself."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import google.protobuf
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO_ROOT = ROOT / "proto"
+PROTO_DIR = PROTO_ROOT / "foldfed" / "v1"
+SERVICES = ROOT / "services"
+GENERATED_DIR = SERVICES / "foldfed" / "v1"
+PROTOS = sorted(PROTO_DIR.glob("*.proto"))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+# ------------------------------------------------------------------------ (a) proto drift
+
+
+def test_there_are_protos_and_generated_code() -> None:
+    assert [p.name for p in PROTOS] == [
+        "delta.proto",
+        "events.proto",
+        "step.proto",
+        "transfer.proto",
+    ]
+    assert (GENERATED_DIR / "__init__.py").is_file()
+
+
+def test_generated_code_is_what_the_pinned_protoc_makes_of_the_protos(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT.relative_to(ROOT)}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            *(str(p.relative_to(ROOT)) for p in PROTOS),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    fresh_dir = tmp_path / "foldfed" / "v1"
+    fresh = {p.name: p.read_bytes() for p in sorted(fresh_dir.iterdir())}
+    committed = {
+        p.name: p.read_bytes()
+        for p in sorted(GENERATED_DIR.iterdir())
+        if p.name.endswith(("_pb2.py", "_pb2.pyi"))
+    }
+    assert len(fresh) == 2 * len(PROTOS)
+    assert sorted(fresh) == sorted(committed), "generated files were added or removed"
+    drifted = [name for name in fresh if fresh[name] != committed[name]]
+    assert drifted == [], f"regenerate services/foldfed/v1: {drifted} differ"
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_the_generator_installed_is_the_pinned_one() -> None:
+    pins = [
+        d for d in _pyproject()["project"]["optional-dependencies"]["dev"] if "grpcio-tools" in d
+    ]
+    assert len(pins) == 1
+    pinned = pins[0].split("==")[1]
+    assert importlib.metadata.version("grpcio-tools") == pinned
+
+
+def test_the_protobuf_runtime_is_at_least_the_generators() -> None:
+    generated_by = {
+        _version(m.group(1))
+        for p in GENERATED_DIR.glob("*_pb2.py")
+        if (m := re.search(r"^# Protobuf Python Version: (\S+)$", p.read_text(), re.M))
+    }
+    assert len(generated_by) == 1, generated_by
+    (generator,) = generated_by
+    assert _version(google.protobuf.__version__) >= generator
+    (requirement,) = [d for d in _pyproject()["project"]["dependencies"] if "protobuf" in d]
+    minimum = re.search(r">=\s*([\d.]+)", requirement)
+    assert minimum is not None, requirement
+    assert _version(minimum.group(1)) >= generator
+
+
+# ------------------------------------------------------------------------ (b) import purity
+
+BANNED = ("asyncio", "aio_pika", "aiormq", "sqlite3", "opentelemetry", "foldfed.v1")
+PURE_MODULES = (
+    "foldfed/deltafile.py",
+    "foldfed/chunkstore.py",
+    "foldfed/digests.py",
+    "foldfed/errors.py",
+    "foldfed/topology.py",
+    "foldfed/ingest/checks.py",
+    "foldfed/uploader/ratelimit.py",
+)
+
+
+def _module_name(relpath: str) -> str:
+    return relpath.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def imported_names(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every module `source` imports, absolute; `from a import b` yields a and a.b (b may
+    be a submodule). Imports inside functions and TYPE_CHECKING blocks count too."""
+    package = module if is_package else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                parent = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                parent = node.module or ""
+            names.add(parent)
+            names.update(f"{parent}.{alias.name}" for alias in node.names)
+    return names
+
+
+def banned_in(names: set[str]) -> set[str]:
+    return {n for n in names for b in BANNED if n == b or n.startswith(f"{b}.")}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import asyncio",
+        "import asyncio.subprocess as sp",
+        "import os, sqlite3",
+        "from aio_pika import connect",
+        "import aiormq.abc",
+        "from opentelemetry import trace",
+        "from foldfed.v1 import delta_pb2",
+        "from foldfed import v1",
+        "from .v1 import delta_pb2",
+        "from . import v1",
+        "def f():\n    import asyncio\n",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sqlite3\n",
+    ],
+)
+def test_the_import_checker_sees_banned_imports(source: str) -> None:
+    assert banned_in(imported_names(source, "foldfed.example"))
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["import os", "from foldfed.errors import Reject", "from . import digests", "import asyncioo"],
+)
+def test_the_import_checker_lets_other_imports_pass(source: str) -> None:
+    assert not banned_in(imported_names(source, "foldfed.example"))
+
+
+def test_relative_imports_resolve_against_the_package() -> None:
+    names = imported_names("from ..messages import Manifest", "foldfed.ingest.checks")
+    assert "foldfed.messages" in names
+
+
+@pytest.mark.parametrize("relpath", PURE_MODULES)
+def test_the_pure_core_imports_no_io_framework_and_no_generated_code(relpath: str) -> None:
+    path = SERVICES / relpath
+    names = imported_names(path.read_text(), _module_name(relpath))
+    assert names, f"{relpath} imports nothing? the parser is broken"
+    assert banned_in(names) == set()
+
+
+def _foldfed_closure(relpath: str) -> dict[str, set[str]]:
+    """Imports of `relpath` and of every foldfed module it reaches, by module."""
+    seen: dict[str, set[str]] = {}
+    todo = [_module_name(relpath)]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        path = SERVICES / (module.replace(".", "/") + ".py")
+        package = SERVICES / module.replace(".", "/") / "__init__.py"
+        if package.is_file():
+            path = package
+        if not path.is_file():
+            continue  # `from foldfed.x import name`: name is not a module
+        seen[module] = imported_names(path.read_text(), module, path.name == "__init__.py")
+        todo.extend(n for n in seen[module] if n.startswith("foldfed.") and n not in seen)
+    return seen
+
+
+@pytest.mark.parametrize("relpath", PURE_MODULES)
+def test_the_pure_core_reaches_no_io_framework_through_foldfed_modules(relpath: str) -> None:
+    closure = _foldfed_closure(relpath)
+    offenders = {m: banned_in(names) for m, names in closure.items() if banned_in(names)}
+    assert offenders == {}
+
+
+# ------------------------------------------------------------------------ (c) comments
+
+_FIELD = re.compile(
+    r"^(?:(?:optional|repeated)\s+)?(?:map\s*<\s*\w+\s*,\s*[\w.]+\s*>|[\w.]+)\s+\w+\s*=\s*\d+"
+)
+_ENUM_VALUE = re.compile(r"^\w+\s*=\s*-?\d+")
+_BLOCK = re.compile(r"^(message|enum|oneof)\s+(\w+)\s*\{")
+
+
+@dataclass(frozen=True)
+class Declaration:
+    kind: str  # "message", "field", "enum", "enum value", "oneof"
+    name: str
+    line: int
+    commented: bool
+
+
+def declarations(text: str) -> list[Declaration]:
+    """Messages, fields, enums and enum values of a proto file, each with whether the line
+    just above it is a `//` comment. Assumes the house layout: one declaration a line."""
+    out: list[Declaration] = []
+    stack: list[str] = []
+    previous = ""
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        commented = previous.startswith("//")
+        if line and not line.startswith("//"):
+            if block := _BLOCK.match(line):
+                out.append(Declaration(block.group(1), block.group(2), number, commented))
+                stack.append(block.group(1))
+            elif stack and stack[-1] in ("message", "oneof") and _FIELD.match(line):
+                if not line.startswith(("reserved", "option")):
+                    out.append(Declaration("field", line.split("=")[0].strip(), number, commented))
+            elif stack and stack[-1] == "enum" and _ENUM_VALUE.match(line):
+                out.append(Declaration("enum value", line.split("=")[0].strip(), number, commented))
+            stack = stack[: len(stack) - line.count("}")] if "}" in line else stack
+        previous = line
+    return out
+
+
+def test_the_comment_parser_finds_uncommented_declarations() -> None:
+    text = (
+        'syntax = "proto3";\n// A.\nmessage A {\n  // x.\n  uint64 x = 1;\n  string y = 2;\n'
+        '  map<string, double> m = 3;\n  reserved 4;\n  reserved "old";\n}\n'
+        "message B {\n  // r.\n  repeated bytes r = 1;\n}\n"
+        "enum E {\n  E_ZERO = 0;\n}\n"
+    )
+    found = {(d.kind, d.name): d.commented for d in declarations(text)}
+    assert found == {
+        ("message", "A"): True,
+        ("field", "uint64 x"): True,
+        ("field", "string y"): False,
+        ("field", "map<string, double> m"): False,
+        ("message", "B"): False,
+        ("field", "repeated bytes r"): True,
+        ("enum", "E"): False,
+        ("enum value", "E_ZERO"): False,
+    }
+
+
+def _all_declarations() -> list[tuple[str, Declaration]]:
+    return [(p.name, d) for p in PROTOS for d in declarations(p.read_text())]
+
+
+def test_every_message_and_field_is_commented() -> None:
+    found = [(f, d) for f, d in _all_declarations() if d.kind in ("message", "field")]
+    assert sum(d.kind == "message" for _, d in found) == 9
+    # 55: DeltaManifest's field 12 (created_unix_ms) is retired, a `reserved` line now.
+    assert sum(d.kind == "field" for _, d in found) == 55
+    uncommented = [f"{f}:{d.line} {d.kind} {d.name}" for f, d in found if not d.commented]
+    assert uncommented == []
+
+
+def test_every_enum_and_enum_value_is_commented() -> None:
+    found = [(f, d) for f, d in _all_declarations() if d.kind in ("enum", "enum value")]
+    assert len(found) == 2 + 2 + 6
+    uncommented = [f"{f}:{d.line} {d.kind} {d.name}" for f, d in found if not d.commented]
+    assert uncommented == []
+
+
+@pytest.mark.parametrize("proto", PROTOS, ids=lambda p: p.name)
+def test_every_proto_is_in_package_foldfed_v1_and_opens_with_a_comment(proto: Path) -> None:
+    text = proto.read_text()
+    assert re.search(r"^package foldfed\.v1;$", text, re.M)
+    assert re.search(r'^syntax = "proto3";$', text, re.M)
+    assert text.startswith("//")
