@@ -403,7 +403,7 @@ REJECTIONS: dict[str, tuple[Case, str]] = {
         "conflicting manifest for step 1",
     ),
     "manifest against another model": (
-        lambda lg, d: lg.on_manifest(*manifest_for(d, base=OTHER_MODEL)),
+        lambda lg, d: lg.on_manifest(*manifest_for(d, participant="org-b", base=OTHER_MODEL)),
         "delta was computed against model",
     ),
     "manifest against no model": (
@@ -411,7 +411,9 @@ REJECTIONS: dict[str, tuple[Case, str]] = {
         "delta was computed against model (none)",
     ),
     "manifest not in canonical form": (
-        lambda lg, d: lg.on_manifest(*_with_unknown_field(manifest_for(d, base=MODEL))),
+        lambda lg, d: lg.on_manifest(
+            *_with_unknown_field(manifest_for(d, participant="org-b", base=MODEL))
+        ),
         "not in canonical form",
     ),
 }
@@ -517,7 +519,7 @@ def test_an_unknown_field_in_an_accepted_manifest_is_no_duplicate(
 ) -> None:
     m, ser = manifest_for(delta)
     assert ledger.on_manifest(m, ser) == Effects()
-    with pytest.raises(Reject, match="not in canonical form"):
+    with pytest.raises(Reject, match="conflicting manifest"):
         ledger.on_manifest(m, ser + UNKNOWN_FIELD)
     assert ledger.on_manifest(m, ser) == Effects(duplicate=True)
 
