@@ -314,9 +314,14 @@ class Bus:
             broadcast = await ch.declare_exchange(
                 topology.BROADCAST_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
             )
-            await ch.declare_exchange(
+            events = await ch.declare_exchange(
                 topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
             )
+            barrier = await ch.declare_queue(
+                topology.BARRIER_QUEUE, durable=True, arguments=dead_letter_args
+            )
+            for key in topology.BARRIER_KEYS:
+                await barrier.bind(events, key)
             for participant in participants:
                 queue = await ch.declare_queue(
                     topology.participant_queue(participant),

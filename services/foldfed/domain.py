@@ -72,6 +72,33 @@ class StepReleased:
     model_digest: bytes
     participants: tuple[str, ...]
     released_unix_ms: int = 0
+    update_manifest: bytes = b""
+    cycle: int = 0
+
+
+@dataclass(frozen=True)
+class FinalizeRequest:
+    step: int
+    participants: tuple[str, ...]
+    cycle: int = 0
+
+
+@dataclass(frozen=True)
+class StepFinalized:
+    step: int
+    update_manifest: bytes
+    model_digest: bytes
+    weight_sum: float
+    finalized_unix_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    step: int
+    participant: str
+    model_digest: bytes
+    metrics: dict[str, float] = field(default_factory=dict)
+    unix_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,5 +121,16 @@ class Heartbeat:
     unix_ms: int = 0
 
 
-Domain = Manifest | Chunk | HaveRequest | HaveReply | DeliveryReceipt | StepReleased | Event
+Domain = (
+    Manifest
+    | Chunk
+    | HaveRequest
+    | HaveReply
+    | DeliveryReceipt
+    | StepReleased
+    | FinalizeRequest
+    | StepFinalized
+    | ModelReport
+    | Event
+)
 AnyMessage = Domain | Heartbeat

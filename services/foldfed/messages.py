@@ -23,10 +23,13 @@ from foldfed.domain import (
     DeliveryReceipt,
     Domain,
     Event,
+    FinalizeRequest,
     HaveReply,
     HaveRequest,
     Heartbeat,
     Manifest,
+    ModelReport,
+    StepFinalized,
     StepReleased,
 )
 from foldfed.errors import DecodeError
@@ -47,6 +50,10 @@ _EVENT_KINDS = {
     events_pb2.EVENT_KIND_UPLOAD_FINISHED: "upload_finished",
     events_pb2.EVENT_KIND_DELIVERED: "delivered",
     events_pb2.EVENT_KIND_STEP_RELEASED: "step_released",
+    events_pb2.EVENT_KIND_RELEASE_RECEIVED: "release_received",
+    events_pb2.EVENT_KIND_MODEL_MISMATCH: "model_mismatch",
+    events_pb2.EVENT_KIND_CYCLE_DONE: "cycle_done",
+    events_pb2.EVENT_KIND_STEP_FINALIZED: "step_finalized",
 }
 _EVENT_KIND_NUMBERS = {name: number for number, name in _EVENT_KINDS.items()}
 
@@ -129,6 +136,28 @@ def _to_proto(msg: AnyMessage) -> ProtobufMessage:
                 model_digest=msg.model_digest,
                 participants=list(msg.participants),
                 released_unix_ms=msg.released_unix_ms,
+                update_manifest=msg.update_manifest,
+                cycle=msg.cycle,
+            )
+        case FinalizeRequest():
+            return step_pb2.FinalizeRequest(
+                step=msg.step, participants=list(msg.participants), cycle=msg.cycle
+            )
+        case StepFinalized():
+            return step_pb2.StepFinalized(
+                step=msg.step,
+                update_manifest=msg.update_manifest,
+                model_digest=msg.model_digest,
+                weight_sum=msg.weight_sum,
+                finalized_unix_ms=msg.finalized_unix_ms,
+            )
+        case ModelReport():
+            return step_pb2.ModelReport(
+                step=msg.step,
+                participant=msg.participant,
+                model_digest=msg.model_digest,
+                metrics=msg.metrics,
+                unix_ms=msg.unix_ms,
             )
         case Event():
             return events_pb2.Event(
@@ -240,6 +269,30 @@ def _from_proto(p: ProtobufMessage) -> AnyMessage:
                 model_digest=_digest(p.model_digest, "model_digest", allow_empty=True),
                 participants=tuple(p.participants),
                 released_unix_ms=p.released_unix_ms,
+                update_manifest=p.update_manifest,
+                cycle=p.cycle,
+            )
+        case step_pb2.FinalizeRequest():
+            return FinalizeRequest(step=p.step, participants=tuple(p.participants), cycle=p.cycle)
+        case step_pb2.StepFinalized():
+            if not math.isfinite(p.weight_sum):
+                raise DecodeError(f"weight_sum {p.weight_sum} is not finite")
+            return StepFinalized(
+                step=p.step,
+                update_manifest=p.update_manifest,
+                model_digest=_digest(p.model_digest, "model_digest"),
+                weight_sum=p.weight_sum,
+                finalized_unix_ms=p.finalized_unix_ms,
+            )
+        case step_pb2.ModelReport():
+            if not all(math.isfinite(v) for v in p.metrics.values()):
+                raise DecodeError("model report metrics must be finite")
+            return ModelReport(
+                step=p.step,
+                participant=p.participant,
+                model_digest=_digest(p.model_digest, "model_digest"),
+                metrics=dict(p.metrics),
+                unix_ms=p.unix_ms,
             )
         case events_pb2.Event():
             if p.kind not in _EVENT_KINDS:
@@ -273,6 +326,9 @@ _PROTO_BY_TYPE: dict[str, type[ProtobufMessage]] = {
         transfer_pb2.HaveReply,
         transfer_pb2.DeliveryReceipt,
         step_pb2.StepReleased,
+        step_pb2.FinalizeRequest,
+        step_pb2.StepFinalized,
+        step_pb2.ModelReport,
         events_pb2.Event,
         events_pb2.Heartbeat,
     )
@@ -302,10 +358,13 @@ __all__ = [
     "DeliveryReceipt",
     "Domain",
     "Event",
+    "FinalizeRequest",
     "HaveReply",
     "HaveRequest",
     "Heartbeat",
     "Manifest",
+    "ModelReport",
+    "StepFinalized",
     "StepReleased",
     "decode",
     "encode",

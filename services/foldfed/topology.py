@@ -22,6 +22,16 @@ PARTICIPANT_EXCHANGE = "foldfed.participant"
 BROADCAST_EXCHANGE = "foldfed.broadcast"
 # Events and heartbeats from every service (topic: "<service>.<kind>").
 EVENTS_EXCHANGE = "foldfed.events"
+# The barrier's queue: delivery receipts, finalize results and participants' model
+# reports, from the events exchange under these routing keys.
+BARRIER_QUEUE = "foldfed.hub.barrier"
+RECEIPT_KEY = "ingest.receipt"
+FINALIZED_KEY = "aggregator.finalized"
+MODEL_REPORT_KEY = "participant.model"
+BARRIER_KEYS = (RECEIPT_KEY, FINALIZED_KEY, MODEL_REPORT_KEY)
+# The hub's own name where a participant id is expected (the global update's manifest
+# and chunks): never a valid participant.
+HUB_ID = "hub"
 # Rejected messages, with the reason in headers.
 DEAD_EXCHANGE = "foldfed.dead"
 DEAD_QUEUE = "foldfed.dead-letter"
@@ -36,7 +46,7 @@ _PARTICIPANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 def is_valid_participant_id(participant: str) -> bool:
-    return bool(_PARTICIPANT_ID.match(participant))
+    return participant != HUB_ID and bool(_PARTICIPANT_ID.match(participant))
 
 
 def participant_queue(participant: str) -> str:

@@ -104,9 +104,9 @@ class IngestService:
                 duplicates=receipt.duplicate_chunks,
             )
             await self.bus.publish(topology.PARTICIPANT_EXCHANGE, receipt.participant, receipt)
-            await self.bus.publish(
-                topology.EVENTS_EXCHANGE, "ingest.receipt", receipt, mandatory=False
-            )
+            # Mandatory: the barrier's queue is bound to this key; losing a receipt would
+            # stall the step.
+            await self.bus.publish(topology.EVENTS_EXCHANGE, topology.RECEIPT_KEY, receipt)
         for released in effects.released:
             structlog.contextvars.bind_contextvars(step=released.step)
             log.info("step open", step=released.step)

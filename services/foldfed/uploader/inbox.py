@@ -8,7 +8,7 @@ waits and keeps receipts, which are facts, for later askers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -20,12 +20,15 @@ from foldfed.messages import AnyMessage, DeliveryReceipt, Event, decode
 log = structlog.get_logger(__name__)
 
 Match = Callable[[AnyMessage], bool]
+# Called for each message before it is acked: the work it does is durable by then.
+Handler = Callable[[AnyMessage], Awaitable[None]]
 
 
 class Inbox:
-    def __init__(self, bus: Bus, participant: str) -> None:
+    def __init__(self, bus: Bus, participant: str, handler: Handler | None = None) -> None:
         self.bus = bus
         self.participant = participant
+        self._handler = handler
         self.receipts: dict[tuple[int, bytes], DeliveryReceipt] = {}
         self.rejections: list[Event] = []
         self._waiters: list[tuple[Match, asyncio.Future[AnyMessage]]] = []
@@ -67,6 +70,15 @@ class Inbox:
         if isinstance(msg, Event) and msg.kind == "rejected":
             log.warning("hub rejected a message of ours", reason=msg.detail)
             self.rejections.append(msg)
+        if self._handler is not None:
+            try:
+                await self._handler(msg)
+            except Exception as exc:
+                # Loud and retried, never silent: the message comes back after a pause.
+                log.error("cannot handle message; will retry", type=incoming.type, error=repr(exc))
+                await asyncio.sleep(1.0)
+                await incoming.raw.reject(requeue=True)
+                return
         for match, future in list(self._waiters):
             if not future.done() and match(msg):
                 future.set_result(msg)

@@ -15,12 +15,20 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_UPLOAD_FINISHED: _ClassVar[EventKind]
     EVENT_KIND_DELIVERED: _ClassVar[EventKind]
     EVENT_KIND_STEP_RELEASED: _ClassVar[EventKind]
+    EVENT_KIND_RELEASE_RECEIVED: _ClassVar[EventKind]
+    EVENT_KIND_MODEL_MISMATCH: _ClassVar[EventKind]
+    EVENT_KIND_CYCLE_DONE: _ClassVar[EventKind]
+    EVENT_KIND_STEP_FINALIZED: _ClassVar[EventKind]
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_REJECTED: EventKind
 EVENT_KIND_UPLOAD_STARTED: EventKind
 EVENT_KIND_UPLOAD_FINISHED: EventKind
 EVENT_KIND_DELIVERED: EventKind
 EVENT_KIND_STEP_RELEASED: EventKind
+EVENT_KIND_RELEASE_RECEIVED: EventKind
+EVENT_KIND_MODEL_MISMATCH: EventKind
+EVENT_KIND_CYCLE_DONE: EventKind
+EVENT_KIND_STEP_FINALIZED: EventKind
 
 class Event(_message.Message):
     __slots__ = ("kind", "service", "participant", "step", "detail", "metrics", "unix_ms")

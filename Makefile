@@ -1,0 +1,50 @@
+# Every target does its own set-up on a fresh Debian/Ubuntu machine: a virtual
+# environment with the CPU build of torch (installed first, pinned, so nothing pulls a
+# CUDA build), the project, and Debian's rabbitmq-server for the private local broker.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.foldfed-installed
+
+.PHONY: setup demo test lint proto broker-start broker-stop clean bench
+
+setup: $(STAMP)
+	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/foldfed demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Regenerate services/foldfed/v1 from proto/ with the pinned generator (grpcio-tools in
+# the dev extra); tests/test_contract.py fails when the committed code drifts.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=services --pyi_out=services \
+		proto/foldfed/v1/*.proto
+
+broker-start: setup
+	$(VENV)/bin/foldfed broker start
+
+broker-stop: $(STAMP)
+	$(VENV)/bin/foldfed broker stop
+
+bench: setup
+	$(PY) bench/transfer.py --size-mib 1024
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,152 @@
+"""The uploader service: a participant's only networked process.
+
+It owns the participant's queue and its side of the spool it shares with the trainer
+(which never touches the network):
+  outbox -> hub: deltas (resumable upload) and model reports;
+  hub -> inbox: the global update's chunks (kept in a local content-addressed store) and
+  step releases, turned into files the trainer picks up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import structlog
+
+from foldfed import topology
+from foldfed.bus import Bus
+from foldfed.chunkstore import ChunkStore
+from foldfed.config import UploaderSettings
+from foldfed.digests import digest_of, short
+from foldfed.domain import AnyMessage, Chunk, Event, Manifest, ModelReport, StepReleased
+from foldfed.errors import IntegrityError
+from foldfed.messages import decode, now_ms
+from foldfed.spool import Spool
+from foldfed.uploader.inbox import Inbox
+from foldfed.uploader.upload import Uploader
+
+log = structlog.get_logger(__name__)
+SERVICE = "uploader"
+POLL_S = 0.2
+
+
+class UploaderService:
+    def __init__(self, settings: UploaderSettings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.spool = Spool(settings.spool_dir)
+        self.downloads = ChunkStore(settings.spool_dir / "downloads")
+        self.inbox = Inbox(bus, settings.participant, handler=self._on_message)
+        self.uploader = Uploader(settings, bus, self.inbox)
+        # When the latest receipt arrived: the wait at the barrier runs from then until
+        # the next release.
+        self._delivered_at: float | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.inbox.start()
+        log.info("uploader ready", spool=str(self.settings.spool_dir))
+        try:
+            while not stop.is_set():
+                worked = await self._send_model_reports()
+                worked |= await self._send_deltas()
+                if not worked:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), POLL_S)
+        finally:
+            await self.inbox.close()
+
+    # ---------------------------------------------------------------- outbound
+
+    async def _send_deltas(self) -> bool:
+        worked = False
+        for delta in self.spool.pending_deltas():
+            structlog.contextvars.bind_contextvars(step=delta.step)
+            report = await self.uploader.upload(
+                delta.path, delta.step, delta.weight, delta.base_model_digest
+            )
+            self._delivered_at = time.monotonic()
+            metrics = {
+                "upload_s": report.seconds,
+                "bytes_sent": float(report.bytes_sent),
+                "chunks_sent": float(report.chunks_sent),
+                "chunks_total": float(report.chunks_total),
+                **{k: float(v) for k, v in delta.metrics.items()},
+            }
+            await self._event("upload_finished", delta.step, metrics)
+            self.spool.mark_sent("delta", delta.step)
+            worked = True
+        return worked
+
+    async def _send_model_reports(self) -> bool:
+        worked = False
+        for report in self.spool.pending_model_reports():
+            msg = ModelReport(
+                step=report.step,
+                participant=self.settings.participant,
+                model_digest=report.model_digest,
+                metrics={k: float(v) for k, v in report.metrics.items()},
+                unix_ms=now_ms(),
+            )
+            await self.bus.publish(topology.EVENTS_EXCHANGE, topology.MODEL_REPORT_KEY, msg)
+            self.spool.mark_sent("model", report.step)
+            worked = True
+        return worked
+
+    async def _event(self, kind: str, step: int, metrics: dict[str, float]) -> None:
+        event = Event(kind, SERVICE, self.settings.participant, step, "", metrics, now_ms())
+        await self.bus.publish(
+            topology.EVENTS_EXCHANGE, f"{SERVICE}.{kind}", event, mandatory=False
+        )
+
+    # ---------------------------------------------------------------- inbound
+
+    async def _on_message(self, msg: AnyMessage) -> None:
+        match msg:
+            case Chunk(participant=topology.HUB_ID):
+                await asyncio.to_thread(self._keep_update_chunk, msg)
+            case StepReleased():
+                await self._on_release(msg)
+
+    def _keep_update_chunk(self, chunk: Chunk) -> None:
+        if digest_of(chunk.body) != chunk.digest:
+            raise IntegrityError(f"update chunk {chunk.index} does not match its digest")
+        self.downloads.put(chunk.digest, chunk.body)
+
+    async def _on_release(self, release: StepReleased) -> None:
+        structlog.contextvars.bind_contextvars(step=release.step)
+        update_path: Path | None = None
+        if release.update_manifest:
+            update_path = await asyncio.to_thread(self._assemble_update, release)
+        self.spool.write_release(release.step, release.model_digest, update_path)
+        waited = None if self._delivered_at is None else time.monotonic() - self._delivered_at
+        log.info("step released", model=short(release.model_digest), waited_s=waited)
+        await self._event("release_received", release.step, {"wait_s": waited or 0.0})
+
+    def _assemble_update(self, release: StepReleased) -> Path:
+        """Write the global update from downloaded chunks, verifying every one of them.
+        A missing chunk raises: the release is retried (and logged) until it is there."""
+        manifest = decode("foldfed.v1.DeltaManifest", release.update_manifest)
+        assert isinstance(manifest, Manifest)
+        path = self.spool.update_path(release.step)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            for index, digest in enumerate(manifest.chunk_digests):
+                if not self.downloads.has(digest):
+                    raise IntegrityError(f"update chunk {index} ({short(digest)}) not received")
+                out.write(self.downloads.get(digest))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+async def run_uploader(settings: UploaderSettings, stop: asyncio.Event) -> None:
+    bus = await Bus.connect(settings.bus, name=f"{SERVICE}-{settings.participant}")
+    try:
+        await UploaderService(settings, bus).run(stop)
+    finally:
+        await bus.close()
