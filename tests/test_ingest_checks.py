@@ -191,13 +191,25 @@ _specs = st.lists(
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(_specs, st.integers(0, 64).map(lambda k: 8 * k), st.integers(0, 3))
+@given(_specs, st.integers(1, 64).map(lambda k: 8 * k), st.integers(1, 3))
 def test_any_back_to_back_layout_is_accepted(
     specs: list[tuple[str, tuple[int, ...]]], start: int, trailing: int
 ) -> None:
+    # As write_delta lays them out: largest elements first, so every tensor is aligned.
+    specs = sorted(specs, key=lambda spec: -DTYPE_SIZES[spec[0]])
     tensors = _layout(*((f"t{i}", d, s) for i, (d, s) in enumerate(specs)), start=start)
-    payload_size = max(tensors[-1].end + trailing, 1)
-    check_manifest(_manifest(tensors, payload_size=payload_size), MAX_PAYLOAD)
+    check_manifest(_manifest(tensors, payload_size=tensors[-1].end), MAX_PAYLOAD)
+    # Bytes after the last tensor are not part of any tensor: refused.
+    with pytest.raises(Reject, match="tensors end at byte"):
+        check_manifest(_manifest(tensors, payload_size=tensors[-1].end + trailing), MAX_PAYLOAD)
+
+
+def test_rejects_a_gap_and_a_misaligned_tensor() -> None:
+    a, b = _layout(("a", "F32", (8,)), ("b", "F32", (8,)))
+    gap = dataclasses.replace(b, begin=b.begin + 4, end=b.end + 4)
+    _rejected(_manifest((a, gap), payload_size=gap.end), "gap before it")
+    c, d = _layout(("c", "I8", (3,)), ("d", "F32", (2,)))
+    _rejected(_manifest((c, d), payload_size=d.end), "not aligned")
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)

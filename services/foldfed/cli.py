@@ -72,6 +72,62 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from foldfed.aggregator.service import run_aggregator
+    from foldfed.config import AggregatorSettings
+    from foldfed.logs import configure_logging
+
+    configure_logging("aggregator")
+    settings = AggregatorSettings.from_env()
+    _run_service(lambda stop: run_aggregator(settings, stop))
+    return 0
+
+
+def cmd_barrier(args: argparse.Namespace) -> int:
+    from foldfed.barrier.service import run_barrier
+    from foldfed.config import BarrierSettings
+    from foldfed.logs import configure_logging
+
+    configure_logging("barrier")
+    settings = BarrierSettings.from_env()
+    _run_service(lambda stop: run_barrier(settings, stop))
+    return 0
+
+
+def cmd_uploader(args: argparse.Namespace) -> int:
+    from foldfed.config import UploaderSettings
+    from foldfed.logs import configure_logging
+    from foldfed.uploader.service import run_uploader
+
+    settings = UploaderSettings.from_env()
+    configure_logging("uploader", settings.participant)
+    _run_service(lambda stop: run_uploader(settings, stop))
+    return 0
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from foldfed.logs import configure_logging
+    from foldfed.trainer.service import TrainerSettings, run_trainer
+
+    settings = TrainerSettings.from_env(os.environ)
+    configure_logging("trainer", settings.participant)
+    _run_service(lambda stop: run_trainer(settings, stop))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from foldfed.demo.main import DemoOptions, run_demo
+
+    return run_demo(
+        DemoOptions(
+            participants=args.participants,
+            steps=args.steps,
+            workdir=Path(args.workdir),
+            seed=args.seed,
+        )
+    )
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
     from foldfed.config import UploaderSettings
     from foldfed.logs import configure_logging
@@ -104,7 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, default=None, help="AMQP port (default: free)")
     broker.set_defaults(func=cmd_broker)
 
-    ingest = sub.add_parser("ingest", help="hub: verify and store delivered chunks")
+    demo = sub.add_parser("demo", help="a whole federated run on this machine")
+    demo.add_argument("--participants", type=int, default=3)
+    demo.add_argument("--steps", type=int, default=5, help="global steps (R)")
+    demo.add_argument("--workdir", default="var/demo", help="logs, state and pictures")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    for name, func, text in (
+        ("aggregator", cmd_aggregator, "hub: verify, store and sum deltas; finalize steps"),
+        ("barrier", cmd_barrier, "hub: close a step when all delivered, then release"),
+        ("uploader", cmd_uploader, "participant: the only networked process"),
+        ("trainer", cmd_trainer, "participant: local training, no network"),
+    ):
+        sub.add_parser(name, help=text).set_defaults(func=func)
+
+    ingest = sub.add_parser("ingest", help="hub: verify and store chunks only (no sums)")
     ingest.set_defaults(func=cmd_ingest)
 
     upload = sub.add_parser("upload", help="participant: send one delta file to the hub")

@@ -142,3 +142,70 @@ class IngestSettings:
             require_sender_identity=env.get("FOLDFED_REQUIRE_SENDER_IDENTITY", "1") != "0",
             prefetch=_int(env, "FOLDFED_PREFETCH", 8, 1),
         )
+
+
+@dataclass(frozen=True)
+class ServerOptimizerSettings:
+    # "fedavg" (the mean delta), "fedavgm" (server momentum) or "fedadam".
+    kind: str
+    lr: float
+    momentum: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerOptimizerSettings:
+        kind = env.get("FOLDFED_SERVER_OPTIMIZER", "fedavg")
+        if kind not in ("fedavg", "fedavgm", "fedadam"):
+            raise ConfigError(
+                f"FOLDFED_SERVER_OPTIMIZER={kind!r}: expected fedavg, fedavgm or fedadam"
+            )
+        default_lr = 1e-2 if kind == "fedadam" else 1.0
+        return cls(
+            kind=kind,
+            lr=_float(env, "FOLDFED_SERVER_LR", default_lr, 0.0),
+            momentum=_float(env, "FOLDFED_SERVER_MOMENTUM", 0.9, 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    ingest: IngestSettings
+    # The model every participant starts the cycle from (θ_0): the hub applies each
+    # global update to it too, to know the digest every participant must report.
+    initial_model: Path
+    optimizer: ServerOptimizerSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> AggregatorSettings:
+        initial = Path(_get(env, "FOLDFED_INITIAL_MODEL"))
+        if not initial.is_file():
+            raise ConfigError(f"FOLDFED_INITIAL_MODEL={str(initial)!r} is not a file")
+        return cls(
+            ingest=IngestSettings.from_env(env),
+            initial_model=initial,
+            optimizer=ServerOptimizerSettings.from_env(env),
+        )
+
+
+@dataclass(frozen=True)
+class BarrierSettings:
+    bus: BusSettings
+    participants: tuple[str, ...]
+    state_dir: Path
+    initial_model: Path
+    # Global steps in the cycle (R).
+    steps: int
+    cycle: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> BarrierSettings:
+        initial = Path(_get(env, "FOLDFED_INITIAL_MODEL"))
+        if not initial.is_file():
+            raise ConfigError(f"FOLDFED_INITIAL_MODEL={str(initial)!r} is not a file")
+        return cls(
+            bus=BusSettings.from_env(env),
+            participants=_participants(env, "FOLDFED_PARTICIPANTS"),
+            state_dir=Path(_get(env, "FOLDFED_STATE_DIR", "var/hub")),
+            initial_model=initial,
+            steps=_int(env, "FOLDFED_STEPS", 5, 1),
+            cycle=_int(env, "FOLDFED_CYCLE", 1, 1),
+        )

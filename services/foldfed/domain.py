@@ -74,6 +74,7 @@ class StepReleased:
     released_unix_ms: int = 0
     update_manifest: bytes = b""
     cycle: int = 0
+    final: bool = False
 
 
 @dataclass(frozen=True)

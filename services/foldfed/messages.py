@@ -138,6 +138,7 @@ def _to_proto(msg: AnyMessage) -> ProtobufMessage:
                 released_unix_ms=msg.released_unix_ms,
                 update_manifest=msg.update_manifest,
                 cycle=msg.cycle,
+                final=msg.final,
             )
         case FinalizeRequest():
             return step_pb2.FinalizeRequest(
@@ -271,6 +272,7 @@ def _from_proto(p: ProtobufMessage) -> AnyMessage:
                 released_unix_ms=p.released_unix_ms,
                 update_manifest=p.update_manifest,
                 cycle=p.cycle,
+                final=p.final,
             )
         case step_pb2.FinalizeRequest():
             return FinalizeRequest(step=p.step, participants=tuple(p.participants), cycle=p.cycle)

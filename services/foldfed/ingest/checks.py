@@ -48,7 +48,14 @@ def _check_tensors(m: Manifest) -> None:
             raise Reject(f"tensor {t.name!r}: byte range does not match {t.dtype}{list(t.shape)}")
         if t.begin < previous_end or t.end > m.payload_size:
             raise Reject(f"tensor {t.name!r}: byte range overlaps another or leaves the payload")
+        if previous_end and t.begin != previous_end:
+            raise Reject(f"tensor {t.name!r}: gap before it (tensors must be contiguous)")
+        if t.begin % size:
+            # An element must never straddle two chunks (chunk sizes are multiples of 8).
+            raise Reject(f"tensor {t.name!r}: not aligned to its {size}-byte elements")
         previous_end = t.end
+    if previous_end != m.payload_size:
+        raise Reject(f"tensors end at byte {previous_end}, the payload at {m.payload_size}")
 
 
 def check_chunk_body(m: Manifest, index: int, digest: bytes, body_size: int) -> None:

@@ -9,13 +9,14 @@ its reason and the sender is told; the step it claims is untouched.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import structlog
 
 from foldfed import topology
 from foldfed.bus import Bus, Incoming
 from foldfed.config import IngestSettings
-from foldfed.errors import DecodeError, Reject
+from foldfed.errors import DecodeError, FoldfedError, Reject
 from foldfed.ingest.ledger import Effects, IngestLedger
 from foldfed.messages import (
     Chunk,
@@ -55,6 +56,16 @@ class IngestService:
             effects = await self._apply(incoming)
         except Reject as exc:
             await self._dead_letter(incoming, exc.reason)
+            return
+        except (OSError, sqlite3.Error, FoldfedError) as exc:
+            # Our fault or the disk's, not the sender's. Try once more; a message that
+            # fails twice is parked with the reason instead of looping forever.
+            if incoming.redelivered:
+                log.error("failed twice; dead-lettering", error=repr(exc), type=incoming.type)
+                await self._dead_letter(incoming, f"hub could not process it: {exc!r}")
+            else:
+                log.error("failed; will retry once", error=repr(exc), type=incoming.type)
+                await incoming.raw.reject(requeue=True)
             return
         await self._publish(effects)
         await incoming.raw.ack()

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StepReleased(_message.Message):
-    __slots__ = ("step", "model_digest", "participants", "released_unix_ms", "update_manifest", "cycle")
+    __slots__ = ("step", "model_digest", "participants", "released_unix_ms", "update_manifest", "cycle", "final")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     RELEASED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CYCLE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     step: int
     model_digest: bytes
     participants: _containers.RepeatedScalarFieldContainer[str]
     released_unix_ms: int
     update_manifest: bytes
     cycle: int
-    def __init__(self, step: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., released_unix_ms: _Optional[int] = ..., update_manifest: _Optional[bytes] = ..., cycle: _Optional[int] = ...) -> None: ...
+    final: bool
+    def __init__(self, step: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., released_unix_ms: _Optional[int] = ..., update_manifest: _Optional[bytes] = ..., cycle: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class FinalizeRequest(_message.Message):
     __slots__ = ("step", "participants", "cycle")

@@ -1,0 +1,195 @@
+"""A whole federation as local processes: a private broker, the hub services and, per
+participant, a trainer and an uploader, each its own process with its own identity.
+
+The environment each process gets is exactly what compose or Kubernetes would give it:
+the same FOLDFED_* variables, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+from foldfed import topology
+from foldfed.errors import FoldfedError
+from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+
+FOLDFED = [sys.executable, "-m", "foldfed.cli"]
+
+
+@dataclass
+class Process:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class FederationSpec:
+    participants: tuple[str, ...]
+    steps: int
+    workdir: Path
+    # FOLDFED_* settings every process gets (K, G, optimizer, chunk size, ...).
+    common_env: Mapping[str, str] = field(default_factory=dict)
+    # Extra settings per participant (e.g. a rate limit to emulate a slow link).
+    participant_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+class LocalFederation:
+    """Starts and stops everything of one federated run; `stop()` is safe to call twice."""
+
+    def __init__(self, spec: FederationSpec, broker: LocalBroker | None = None) -> None:
+        self.spec = spec
+        self.workdir = spec.workdir
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._own_broker = broker is None
+        self.broker = broker or LocalBroker(self.workdir / "broker")
+        self.processes: dict[str, Process] = {}
+        self.passwords: dict[str, str] = {}
+        self.admin_url = ""
+
+    # ---------------------------------------------------------------- set-up
+
+    def start_broker(self) -> str:
+        if self._own_broker:
+            ensure_rabbitmq_installed()
+        self.admin_url = self.broker.start()
+        for participant in self.spec.participants:
+            self.passwords[participant] = secrets.token_urlsafe(18)
+            perms = topology.participant_permissions(participant)
+            self.broker.add_user(
+                participant,
+                self.passwords[participant],
+                configure=perms.configure,
+                write=perms.write,
+                read=perms.read,
+            )
+        return self.admin_url
+
+    def url_for(self, participant: str) -> str:
+        parsed = urlparse(self.admin_url)
+        password = quote(self.passwords[participant])
+        return f"amqp://{quote(participant)}:{password}@{parsed.hostname}:{parsed.port}/"
+
+    @property
+    def initial_model(self) -> Path:
+        return self.workdir / "initial-model.safetensors"
+
+    @property
+    def hub_dir(self) -> Path:
+        return self.workdir / "hub"
+
+    def spool_of(self, participant: str) -> Path:
+        return self.workdir / "participants" / participant / "spool"
+
+    def hub_env(self) -> dict[str, str]:
+        return {
+            **self.spec.common_env,
+            "FOLDFED_AMQP_URL": self.admin_url,
+            "FOLDFED_PARTICIPANTS": ",".join(self.spec.participants),
+            "FOLDFED_STATE_DIR": str(self.hub_dir),
+            "FOLDFED_INITIAL_MODEL": str(self.initial_model),
+            "FOLDFED_STEPS": str(self.spec.steps),
+        }
+
+    def participant_env(self, participant: str) -> dict[str, str]:
+        return {
+            **self.spec.common_env,
+            "FOLDFED_AMQP_URL": self.url_for(participant),
+            "FOLDFED_PARTICIPANT": participant,
+            "FOLDFED_PARTICIPANTS": ",".join(self.spec.participants),
+            "FOLDFED_SPOOL_DIR": str(self.spool_of(participant)),
+            "FOLDFED_INITIAL_MODEL": str(self.initial_model),
+            **self.spec.participant_env.get(participant, {}),
+        }
+
+    # ---------------------------------------------------------------- processes
+
+    def start(self, name: str, args: list[str], env: Mapping[str, str]) -> Process:
+        """Start `foldfed <args>` as process `name` (replacing a dead one of that name)."""
+        log_path = self.logs / f"{name}.log"
+        full_env = {**_base_env(), **env}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [*FOLDFED, *args],
+                env=full_env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in the terminal reaches only the demo
+            )
+        process = Process(name, proc, log_path)
+        self.processes[name] = process
+        return process
+
+    def start_hub(self) -> None:
+        self.start("aggregator", ["aggregator"], self.hub_env())
+        self.wait_for_log("aggregator", "ingest ready")
+        self.start("barrier", ["barrier"], self.hub_env())
+
+    def start_participant(self, participant: str) -> None:
+        env = self.participant_env(participant)
+        self.start(f"{participant}-uploader", ["uploader"], env)
+        self.start(f"{participant}-trainer", ["trainer"], env)
+
+    def start_all(self) -> None:
+        self.start_hub()
+        for participant in self.spec.participants:
+            self.start_participant(participant)
+
+    def wait_for_log(self, name: str, needle: str, timeout: float = 60.0) -> None:
+        process = self.processes[name]
+        deadline = time.monotonic() + timeout
+        while needle not in process.log():
+            if not process.alive():
+                raise FoldfedError(f"{name} exited {process.proc.returncode}:\n{process.log()}")
+            if time.monotonic() > deadline:
+                raise FoldfedError(f"{name} did not log {needle!r} within {timeout:g} s")
+            time.sleep(0.1)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, for real (crash tests)."""
+        process = self.processes[name]
+        process.proc.send_signal(signal.SIGKILL)
+        process.proc.wait(10)
+
+    def dead(self) -> list[Process]:
+        return [p for p in self.processes.values() if not p.alive()]
+
+    def stop(self, grace: float = 15.0) -> None:
+        for process in self.processes.values():
+            if process.alive():
+                process.proc.terminate()
+        deadline = time.monotonic() + grace
+        for process in self.processes.values():
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                process.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                process.proc.kill()
+                process.proc.wait(10)
+        if self._own_broker:
+            self.broker.stop()
+
+
+def _base_env() -> dict[str, str]:
+    """The parent's environment minus anything that would point a child elsewhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLDFED_")}
+    # Logs as JSON lines in files, one process per core is plenty on a laptop.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env

@@ -1,0 +1,134 @@
+"""`foldfed demo`: start a private broker, the hub and N participants as processes, run R
+global steps of the CPU task, show progress, and end with a summary and pictures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from foldfed.demo.cluster import FederationSpec, LocalFederation
+from foldfed.demo.observer import Observer, RunRecord
+from foldfed.demo.report import save_loss_curve, save_timeline, summary_text
+from foldfed.domain import DeliveryReceipt, Event
+from foldfed.errors import FoldfedError
+
+# No event for this long while a step is open: say who the barrier is waiting for.
+STALL_NOTICE_S = 30.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    participants: int = 3
+    steps: int = 5
+    workdir: Path = Path("var/demo")
+    seed: int = 0
+    timeout_s: float = 1800.0
+
+
+def participant_names(n: int) -> tuple[str, ...]:
+    return tuple(f"company-{chr(ord('a') + i)}" for i in range(n))
+
+
+def run_demo(options: DemoOptions) -> int:
+    from foldfed.trainer.task import initial_model
+
+    workdir = options.workdir / time.strftime("%Y%m%d-%H%M%S")
+    spec = FederationSpec(
+        participants=participant_names(options.participants),
+        steps=options.steps,
+        workdir=workdir,
+        common_env={"FOLDFED_SEED": str(options.seed)},
+    )
+    federation = LocalFederation(spec)
+    print(f"foldfed demo: {options.participants} participants, {options.steps} global steps")
+    print(f"  working folder {workdir} (logs in {federation.logs})")
+    try:
+        print("  starting a private RabbitMQ ...", flush=True)
+        federation.start_broker()
+        initial_model(federation.initial_model, options.seed)
+        record = RunRecord(spec.participants, spec.steps)
+        asyncio.run(_watch(federation, record, options.timeout_s))
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything")
+        return 130
+    finally:
+        federation.stop()
+    print(summary_text(record))
+    curve = save_loss_curve(record, workdir / "loss.png")
+    timeline = save_timeline(record, workdir / "timeline.png")
+    print(f"\npictures: {curve}  {timeline}")
+    return 0 if not record.mismatches else 1
+
+
+async def _watch(federation: LocalFederation, record: RunRecord, timeout_s: float) -> None:
+    observer = Observer(federation.admin_url, record)
+    await observer.start()
+    await asyncio.to_thread(federation.start_all)
+    try:
+        await _progress(federation, record, observer, timeout_s)
+    finally:
+        await observer.close()
+
+
+async def _progress(
+    federation: LocalFederation, record: RunRecord, observer: Observer, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    bars: dict[int, tqdm] = {}
+    last_event = time.monotonic()
+    while not record.finished():
+        _check_alive(federation)
+        if time.monotonic() > deadline:
+            raise FoldfedError(f"the run did not finish within {timeout_s:g} s")
+        try:
+            msg = await asyncio.wait_for(observer.updates.get(), 1.0)
+        except TimeoutError:
+            if time.monotonic() - last_event > STALL_NOTICE_S:
+                _stall_notice(record)
+                last_event = time.monotonic()
+            continue
+        last_event = time.monotonic()
+        _update_bars(bars, record, msg)
+    for bar in bars.values():
+        bar.close()
+
+
+def _update_bars(bars: dict[int, tqdm], record: RunRecord, msg: object) -> None:
+    step = getattr(msg, "step", None)
+    if step is None or step > record.steps:
+        return
+    if step not in bars:
+        bars[step] = tqdm(
+            total=len(record.participants), desc=f"step {step}", unit="delivered", leave=True
+        )
+    bar = bars[step]
+    entry = record.step(step)
+    delivered = sum(1 for s in entry.participants.values() if s.delivered_at is not None)
+    moved = sum(s.bytes_sent for s in entry.participants.values())
+    if isinstance(msg, DeliveryReceipt | Event):
+        bar.n = delivered
+        waiting = [p for p in record.participants if entry.of(p).delivered_at is None]
+        bar.set_postfix_str(
+            f"{moved / 1e6:.1f} MB moved"
+            + (f", waiting for {', '.join(waiting)}" if waiting else ", all delivered")
+        )
+        bar.refresh()
+
+
+def _stall_notice(record: RunRecord) -> None:
+    open_steps = [s for s, e in record.by_step.items() if e.finalized_at is None]
+    if not open_steps:
+        return
+    step = min(open_steps)
+    waiting = [p for p in record.participants if record.step(step).of(p).delivered_at is None]
+    tqdm.write(f"step {step}: still waiting for {', '.join(waiting) or 'the aggregator'}")
+
+
+def _check_alive(federation: LocalFederation) -> None:
+    for process in federation.dead():
+        tail = "\n".join(process.log().splitlines()[-20:])
+        raise FoldfedError(f"{process.name} exited with {process.proc.returncode}:\n{tail}")

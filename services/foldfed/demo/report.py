@@ -1,0 +1,146 @@
+"""The end-of-run summary a person reads, and the pictures they would rather look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from foldfed.demo.observer import RunRecord
+from foldfed.digests import short
+
+
+def step_wall_times(record: RunRecord) -> dict[int, float]:
+    """Release of step t to release of step t+1 (the global step's wall time)."""
+    out: dict[int, float] = {}
+    for step in range(1, record.steps + 1):
+        start = record.step(step).opened_at
+        end = record.step(step + 1).opened_at
+        if start is not None and end is not None:
+            out[step] = end - start
+    return out
+
+
+def summary_text(record: RunRecord) -> str:
+    walls = step_wall_times(record)
+    names = record.participants
+    lines = ["", "foldfed demo: summary", ""]
+    header = f"{'step':>4} {'wall s':>7} | " + " | ".join(f"{p:^23}" for p in names)
+    lines += [
+        header,
+        f"{'':>4} {'':>7} | "
+        + " | ".join(f"{'compute':>7} {'upload':>7} {'wait':>7}" for _ in names),
+    ]
+    for step in range(1, record.steps + 1):
+        entry = record.step(step)
+        cells = []
+        for p in names:
+            s = entry.of(p)
+            cells.append(f"{s.compute_s:7.2f} {s.upload_s:7.2f} {s.wait_s:7.2f}")
+        lines.append(f"{step:>4} {walls.get(step, float('nan')):7.2f} | " + " | ".join(cells))
+    total_bytes = sum(
+        s.bytes_sent for e in record.by_step.values() for s in e.participants.values()
+    )
+    lines += ["", f"bytes uploaded in all: {total_bytes / 1e6:.1f} MB"]
+    lines += _loss_lines(record)
+    lines += _digest_lines(record)
+    return "\n".join(lines)
+
+
+def _loss_lines(record: RunRecord) -> list[str]:
+    lines = ["", "held-out loss (global test set) after each release:"]
+    for step in range(1, record.steps + 2):
+        values = [
+            r.metrics.get("global_eval_loss")
+            for (s, _p), r in record.reports.items()
+            if s == step and r.metrics.get("global_eval_loss") is not None
+        ]
+        if values:
+            mean = sum(v for v in values if v is not None) / len(values)
+            lines.append(f"  model of step {step:>2}: {mean:.4f}")
+    return lines
+
+
+def _digest_lines(record: RunRecord) -> list[str]:
+    final = record.steps + 1
+    digests = {p: r.model_digest for (s, p), r in record.reports.items() if s == final}
+    expected = record.expected_models.get(final)
+    distinct = set(digests.values())
+    lines = [""]
+    if len(digests) == len(record.participants) and len(distinct) == 1:
+        (digest,) = distinct
+        agree = "" if expected in (None, digest) else f" (HUB EXPECTED {short(expected)}!)"
+        lines.append(f"all {len(digests)} participants hold model {digest.hex()}{agree}")
+    else:
+        lines.append("participants DISAGREE on the final model:")
+        lines += [f"  {p}: {d.hex()}" for p, d in sorted(digests.items())]
+    lines += [f"MISMATCH: {m}" for m in record.mismatches]
+    return lines
+
+
+def save_loss_curve(record: RunRecord, path: Path) -> Path:
+    """Per participant: held-out loss of the model each release produced."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in record.participants:
+        points = sorted(
+            (s, r.metrics["global_eval_loss"])
+            for (s, q), r in record.reports.items()
+            if q == p and "global_eval_loss" in r.metrics
+        )
+        if points:
+            left.plot(*zip(*points, strict=True), marker="o", label=p)
+        train = sorted(
+            (s, e.of(p).train_loss)
+            for s, e in record.by_step.items()
+            if e.of(p).train_loss is not None
+        )
+        if train:
+            right.plot(*zip(*train, strict=True), marker="o", label=p)
+    left.set(title="held-out loss of the released model", xlabel="release", ylabel="loss")
+    right.set(title="local training loss", xlabel="global step", ylabel="loss")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_timeline(record: RunRecord, path: Path) -> Path:
+    """Per step and participant: compute, upload and wait, stacked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = record.participants
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.5 * len(names) * record.steps**0.5))
+    y = 0
+    ticks, labels = [], []
+    for step in range(1, record.steps + 1):
+        for p in names:
+            s = record.step(step).of(p)
+            left = 0.0
+            for value, colour, label in (
+                (s.compute_s, "tab:blue", "compute"),
+                (s.upload_s, "tab:orange", "upload"),
+                (s.wait_s, "tab:gray", "wait"),
+            ):
+                ax.barh(y, value, left=left, color=colour, label=label if y == 0 else None)
+                left += value
+            ticks.append(y)
+            labels.append(f"step {step} {p}")
+            y += 1
+        y += 0.5
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds", title="where each participant's time went")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
