@@ -60,6 +60,66 @@ class Incoming:
     raw: AbstractIncomingMessage
 
 
+class PublishWindow:
+    """At most `size` confirmed publishes in flight: awaiting each confirm one by one
+    halves small-chunk throughput (FIELD_NOTES), an unbounded number costs memory.
+
+        async with PublishWindow(8) as window:
+            for ...:
+                await window.submit(bus.publish(...), on_confirm=...)
+    """
+
+    def __init__(self, size: int) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failures: list[BaseException] = []
+
+    async def submit(
+        self, publish: Awaitable[None], on_confirm: Callable[[], None] | None = None
+    ) -> None:
+        """Wait for a free slot, then start `publish`; raises an earlier publish's error."""
+        await self._slots.acquire()
+        if self._failures:
+            self._slots.release()
+            _close_awaitable(publish)
+            raise self._failures[0]
+        task = asyncio.create_task(self._run(publish, on_confirm))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, publish: Awaitable[None], on_confirm: Callable[[], None] | None) -> None:
+        try:
+            await publish
+            if on_confirm is not None:
+                on_confirm()
+        except BaseException as exc:
+            self._failures.append(exc)
+        finally:
+            self._slots.release()
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        if self._failures:
+            raise self._failures[0]
+
+    async def __aenter__(self) -> PublishWindow:
+        return self
+
+    async def __aexit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            await self.drain()
+        else:
+            for task in self._tasks:
+                task.cancel()
+
+
+def _close_awaitable(aw: Awaitable[None]) -> None:
+    close = getattr(aw, "close", None)
+    if close is not None:
+        close()
+
+
 def _incoming(raw: AbstractIncomingMessage) -> Incoming:
     return Incoming(
         type=raw.type or "",
@@ -204,6 +264,25 @@ class Bus:
             await asyncio.wait_for(self._channel.ready(), timeout)  # type: ignore[attr-defined]
         except TimeoutError:
             raise BrokerError(f"broker unreachable for {timeout:g} s") from None
+
+    async def dead_letter(self, incoming: Incoming, reason: str) -> None:
+        """Park a bad message with its reason in headers, then ack the original.
+
+        Done by hand rather than by basic.reject, because a broker dead-letter cannot
+        carry our reason."""
+        headers = {
+            topology.REASON_HEADER: reason,
+            topology.ORIGINAL_TYPE_HEADER: incoming.type,
+            topology.ORIGINAL_SENDER_HEADER: incoming.user_id or "",
+        }
+        await self.publish_bytes(
+            topology.DEAD_EXCHANGE,
+            "",
+            incoming.body,
+            type_name=incoming.type or "unknown",
+            headers=headers,
+        )
+        await incoming.raw.ack()
 
     # ---------------------------------------------------------------- consuming
 

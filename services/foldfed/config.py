@@ -62,6 +62,15 @@ def _participants(env: Mapping[str, str], key: str) -> tuple[str, ...]:
     return names
 
 
+def _chunk_size(env: Mapping[str, str]) -> int:
+    chunk_size = _int(env, "FOLDFED_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, 1)
+    try:
+        validate_chunk_size(chunk_size)
+    except CodecError as exc:
+        raise ConfigError(f"FOLDFED_CHUNK_SIZE: {exc}") from None
+    return chunk_size
+
+
 def amqp_user(url: str) -> str:
     """The user name in an AMQP URL: the identity RabbitMQ will stamp as user_id."""
     return unquote(urlparse(url).username or "guest")
@@ -101,11 +110,7 @@ class UploaderSettings:
         participant = _get(env, "FOLDFED_PARTICIPANT")
         if not is_valid_participant_id(participant):
             raise ConfigError(f"FOLDFED_PARTICIPANT: {participant!r} is not a valid id")
-        chunk_size = _int(env, "FOLDFED_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, 1)
-        try:
-            validate_chunk_size(chunk_size)
-        except CodecError as exc:
-            raise ConfigError(f"FOLDFED_CHUNK_SIZE: {exc}") from None
+        chunk_size = _chunk_size(env)
         return cls(
             bus=BusSettings.from_env(env),
             participant=participant,
@@ -173,6 +178,8 @@ class AggregatorSettings:
     # global update to it too, to know the digest every participant must report.
     initial_model: Path
     optimizer: ServerOptimizerSettings
+    # Chunk size of the global update the hub broadcasts.
+    update_chunk_size: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AggregatorSettings:
@@ -183,6 +190,7 @@ class AggregatorSettings:
             ingest=IngestSettings.from_env(env),
             initial_model=initial,
             optimizer=ServerOptimizerSettings.from_env(env),
+            update_chunk_size=_chunk_size(env),
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import blake3
 
 DIGEST_SIZE = 32
@@ -19,3 +21,10 @@ def hex_of(digest: bytes) -> str:
 def short(digest: bytes) -> str:
     """The first 12 hex digits: enough to tell digests apart in logs."""
     return digest.hex()[:12]
+
+
+def file_digest(path: Path) -> bytes:
+    """blake3 of a whole file, memory-mapped: O(1) memory for GB-sized models.
+
+    A model's digest is this over its canonical safetensors file (deltafile.write_delta)."""
+    return blake3.blake3(max_threads=1).update_mmap(path).digest()

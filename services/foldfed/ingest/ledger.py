@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from foldfed.chunkstore import ChunkStore
 from foldfed.digests import digest_of, short
@@ -61,6 +62,30 @@ CREATE TABLE IF NOT EXISTS owned (
 """
 
 
+class DeltaSink(Protocol):
+    """What the aggregator adds to ingest: content checks and the running sum.
+
+    `validate` must raise Reject for bad content *before* anything is stored, and return
+    what `apply` needs; `apply` runs once per chunk that newly counts."""
+
+    def check_manifest(self, m: Manifest) -> None: ...
+
+    def validate(self, m: Manifest, index: int, body: bytes) -> object: ...
+
+    def apply(self, m: Manifest, index: int, prepared: object) -> None: ...
+
+
+class _NoSink:
+    def check_manifest(self, m: Manifest) -> None:
+        pass
+
+    def validate(self, m: Manifest, index: int, body: bytes) -> object:
+        return None
+
+    def apply(self, m: Manifest, index: int, prepared: object) -> None:
+        pass
+
+
 @dataclass
 class Effects:
     """What the service must publish once the ledger has made a message durable."""
@@ -78,8 +103,10 @@ class IngestLedger:
         participants: tuple[str, ...],
         first_step: int,
         max_payload_bytes: int,
+        sink: DeltaSink | None = None,
     ) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.sink: DeltaSink = sink or _NoSink()
         self.store = ChunkStore(state_dir / "store")
         self.participants = frozenset(participants)
         self.max_payload_bytes = max_payload_bytes
@@ -180,6 +207,10 @@ class IngestLedger:
             # Ids are hashes of canonical bytes: anything else (unknown fields, another
             # encoder's ordering) would give one delta two ids.
             raise Reject("manifest is not in canonical form (unknown fields?)")
+        self.sink.check_manifest(m)
+        held = [i for i, d in enumerate(m.chunk_digests) if self._holds(m.participant, d)]
+        for index in held:  # chunks it delivered before: their content must pass too
+            self.sink.validate(m, index, self.store.get(m.chunk_digests[index]))
         # Write the manifest file first: the row that points to it is the commit point.
         self.store.put_manifest(m.step, m.participant, serialized)
         with self._db:
@@ -191,10 +222,12 @@ class IngestLedger:
             self._db.executemany(
                 "INSERT INTO manifest_chunks VALUES (?, ?, ?, ?, ?)",
                 [
-                    (m.step, m.participant, i, d, int(self._holds(m.participant, d)))
+                    (m.step, m.participant, i, d, int(i in held))
                     for i, d in enumerate(m.chunk_digests)
                 ],
             )
+        for index in held:
+            self._apply_stored(m, index)
         return self._complete_if_done(m.step, m.participant)
 
     def on_have_request(self, r: HaveRequest) -> Effects:
@@ -234,6 +267,7 @@ class IngestLedger:
                 f"digest mismatch: chunk {c.index} hashes to {short(actual)}, "
                 f"message claims {short(c.digest)}"
             )
+        prepared = None if manifest is None else self.sink.validate(manifest, c.index, c.body)
         # A chunk may arrive before its manifest (redelivery reorders): it is verified and
         # stored, and the manifest counts it when it comes.
         self.store.put(c.digest, c.body)
@@ -253,9 +287,41 @@ class IngestLedger:
                     (c.step, c.participant),
                 )
                 return Effects(duplicate=True)
+        self.sink.apply(manifest, c.index, prepared)
         return self._complete_if_done(c.step, c.participant)
 
+    def replay_open_step(self) -> int:
+        """Re-apply every chunk that counts for the open step (a fresh sink after a
+        restart rebuilds the exact same running sum). Returns the chunks applied."""
+        step, applied = self.open_step, 0
+        for (participant,) in self._db.execute(
+            "SELECT participant FROM manifests WHERE step = ? ORDER BY participant", (step,)
+        ).fetchall():
+            manifest = self.manifest(step, participant)
+            assert manifest is not None
+            for (index,) in self._db.execute(
+                "SELECT idx FROM manifest_chunks"
+                " WHERE step = ? AND participant = ? AND present = 1 ORDER BY idx",
+                (step, participant),
+            ).fetchall():
+                self._apply_stored(manifest, index)
+                applied += 1
+        return applied
+
+    def weights(self, step: int) -> dict[str, float]:
+        """Aggregation weight of every participant whose delta for `step` is complete."""
+        out: dict[str, float] = {}
+        for participant in self.delivered(step):
+            manifest = self.manifest(step, participant)
+            assert manifest is not None
+            out[participant] = manifest.weight
+        return out
+
     # ---------------------------------------------------------------- helpers
+
+    def _apply_stored(self, m: Manifest, index: int) -> None:
+        body = self.store.get(m.chunk_digests[index])
+        self.sink.apply(m, index, self.sink.validate(m, index, body))
 
     def _holds(self, participant: str, digest: bytes) -> bool:
         owned = self._db.execute(

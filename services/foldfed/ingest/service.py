@@ -123,24 +123,9 @@ class IngestService:
             log.info("step open", step=released.step)
 
     async def _dead_letter(self, incoming: Incoming, reason: str) -> None:
-        """Park the raw message with its reason, tell the sender, ack the original.
-
-        Done by hand rather than by basic.reject, because a broker dead-letter cannot
-        carry our reason."""
+        """Park the message with its reason and tell the (authenticated) sender."""
         self.rejected += 1
         log.warning("rejected", reason=reason, type=incoming.type, user=incoming.user_id)
-        headers = {
-            topology.REASON_HEADER: reason,
-            topology.ORIGINAL_TYPE_HEADER: incoming.type,
-            topology.ORIGINAL_SENDER_HEADER: incoming.user_id or "",
-        }
-        await self.bus.publish_bytes(
-            topology.DEAD_EXCHANGE,
-            "",
-            incoming.body,
-            type_name=incoming.type or "unknown",
-            headers=headers,
-        )
         event = Event(
             kind="rejected",
             service=SERVICE,
@@ -153,7 +138,7 @@ class IngestService:
         # Only the authenticated sender hears about it: a forged claim cannot spam a victim.
         if incoming.user_id in self.settings.participants:
             await self.bus.publish(topology.PARTICIPANT_EXCHANGE, incoming.user_id, event)
-        await incoming.raw.ack()
+        await self.bus.dead_letter(incoming, reason)
 
 
 async def run_ingest(settings: IngestSettings, stop: asyncio.Event) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import structlog
 from tqdm import tqdm
 
 from foldfed import topology
-from foldfed.bus import Bus
+from foldfed.bus import Bus, PublishWindow
 from foldfed.config import UploaderSettings
 from foldfed.deltafile import plan_chunks, read_chunk
 from foldfed.errors import FoldfedError
@@ -231,10 +232,7 @@ class Uploader:
     ) -> tuple[int, int]:
         """Publish `todo` with at most `inflight_window` unconfirmed at once; journal each
         index as its confirm arrives. Memory: window x chunk size."""
-        window = asyncio.Semaphore(self.settings.bus.inflight_window)
-        failures: list[BaseException] = []
         sent_bytes = 0
-        tasks: set[asyncio.Task[None]] = set()
         progress = tqdm(
             total=sum(_chunk_len(manifest, i) for i in todo),
             unit="B",
@@ -243,36 +241,34 @@ class Uploader:
             disable=None,  # shown on a terminal only
         )
 
-        async def publish(index: int, body: bytes) -> None:
-            try:
-                chunk = Chunk(
-                    manifest.step, manifest.participant, index, manifest.chunk_digests[index], body
-                )
-                await self.bus.publish(topology.HUB_EXCHANGE, topology.INGEST_ROUTING_KEY, chunk)
+        def confirmed(index: int, size: int) -> Callable[[], None]:
+            def done() -> None:
                 journal.mark_confirmed(index)
-                progress.update(len(body))
-            except BaseException as exc:
-                failures.append(exc)
-            finally:
-                window.release()
+                progress.update(size)
+
+            return done
 
         try:
-            for index in todo:
-                await window.acquire()
-                if failures:
-                    break
-                body = await asyncio.to_thread(read_chunk, delta_path, manifest.chunk_size, index)
-                await self._throttle(len(body))
-                sent_bytes += len(body)
-                task = asyncio.create_task(publish(index, body))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(set(tasks))
+            async with PublishWindow(self.settings.bus.inflight_window) as window:
+                for index in todo:
+                    body = await asyncio.to_thread(
+                        read_chunk, delta_path, manifest.chunk_size, index
+                    )
+                    await self._throttle(len(body))
+                    chunk = Chunk(
+                        manifest.step,
+                        manifest.participant,
+                        index,
+                        manifest.chunk_digests[index],
+                        body,
+                    )
+                    publish = self.bus.publish(
+                        topology.HUB_EXCHANGE, topology.INGEST_ROUTING_KEY, chunk
+                    )
+                    await window.submit(publish, on_confirm=confirmed(index, len(body)))
+                    sent_bytes += len(body)
         finally:
             progress.close()
-        if failures:
-            raise failures[0]
         return len(todo), sent_bytes
 
     async def _throttle(self, nbytes: int) -> None:
