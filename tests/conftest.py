@@ -62,6 +62,7 @@ async def reset_topology(admin_url: str) -> None:
     try:
         for name in (
             topology.INGEST_QUEUE,
+            topology.BARRIER_QUEUE,
             topology.DEAD_QUEUE,
             *(topology.participant_queue(p) for p in (*PARTICIPANTS, OUTSIDER)),
         ):

@@ -32,6 +32,7 @@ from foldfed.domain import (
     StepFinalized,
 )
 from foldfed.errors import Reject
+from foldfed.faults import crash_point
 from foldfed.ingest.ledger import Effects, IngestLedger
 from foldfed.ingest.service import IngestService
 from foldfed.messages import decode, encode, now_ms
@@ -92,6 +93,9 @@ class AggregatorService(IngestService):
             await self._finalize(request)
             return Effects()
         effects = await super()._apply(incoming)
+        if effects.receipts:
+            # A delivery is durable, its receipt not yet out: mid-step for the others.
+            crash_point(SERVICE, "after-delivery", effects.receipts[0].step)
         for released in effects.released:
             await asyncio.to_thread(self.sink.open_step, self.model_path(released.step))
         return effects

@@ -41,6 +41,7 @@ from foldfed.domain import (
     StepReleased,
 )
 from foldfed.errors import DecodeError, Reject
+from foldfed.faults import crash_point
 from foldfed.messages import decode, now_ms
 
 log = structlog.get_logger(__name__)
@@ -109,6 +110,10 @@ class BarrierService:
 
     async def _apply(self, event: MachineEvent) -> None:
         effects = await asyncio.to_thread(self.store.apply, event)
+        for effect in effects:
+            if isinstance(effect, Release | RequestFinalize):
+                # Durable, not yet published: the window a crash test aims at.
+                crash_point(SERVICE, f"before-{type(effect).__name__.lower()}", effect.step)
         await self._perform(effects)
 
     async def _perform(self, effects: Effects) -> None:

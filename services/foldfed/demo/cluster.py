@@ -52,7 +52,14 @@ class FederationSpec:
 class LocalFederation:
     """Starts and stops everything of one federated run; `stop()` is safe to call twice."""
 
-    def __init__(self, spec: FederationSpec, broker: LocalBroker | None = None) -> None:
+    def __init__(
+        self,
+        spec: FederationSpec,
+        broker: LocalBroker | None = None,
+        passwords: Mapping[str, str] | None = None,
+    ) -> None:
+        """`broker`: an already provisioned one (tests); `passwords`: its participant
+        users' passwords, so no user is created or changed."""
         self.spec = spec
         self.workdir = spec.workdir
         self.logs = self.workdir / "logs"
@@ -60,7 +67,11 @@ class LocalFederation:
         self._own_broker = broker is None
         self.broker = broker or LocalBroker(self.workdir / "broker")
         self.processes: dict[str, Process] = {}
-        self.passwords: dict[str, str] = {}
+        self._commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        # Extra settings for a process's first start only (crash points in crash tests).
+        self.crash_env: dict[str, dict[str, str]] = {}
+        self.restarted: set[str] = set()
+        self.passwords: dict[str, str] = dict(passwords or {})
         self.admin_url = ""
 
     # ---------------------------------------------------------------- set-up
@@ -70,6 +81,8 @@ class LocalFederation:
             ensure_rabbitmq_installed()
         self.admin_url = self.broker.start()
         for participant in self.spec.participants:
+            if participant in self.passwords:
+                continue
             self.passwords[participant] = secrets.token_urlsafe(18)
             perms = topology.participant_permissions(participant)
             self.broker.add_user(
@@ -122,6 +135,15 @@ class LocalFederation:
 
     def start(self, name: str, args: list[str], env: Mapping[str, str]) -> Process:
         """Start `foldfed <args>` as process `name` (replacing a dead one of that name)."""
+        self._commands[name] = (args, dict(env))
+        return self._spawn(name, args, {**env, **self.crash_env.get(name, {})})
+
+    def restart(self, name: str) -> Process:
+        """Start `name` again with its settings, without any crash point."""
+        args, env = self._commands[name]
+        return self._spawn(name, args, env)
+
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Process:
         log_path = self.logs / f"{name}.log"
         full_env = {**_base_env(), **env}
         with open(log_path, "ab") as log:

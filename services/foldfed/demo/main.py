@@ -102,6 +102,11 @@ def _update_bars(bars: dict[int, tqdm], record: RunRecord, msg: object) -> None:
     if step is None or step > record.steps:
         return
     if step not in bars:
+        # One live bar at a time: finished steps stay on screen as they ended.
+        for earlier in [s for s in bars if s < step]:
+            bars.pop(earlier).close()
+        if any(s > step for s in bars):
+            return
         bars[step] = tqdm(
             total=len(record.participants), desc=f"step {step}", unit="delivered", leave=True
         )

@@ -95,6 +95,8 @@ class RunRecord:
         elif event.kind == "model_mismatch":
             self.mismatches.append(event.detail)
         elif event.kind == "cycle_done":
+            # The final release ends the last step as a normal release would.
+            self.step(event.step).opened_at = now
             self.cycle_done = True
 
 

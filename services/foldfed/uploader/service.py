@@ -63,7 +63,7 @@ class UploaderService:
 
     async def _send_deltas(self) -> bool:
         worked = False
-        for delta in self.spool.pending_deltas():
+        for delta in await asyncio.to_thread(self.spool.pending_deltas):
             structlog.contextvars.bind_contextvars(step=delta.step)
             report = await self.uploader.upload(
                 delta.path, delta.step, delta.weight, delta.base_model_digest
@@ -77,13 +77,13 @@ class UploaderService:
                 **{k: float(v) for k, v in delta.metrics.items()},
             }
             await self._event("upload_finished", delta.step, metrics)
-            self.spool.mark_sent("delta", delta.step)
+            await asyncio.to_thread(self.spool.mark_sent, "delta", delta.step)
             worked = True
         return worked
 
     async def _send_model_reports(self) -> bool:
         worked = False
-        for report in self.spool.pending_model_reports():
+        for report in await asyncio.to_thread(self.spool.pending_model_reports):
             msg = ModelReport(
                 step=report.step,
                 participant=self.settings.participant,
@@ -92,7 +92,7 @@ class UploaderService:
                 unix_ms=now_ms(),
             )
             await self.bus.publish(topology.EVENTS_EXCHANGE, topology.MODEL_REPORT_KEY, msg)
-            self.spool.mark_sent("model", report.step)
+            await asyncio.to_thread(self.spool.mark_sent, "model", report.step)
             worked = True
         return worked
 
@@ -121,7 +121,13 @@ class UploaderService:
         update_path: Path | None = None
         if release.update_manifest:
             update_path = await asyncio.to_thread(self._assemble_update, release)
-        self.spool.write_release(release.step, release.model_digest, update_path)
+        await asyncio.to_thread(
+            self.spool.write_release,
+            release.step,
+            release.model_digest,
+            update_path,
+            release.final,
+        )
         waited = None if self._delivered_at is None else time.monotonic() - self._delivered_at
         log.info("step released", model=short(release.model_digest), waited_s=waited)
         await self._event("release_received", release.step, {"wait_s": waited or 0.0})

@@ -22,6 +22,7 @@ from foldfed.bus import Bus, PublishWindow
 from foldfed.config import UploaderSettings
 from foldfed.deltafile import plan_chunks, read_chunk
 from foldfed.errors import FoldfedError
+from foldfed.faults import crash_point
 from foldfed.messages import (
     CODEC_SAFETENSORS,
     AnyMessage,
@@ -245,6 +246,7 @@ class Uploader:
             def done() -> None:
                 journal.mark_confirmed(index)
                 progress.update(size)
+                crash_point("uploader", "after-first-chunk", manifest.step)
 
             return done
 
