@@ -59,18 +59,16 @@ def run_federation(
 
 async def _watch_with_restarts(federation: LocalFederation, record: RunRecord) -> None:
     task = asyncio.create_task(_watch(federation, record, timeout_s=300))
-    restarted: set[str] = set()
     while not task.done():
         await asyncio.sleep(0.1)
         for process in federation.dead():
-            if process.name in restarted:
+            if process.name in federation.restarted:
                 continue
             # Died at its crash point (SIGKILL = -9): start it again, unarmed.
             assert process.proc.returncode == -9, process.log()
-            restarted.add(process.name)
+            federation.restarted.add(process.name)
             federation.restart(process.name)
     await task
-    federation.restarted = restarted
 
 
 def direct_fedavg(federation: LocalFederation) -> bytes:

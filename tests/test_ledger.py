@@ -660,3 +660,24 @@ def test_a_receipt_lost_with_a_crash_is_reissued_after_restart(
         assert effects.receipts == [original]
     finally:
         after.close()
+
+
+def test_a_delivered_delta_may_ask_for_its_receipt_after_its_step_closed(
+    ledger: IngestLedger, delta: Delta
+) -> None:
+    """An uploader killed after its last chunk but before the receipt restarts when the
+    step has moved on: it re-sends the manifest and asks again, and gets its receipt."""
+    m, ser = manifest_for(delta)
+    ledger.on_manifest(m, ser)
+    send_chunks(ledger, delta, range(len(delta.digests)))
+    ledger.on_step_released(StepReleased(2, b"", PARTICIPANTS))
+
+    assert ledger.on_manifest(m, ser).duplicate
+    missing, effects = ask(ledger, m)
+    assert missing == ()
+    (receipt,) = effects.receipts
+    assert receipt.manifest_id == id_of(m)
+    # Anything else about the closed step is still refused.
+    other, other_ser = manifest_for(delta, participant="org-b")
+    with pytest.raises(Reject, match="is closed"):
+        ledger.on_manifest(other, other_ser)

@@ -157,10 +157,15 @@ class IngestLedger:
 
     # ---------------------------------------------------------------- checks
 
-    def _check_sender(self, step: int, participant: str) -> None:
+    def _check_sender(self, step: int, participant: str, delivered: bytes = b"") -> None:
+        """Reject unknown participants and steps that are not open. `delivered`: a
+        manifest id the message refers to; if that very delta was delivered in full, a
+        closed step is fine (a restarted uploader re-asking for its receipt)."""
         if participant not in self.participants:
             raise Reject(f"unknown participant {participant!r}")
         open_step = self.open_step
+        if step < open_step and delivered and self._completed_id(step, participant) == delivered:
+            return
         if step < open_step:
             raise Reject(f"step {step} is closed (step {open_step} is open): replay?")
         if step > open_step:
@@ -183,9 +188,9 @@ class IngestLedger:
         return Effects(released=[msg])
 
     def on_manifest(self, m: Manifest, serialized: bytes) -> Effects:
-        self._check_sender(m.step, m.participant)
-        check_manifest(m, self.max_payload_bytes)
         new_id = digest_of(serialized)
+        self._check_sender(m.step, m.participant, delivered=new_id)
+        check_manifest(m, self.max_payload_bytes)
         row = self._db.execute(
             "SELECT manifest_id FROM manifests WHERE step = ? AND participant = ?",
             (m.step, m.participant),
@@ -231,7 +236,7 @@ class IngestLedger:
         return self._complete_if_done(m.step, m.participant)
 
     def on_have_request(self, r: HaveRequest) -> Effects:
-        self._check_sender(r.step, r.participant)
+        self._check_sender(r.step, r.participant, delivered=r.manifest_id)
         row = self._db.execute(
             "SELECT manifest_id FROM manifests WHERE step = ? AND participant = ?",
             (r.step, r.participant),
@@ -322,6 +327,14 @@ class IngestLedger:
     def _apply_stored(self, m: Manifest, index: int) -> None:
         body = self.store.get(m.chunk_digests[index])
         self.sink.apply(m, index, self.sink.validate(m, index, body))
+
+    def _completed_id(self, step: int, participant: str) -> bytes:
+        row = self._db.execute(
+            "SELECT manifest_id FROM manifests"
+            " WHERE step = ? AND participant = ? AND completed_ms IS NOT NULL",
+            (step, participant),
+        ).fetchone()
+        return b"" if row is None else bytes(row[0])
 
     def _holds(self, participant: str, digest: bytes) -> bool:
         owned = self._db.execute(
