@@ -69,7 +69,13 @@ def test_release_json_is_versioned_and_plain(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.write_release(1, D1, None)
     body = json.loads(spool.release_path(1).read_text())
-    assert body == {"format": 1, "step": 1, "model_digest": D1.hex(), "update": None}
+    assert body == {
+        "format": 1,
+        "step": 1,
+        "model_digest": D1.hex(),
+        "update": None,
+        "final": False,
+    }
 
 
 def test_json_appears_only_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
