@@ -39,7 +39,7 @@ from foldfed.aggregation.fixedpoint import check_weight, dequantize_mean
 from foldfed.aggregation.layout import ModelLayout, TensorSlot
 from foldfed.aggregation.server_opt import ServerOptimizer
 from foldfed.aggregation.state import OptimizerState
-from foldfed.deltafile import DTYPE_SIZES, TORCH_DTYPES, TensorSpan
+from foldfed.deltafile import DTYPE_SIZES, TensorSpan, _torch_dtypes
 from foldfed.errors import StoreError
 
 # 64 Ki elements: a slice's float64 temporaries (512 KiB each) stay in cache from one step
@@ -69,7 +69,7 @@ def canonical_header(layout: ModelLayout) -> bytes:
     the format: identical bytes are what make the digests agree (a test pins it).
     """
     ordered = [
-        (s.name, torch.empty(s.shape, dtype=TORCH_DTYPES[s.dtype], device="meta"))
+        (s.name, torch.empty(s.shape, dtype=_torch_dtypes()[s.dtype], device="meta"))
         for s in canonical_order(layout)
     ]
     return deltafile._encode_header(ordered, {})
