@@ -19,6 +19,18 @@ def step_wall_times(record: RunRecord) -> dict[int, float]:
     return out
 
 
+def release_latencies_ms(record: RunRecord) -> dict[int, float]:
+    """Last delivery of step t to the release of step t+1, as an observer sees it: the
+    barrier's and aggregator's whole share of a step's wall time."""
+    out: dict[int, float] = {}
+    for step in range(1, record.steps + 1):
+        delivered = [s.delivered_at for s in record.step(step).participants.values()]
+        released = record.step(step + 1).opened_at
+        if delivered and None not in delivered and released is not None:
+            out[step] = 1000 * (released - max(d for d in delivered if d is not None))
+    return out
+
+
 def summary_text(record: RunRecord) -> str:
     walls = step_wall_times(record)
     names = record.participants
@@ -40,6 +52,13 @@ def summary_text(record: RunRecord) -> str:
         s.bytes_sent for e in record.by_step.values() for s in e.participants.values()
     )
     lines += ["", f"bytes uploaded in all: {total_bytes / 1e6:.1f} MB"]
+    latencies = sorted(release_latencies_ms(record).values())
+    if latencies:
+        median = latencies[len(latencies) // 2]
+        lines.append(
+            f"release latency after the last delivery: median {median:.0f} ms, "
+            f"max {latencies[-1]:.0f} ms"
+        )
     lines += _loss_lines(record)
     lines += _digest_lines(record)
     return "\n".join(lines)
@@ -100,6 +119,10 @@ def save_loss_curve(record: RunRecord, path: Path) -> Path:
         if train:
             right.plot(*zip(*train, strict=True), marker="o", label=p)
     left.set(title="held-out loss of the released model", xlabel="release", ylabel="loss")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set(title="local training loss", xlabel="global step", ylabel="loss")
     for ax in (left, right):
         ax.grid(alpha=0.3)

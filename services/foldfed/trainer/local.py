@@ -71,7 +71,10 @@ class LocalConfig:
     local_steps: int = 10
     grad_accum: int = 8
     micro_batch: int = 32
-    lr: float = 1e-2  # suits the demo task (trainer.task); set per model
+    # Suits the demo task (trainer.task): with the optimizer rebuilt every round, 1e-2
+    # made the federated held-out loss wander; 1e-3 falls steadily (0.16 -> 0.096 in 8
+    # rounds, against 0.21 for one participant alone). Set per model.
+    lr: float = 1e-3
     optimizer: Optimizer = "adamw"
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only

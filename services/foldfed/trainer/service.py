@@ -63,7 +63,7 @@ class TrainerSettings:
     local_steps: int = 10
     grad_accum: int = 8
     micro_batch: int = 32
-    lr: float = 1e-2
+    lr: float = 1e-3
     seed: int = 0
     optimizer: Optimizer = "adamw"
     # Samples of the demo task drawn for this participant (one in five held out).
@@ -95,7 +95,7 @@ class TrainerSettings:
             local_steps=_int(env, "FOLDFED_LOCAL_STEPS", 10, 1),
             grad_accum=_int(env, "FOLDFED_GRAD_ACCUM", 8, 1),
             micro_batch=_int(env, "FOLDFED_MICRO_BATCH", 32, 1),
-            lr=_positive(env, "FOLDFED_LR", 1e-2),
+            lr=_positive(env, "FOLDFED_LR", 1e-3),
             seed=_int(env, "FOLDFED_SEED", 0, 0),
             optimizer=_optimizer(env),
             samples=_int(env, "FOLDFED_SAMPLES", 2048, 5),
