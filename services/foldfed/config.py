@@ -163,7 +163,7 @@ class ServerOptimizerSettings:
             raise ConfigError(
                 f"FOLDFED_SERVER_OPTIMIZER={kind!r}: expected fedavg, fedavgm or fedadam"
             )
-        default_lr = 1e-2 if kind == "fedadam" else 1.0
+        default_lr = 1e-3 if kind == "fedadam" else 1.0  # as aggregation.server_opt
         return cls(
             kind=kind,
             lr=_float(env, "FOLDFED_SERVER_LR", default_lr, 0.0),
@@ -200,8 +200,9 @@ class BarrierSettings:
     participants: tuple[str, ...]
     state_dir: Path
     initial_model: Path
-    # Global steps in the cycle (R).
+    # Global steps in the cycle (R), the first one's number and the cycle's.
     steps: int
+    first_step: int
     cycle: int
 
     @classmethod
@@ -215,5 +216,6 @@ class BarrierSettings:
             state_dir=Path(_get(env, "FOLDFED_STATE_DIR", "var/hub")),
             initial_model=initial,
             steps=_int(env, "FOLDFED_STEPS", 5, 1),
+            first_step=_int(env, "FOLDFED_FIRST_STEP", 1, 0),
             cycle=_int(env, "FOLDFED_CYCLE", 1, 1),
         )

@@ -104,7 +104,9 @@ class ModelReport:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "rejected", "upload_started", "upload_finished", "delivered", "step_released"
+    # One of messages._EVENT_KINDS: "rejected", "upload_finished", "release_received",
+    # "step_released", "step_finalized", "model_mismatch", "cycle_done", ...
+    kind: str
     service: str
     participant: str
     step: int

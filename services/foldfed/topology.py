@@ -13,7 +13,7 @@ from dataclasses import dataclass
 HUB_EXCHANGE = "foldfed.hub"
 INGEST_ROUTING_KEY = "ingest"
 INGEST_QUEUE = "foldfed.hub.ingest"
-# Hub-only control messages (StepReleased) reach the hub services through this exchange;
+# Hub-only control messages (StepReleased, FinalizeRequest) reach the aggregator here;
 # participants have no write permission on it, so they cannot open or close steps.
 CONTROL_EXCHANGE = "foldfed.control"
 # The hub addresses one participant: routing key = participant id.

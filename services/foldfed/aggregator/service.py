@@ -4,8 +4,8 @@ barrier asks, and broadcasts the global update as content-addressed chunks.
 Files under FOLDFED_STATE_DIR:
   store/, ingest.sqlite3        verified chunks and what counts (ingest.ledger)
   accumulator.i64               the open step's int64 sum (a cache, rebuilt at start)
-  models/model-<t>.safetensors  θ_t, the model released for step t (t > first step)
-  updates/update-<t>.safetensors  the global update of step t: θ_{t+1} = θ_t + update
+  models/model-<t:012d>.safetensors    θ_t, the model released for step t (t > first)
+  updates/update-<t:012d>.safetensors  step t's global update: θ_{t+1} = θ_t + update
   optimizer/                    server optimizer state (FedAvgM, FedAdam)
 """
 
@@ -18,6 +18,7 @@ import structlog
 
 from foldfed import topology
 from foldfed.aggregation import ServerOptimizer, finalize_step, weight_total
+from foldfed.aggregation.state import generations
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.bus import Bus, Incoming, PublishWindow
 from foldfed.config import AggregatorSettings
@@ -31,7 +32,7 @@ from foldfed.domain import (
     Manifest,
     StepFinalized,
 )
-from foldfed.errors import Reject
+from foldfed.errors import DecodeError, Reject
 from foldfed.faults import crash_point
 from foldfed.ingest.ledger import Effects, IngestLedger
 from foldfed.ingest.service import IngestService
@@ -88,7 +89,10 @@ class AggregatorService(IngestService):
         if incoming.type == "foldfed.v1.FinalizeRequest":
             if incoming.user_id != self.bus.user:
                 raise Reject(f"only the hub finalizes steps, not {incoming.user_id!r}")
-            request = decode(incoming.type, incoming.body)
+            try:
+                request = decode(incoming.type, incoming.body)
+            except DecodeError as exc:
+                raise Reject(str(exc)) from None
             assert isinstance(request, FinalizeRequest)
             await self._finalize(request)
             return Effects()
@@ -143,7 +147,12 @@ class AggregatorService(IngestService):
         weight_sum = weight_total(counted)
         update = self.update_path(step)
         model = self.state_dir / "models" / _name("model", step + 1)
-        if not (update.exists() and model.exists()):
+        state_dir = self.state_dir / "optimizer"
+        done = update.exists() and model.exists()
+        if done and self.optimizer.kind != "fedavg":
+            # The files are renamed before the optimizer state commits: both must be there.
+            done = step + 1 in generations(state_dir)
+        if not done:
             if step != self.ledger.open_step:
                 raise Reject(f"step {step} is not open and was never finalized")
             update.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +166,7 @@ class AggregatorService(IngestService):
                 update,
                 model,
                 self.optimizer,
-                self.state_dir / "optimizer",
+                state_dir,
                 step=step,
             )
         plan = plan_chunks(update, self.agg_settings.update_chunk_size)

@@ -61,7 +61,7 @@ class BarrierService:
             start = CycleStarted(
                 cycle=self.settings.cycle,
                 participants=frozenset(self.settings.participants),
-                first_step=1,
+                first_step=self.settings.first_step,
                 initial_model_digest=initial,
                 steps=self.settings.steps,
                 at_ms=now_ms(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ class UploaderService:
                 "bytes_sent": float(report.bytes_sent),
                 "chunks_sent": float(report.chunks_sent),
                 "chunks_total": float(report.chunks_total),
-                **{k: float(v) for k, v in delta.metrics.items()},
+                **_finite(delta.metrics),
             }
             await self._event("upload_finished", delta.step, metrics)
             await asyncio.to_thread(self.spool.mark_sent, "delta", delta.step)
@@ -88,7 +89,7 @@ class UploaderService:
                 step=report.step,
                 participant=self.settings.participant,
                 model_digest=report.model_digest,
-                metrics={k: float(v) for k, v in report.metrics.items()},
+                metrics=_finite(report.metrics),
                 unix_ms=now_ms(),
             )
             await self.bus.publish(topology.EVENTS_EXCHANGE, topology.MODEL_REPORT_KEY, msg)
@@ -138,7 +139,7 @@ class UploaderService:
         manifest = decode("foldfed.v1.DeltaManifest", release.update_manifest)
         assert isinstance(manifest, Manifest)
         path = self.spool.update_path(release.step)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.tmp")  # spool readers skip dot-names
         with open(tmp, "wb") as out:
             for index, digest in enumerate(manifest.chunk_digests):
                 if not self.downloads.has(digest):
@@ -148,6 +149,15 @@ class UploaderService:
             os.fsync(out.fileno())
         os.replace(tmp, path)
         return path
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The wire refuses non-finite numbers (a NaN would void the digest check with it):
+    a diverged metric is logged here and left out."""
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        log.warning("non-finite metrics left out of the report", metrics=bad)
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
 async def run_uploader(settings: UploaderSettings, stop: asyncio.Event) -> None:
