@@ -130,6 +130,11 @@ def test_uploader_sigkill_at_half_resumes_with_at_most_one_resend(
     report = report_of(upload(penv, delta, step=1))
 
     assert report["resumed"] is True
+    print(
+        f"\nresume after SIGKILL: {confirmed_at_kill}/{total} chunks confirmed before the kill;"
+        f" the restart sent {report['chunks_sent']}, skipped {report['skipped_held_by_hub']}"
+        f" held by the hub; the hub saw {report['hub_duplicates']} duplicate(s)"
+    )
     # Only what never reached the broker is sent again...
     assert report["chunks_sent"] <= total - confirmed_at_kill
     # ...and the hub saw at most one chunk twice (the manifest is re-sent, idempotently).
