@@ -22,6 +22,7 @@ def test_a_disk_alarm_is_reported_as_broker_blocked(broker: BrokerHandle) -> Non
     async def publish_under_alarm() -> None:
         settings = BusSettings(broker.admin_url, publish_timeout_s=2.0, inflight_window=8)
         bus = await Bus.connect(settings, name="blocked-test")
+        await bus.declare_hub_topology(())
         try:
             # A free-disk limit no disk can meet raises the alarm at once.
             broker.broker.rabbitmqctl("set_disk_free_limit", "100000GB")
