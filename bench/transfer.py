@@ -30,6 +30,11 @@ goal is memory bounded by the in-flight window (window x chunk size), not by the
 table shows peak RSS, the part above the import-only baseline, and both as multiples of
 window x chunk and of the delta size.
 
+CPU: the seconds each process (and the broker) spent during each run, and what every other
+process on the machine spent meanwhile. A share near 100% of the CPUs means CPU-bound; a low
+one with a slow run means waiting (disk, a serial pipeline). A benchmark on a shared machine
+is only as good as the machine is idle: the table warns when others used over 10%.
+
 Runs alternate (foldfed, bare, foldfed, ...) so that drift (page cache, the broker's message
 store, CPU clocks) hits both alike; medians are reported. Results also go to
 bench/results/transfer-<UTC timestamp>.json. Every child runs in its own session: Ctrl-C or
@@ -747,7 +752,7 @@ def render(result: dict[str, Any]) -> str:
         f"foldfed transfer bench: delta {mib:.1f} MiB ({delta_bytes} B), "
         f"{p['chunks']} chunks of {p['chunk_size'] / MIB:g} MiB, window {p['window']}, "
         f"prefetch {p['prefetch']}, median of {p['repeats']} run(s)",
-        f"  {result['machine']}",
+        f"  {result['machine']}; foldfed {result['code']}",
         "",
         f"  {'throughput':<44}{'seconds':>9}{'MiB/s':>9}",
         f"  {'foldfed end to end (upload CLI, to receipt)':<44}"
@@ -796,6 +801,22 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """The commit measured, "+dirty" when services/ has uncommitted changes."""
+    repo = THIS.parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
+    try:
+        dirty = "+dirty" if git("status", "--porcelain", "--", "services") else ""
+        return git("rev-parse", "--short", "HEAD") + dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def machine_line(broker_version: str) -> str:
     return (
         f"Python {platform.python_version()}, RabbitMQ {broker_version}, "
@@ -832,6 +853,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 def bench_on(args: argparse.Namespace, work: Path, broker: LocalBroker) -> dict[str, Any]:
     from foldfed import topology
 
+    code = code_version()
     print(f"starting RabbitMQ in {work / 'broker'} ...", flush=True)
     admin_url = broker.start()
     version = broker.rabbitmqctl("version").strip()
@@ -875,6 +897,7 @@ def bench_on(args: argparse.Namespace, work: Path, broker: LocalBroker) -> dict[
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_line(version),
+        "code": code,
         "params": {
             "size_mib": args.size_mib,
             "delta_bytes": delta_bytes,
