@@ -14,6 +14,8 @@ so nobody can probe another company's update by digest.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -107,6 +109,7 @@ class IngestLedger:
     ) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.sink: DeltaSink = sink or _NoSink()
+        self._manifests: dict[tuple[int, str], Manifest] = {}
         self.store = ChunkStore(state_dir / "store")
         self.participants = frozenset(participants)
         self.max_payload_bytes = max_payload_bytes
@@ -117,7 +120,7 @@ class IngestLedger:
         # FULL: a fact we acked must survive power loss, not only a process crash.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "INSERT OR IGNORE INTO hub_state VALUES ('open_step', ?)", (first_step,)
             )
@@ -125,6 +128,18 @@ class IngestLedger:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One atomic, durable transaction. (The connection is in autocommit mode, where
+        `with connection:` would not open one: each statement would commit alone.)"""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     # ---------------------------------------------------------------- state
 
@@ -141,11 +156,19 @@ class IngestLedger:
         return row[0]
 
     def manifest(self, step: int, participant: str) -> Manifest | None:
+        # Cached: every chunk needs its manifest, and manifests never change once stored.
+        key = (step, participant)
+        cached = self._manifests.get(key)
+        if cached is not None:
+            return cached
         raw = self.store.get_manifest(step, participant)
         if raw is None:
             return None
         decoded = decode("foldfed.v1.DeltaManifest", raw)
         assert isinstance(decoded, Manifest)
+        if len(self._manifests) > 1024:
+            self._manifests.clear()
+        self._manifests[key] = decoded
         return decoded
 
     def delivered(self, step: int) -> set[str]:
@@ -180,7 +203,7 @@ class IngestLedger:
             return Effects(duplicate=True)
         if msg.step == open_step and model_digest:
             raise Reject(f"step {msg.step} was already released with model {short(model_digest)}")
-        with self._db:
+        with self._transaction():
             self._db.execute("UPDATE hub_state SET value = ? WHERE key = 'open_step'", (msg.step,))
             self._db.execute(
                 "UPDATE hub_state SET value = ? WHERE key = 'model_digest'", (msg.model_digest,)
@@ -218,7 +241,7 @@ class IngestLedger:
             self.sink.validate(m, index, self.store.get(m.chunk_digests[index]))
         # Write the manifest file first: the row that points to it is the commit point.
         self.store.put_manifest(m.step, m.participant, serialized)
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "INSERT INTO manifests (step, participant, manifest_id, chunk_count, received_ms)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -275,8 +298,8 @@ class IngestLedger:
         prepared = None if manifest is None else self.sink.validate(manifest, c.index, c.body)
         # A chunk may arrive before its manifest (redelivery reorders): it is verified and
         # stored, and the manifest counts it when it comes.
-        self.store.put(c.digest, c.body)
-        with self._db:
+        self.store.put(c.digest, c.body, verified=True)  # hashed just above
+        with self._transaction():
             self._db.execute("INSERT OR IGNORE INTO owned VALUES (?, ?)", (c.participant, c.digest))
             if manifest is None:
                 return Effects()
@@ -351,7 +374,7 @@ class IngestLedger:
         if missing:
             return Effects()
         completed = now_ms()
-        with self._db:
+        with self._transaction():
             first_time = self._db.execute(
                 "UPDATE manifests SET completed_ms = ?"
                 " WHERE step = ? AND participant = ? AND completed_ms IS NULL",
