@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foldfed.digests import DIGEST_SIZE, digest_of, short
+from foldfed.durable import fsync_dir
 from foldfed.errors import IntegrityError, StoreError
 
 _PARTICIPANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -156,7 +157,7 @@ class ChunkStore:
     def _quarantine_file(self, path: Path) -> Path:
         target = self._quarantine / f"{path.name}.{secrets.token_hex(4)}"
         os.replace(path, target)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return target
 
     # --- manifests -------------------------------------------------------------------
@@ -259,7 +260,7 @@ class ChunkStore:
             return
         directory.mkdir(exist_ok=True)
         # The new directory's own entry must be durable before files are renamed into it.
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
     def _write_atomic(self, path: Path, body: bytes | bytearray | memoryview) -> None:
         tmp = self._tmp / f"{secrets.token_hex(16)}.tmp"
@@ -272,7 +273,7 @@ class ChunkStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _check_digest(digest: bytes) -> None:
@@ -288,12 +289,3 @@ def _unlink(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return size
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes a rename or unlink durable: without it a power cut can undo it.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from foldfed.durable import fsync_dir
 from foldfed.errors import CodecError
 
 if TYPE_CHECKING:
@@ -392,7 +393,7 @@ def write_delta(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -439,12 +440,3 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 
     flat = tensor.reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable: without it a power cut can lose the new name.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from foldfed.deltafile import TensorSpan
+from foldfed.deltafile import ChunkPlan, TensorSpan
 
 CODEC_SAFETENSORS = "safetensors"
 
@@ -25,6 +25,24 @@ class Manifest:
     chunk_digests: tuple[bytes, ...]
     payload_digest: bytes
     base_model_digest: bytes = b""
+
+
+def manifest_of(
+    plan: ChunkPlan, *, step: int, participant: str, weight: float, base_model_digest: bytes
+) -> Manifest:
+    """The manifest announcing a payload cut by deltafile.plan_chunks."""
+    return Manifest(
+        step=step,
+        participant=participant,
+        weight=weight,
+        codec=CODEC_SAFETENSORS,
+        tensors=plan.tensors,
+        chunk_size=plan.chunk_size,
+        payload_size=plan.payload_size,
+        chunk_digests=plan.chunk_digests,
+        payload_digest=plan.payload_digest,
+        base_model_digest=base_model_digest,
+    )
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from foldfed.digests import DIGEST_SIZE
+from foldfed.durable import atomic_write, fsync_dir
 from foldfed.errors import StoreError
 
 FORMAT = 1
@@ -154,7 +154,7 @@ class Spool:
             target = self.update_path(step)
             if Path(update_path) != target:
                 os.replace(update_path, target)  # same filesystem: atomic, no copy
-                _fsync_dir(self.inbox)
+                fsync_dir(self.inbox)
             if not target.is_file():
                 raise StoreError(f"release {step}: update {target} does not exist")
             update_name = target.name
@@ -207,7 +207,7 @@ class Spool:
         target = self.delta_path(step)
         if Path(tensors_path) != target:
             os.replace(tensors_path, target)
-            _fsync_dir(self.outbox)
+            fsync_dir(self.outbox)
         body = {
             "step": step,
             "tensors": target.name,
@@ -278,7 +278,7 @@ class Spool:
             if sent.exists():
                 return
             raise StoreError(f"nothing to mark sent: no {pending.name}") from None
-        _fsync_dir(self.outbox)
+        fsync_dir(self.outbox)
 
     def _delta_record(self, step: int, path: Path) -> DeltaRecord:
         body = _read_json(path, step)
@@ -347,30 +347,7 @@ def _steps(folder: Path, prefix: str, suffix: str) -> Iterator[int]:
 
 def _write_json(path: Path, body: Mapping[str, Any]) -> None:
     raw = json.dumps({"format": FORMAT, **body}, sort_keys=True, allow_nan=False)
-    _atomic_write(path, raw.encode("utf-8") + b"\n")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes a rename durable: without it a power cut can lose the new name.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, raw.encode("utf-8") + b"\n")
 
 
 def _read_json(path: Path, step: int | None) -> dict[str, Any]:

@@ -25,12 +25,12 @@ from foldfed.config import AggregatorSettings
 from foldfed.deltafile import ChunkPlan, plan_chunks, read_chunk
 from foldfed.digests import file_digest, short
 from foldfed.domain import (
-    CODEC_SAFETENSORS,
     Chunk,
     Event,
     FinalizeRequest,
     Manifest,
     StepFinalized,
+    manifest_of,
 )
 from foldfed.errors import DecodeError, Reject
 from foldfed.faults import crash_point
@@ -179,17 +179,8 @@ class AggregatorService(IngestService):
 
     def _update_manifest(self, step: int, plan: ChunkPlan, weight_sum: float) -> Manifest:
         base = self.ledger.model_digest  # θ_step's digest, as released
-        return Manifest(
-            step=step,
-            participant=topology.HUB_ID,
-            weight=weight_sum,
-            codec=CODEC_SAFETENSORS,
-            tensors=plan.tensors,
-            chunk_size=plan.chunk_size,
-            payload_size=plan.payload_size,
-            chunk_digests=plan.chunk_digests,
-            payload_digest=plan.payload_digest,
-            base_model_digest=base,
+        return manifest_of(
+            plan, step=step, participant=topology.HUB_ID, weight=weight_sum, base_model_digest=base
         )
 
     async def _broadcast_update(self, manifest: Manifest, path: Path) -> None:

@@ -18,16 +18,9 @@ import os
 import struct
 from pathlib import Path
 
+from foldfed.durable import atomic_write
+
 _INDEX = struct.Struct("<I")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class UploadJournal:
@@ -54,8 +47,8 @@ class UploadJournal:
         """Begin a fresh journal for a new manifest (forgets earlier confirms)."""
         self.close()  # an open append handle would keep writing to the unlinked file
         (self.dir / "confirmed").unlink(missing_ok=True)
-        _atomic_write(self.dir / "manifest.pb", manifest)
-        _atomic_write(self.dir / "source", self.source_stamp(delta_path).encode())
+        atomic_write(self.dir / "manifest.pb", manifest)
+        atomic_write(self.dir / "source", self.source_stamp(delta_path).encode())
 
     def confirmed(self) -> set[int]:
         try:

@@ -21,10 +21,10 @@ from foldfed import topology
 from foldfed.bus import Bus, PublishWindow
 from foldfed.config import UploaderSettings
 from foldfed.deltafile import plan_chunks, read_chunk
+from foldfed.domain import manifest_of
 from foldfed.errors import FoldfedError
 from foldfed.faults import crash_point
 from foldfed.messages import (
-    CODEC_SAFETENSORS,
     AnyMessage,
     Chunk,
     DeliveryReceipt,
@@ -165,16 +165,11 @@ class Uploader:
                 return decoded, journaled, True
         # Hashing a GB-sized file takes a fraction of a second per GB, but never on the loop.
         plan = await asyncio.to_thread(plan_chunks, delta_path, self.settings.chunk_size)
-        manifest = Manifest(
+        manifest = manifest_of(
+            plan,
             step=step,
             participant=self.settings.participant,
             weight=weight,
-            codec=CODEC_SAFETENSORS,
-            tensors=plan.tensors,
-            chunk_size=plan.chunk_size,
-            payload_size=plan.payload_size,
-            chunk_digests=plan.chunk_digests,
-            payload_digest=plan.payload_digest,
             base_model_digest=base_model_digest,
         )
         serialized = encode(manifest)[1]
