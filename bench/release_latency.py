@@ -47,7 +47,8 @@ admin -> broker -> admin (no confirm), and a confirmed publish of a 1 KiB persis
 to a durable queue (what each of the hub's publishes on this path waits for), median of 20;
 and, to split hash+store, the two whole-file hashes alone (plan_chunks over the last update,
 file_digest over the last model, on the hub's files, page cache warm, best of 3).
-Memory: peak RSS (VmHWM) of the aggregator and barrier processes, polled from /proc.
+Memory: peak RSS (VmHWM) of the aggregator and barrier processes, and the highest
+anonymous RSS seen, polled from /proc every 50 ms.
 
 Results also go to bench/results/release-latency-<UTC time>.json. Children run in their own
 sessions: Ctrl-C or SIGTERM reaches only this script, which then ends the uploads, the hub
@@ -302,11 +303,16 @@ def read_status_kib(pid: int, key: str) -> int:
 
 
 class PeakRss:
-    """Polls VmHWM of some processes every RSS_SAMPLE_S in a thread, keeping the maximum."""
+    """Polls some processes' /proc status every RSS_SAMPLE_S in a thread: VmHWM (the
+    kernel's own peak RSS) and the highest RssAnon seen. VmHWM counts file pages a process
+    maps too (file_digest memory-maps whole models, the accumulator is a mapped file); the
+    anonymous part is what a model size really costs in heap."""
+
+    KEYS = ("VmHWM", "RssAnon")
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        self.peak_kib = dict.fromkeys(pids, 0)
+        self.peak_kib = {name: dict.fromkeys(self.KEYS, 0) for name in pids}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
@@ -320,14 +326,19 @@ class PeakRss:
 
     def sample(self) -> None:
         for name, pid in self.pids.items():
-            self.peak_kib[name] = max(self.peak_kib[name], read_status_kib(pid, "VmHWM"))
+            peaks = self.peak_kib[name]
+            for key in self.KEYS:
+                peaks[key] = max(peaks[key], read_status_kib(pid, key))
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, dict[str, float]]:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
         self.sample()
-        return {name: kib / 1024 for name, kib in self.peak_kib.items()}
+        return {
+            name: {"vm_hwm_mib": p["VmHWM"] / 1024, "rss_anon_peak_mib": p["RssAnon"] / 1024}
+            for name, p in self.peak_kib.items()
+        }
 
 
 @dataclass
@@ -602,7 +613,8 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"release latency: {p['model_mib']:.1f} MiB model ({p['tensors']} tensors, float32), "
         f"{p['participants']} participants, {p['chunk_mib']} MiB chunks, {p['steps']} steps",
-        f"{result['machine']}; code {result['code']}",
+        f"{result['machine']}; code {result['code']}; "
+        f"load average before: {result['loadavg_1min_before']:.2f}",
         "",
         "ms; latency = last DeliveryReceipt seen -> next step_released (cycle_done) seen",
         header,
@@ -632,8 +644,11 @@ def render(result: dict[str, Any]) -> str:
         f"hashing alone (after the run, page cache warm, best of {HASH_REPEATS}): "
         f"plan_chunks(update) {hashing['plan_chunks_update_ms']:.1f} ms, "
         f"file_digest(θ_t+1) {hashing['file_digest_model_ms']:.1f} ms",
-        f"peak RSS (VmHWM): aggregator {rss['aggregator']:.0f} MiB, "
-        f"barrier {rss['barrier']:.0f} MiB",
+        "peak RSS, VmHWM (of which anonymous, polled): "
+        + ", ".join(
+            f"{name} {m['vm_hwm_mib']:.0f} MiB ({m['rss_anon_peak_mib']:.0f} MiB)"
+            for name, m in rss.items()
+        ),
         "slowest upload per step (s): " + ", ".join(f"{r['upload_s_max']:.1f}" for r in rows),
     ]
     return "\n".join(lines)
@@ -790,6 +805,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     chunk_size = args.chunk_mib * MIB
     validate_chunk_size(chunk_size)
     keep = bool(args.workdir)
+    # Other work on the machine inflates every number here: say how busy it was before.
+    load_before = os.getloadavg()[0]
     if keep:
         work = Path(args.workdir).resolve()
         work.mkdir(parents=True, exist_ok=False)
@@ -810,7 +827,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             shapes = model_shapes(args.size_mib)
             print(f"writing θ_0 ({args.size_mib} MiB) ...", flush=True)
             write_random(fed.initial_model, shapes, args.seed, MODEL_SCALE)
-            return asyncio.run(run(args, fed, shapes))
+            result = asyncio.run(run(args, fed, shapes))
+            result["loadavg_1min_before"] = load_before
+            return result
         finally:
             # A second Ctrl-C must not cut the clean-up short; each part has a timeout.
             with signals_deferred():

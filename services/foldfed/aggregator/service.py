@@ -152,13 +152,14 @@ class AggregatorService(IngestService):
         if done and self.optimizer.kind != "fedavg":
             # The files are renamed before the optimizer state commits: both must be there.
             done = step + 1 in generations(state_dir)
+        model_digest = b""
         if not done:
             if step != self.ledger.open_step:
                 raise Reject(f"step {step} is not open and was never finalized")
             update.parent.mkdir(parents=True, exist_ok=True)
             model.parent.mkdir(parents=True, exist_ok=True)
             layout, accumulator = self.sink._ready()
-            finalize_step(
+            result = finalize_step(
                 layout,
                 accumulator,
                 weight_sum,
@@ -169,10 +170,11 @@ class AggregatorService(IngestService):
                 state_dir,
                 step=step,
             )
+            model_digest = result.model_digest  # hashed while it was written
         plan = plan_chunks(update, self.agg_settings.update_chunk_size)
         # The model's digest is its canonical file's (the same bytes every participant
-        # writes after applying the update).
-        model_digest = file_digest(model)
+        # writes after applying the update); a repeated request hashes it again.
+        model_digest = model_digest or file_digest(model)
         for index, digest in enumerate(plan.chunk_digests):
             self.ledger.store.put(digest, read_chunk(update, plan.chunk_size, index))
         return plan, model_digest, weight_sum
