@@ -37,8 +37,6 @@ class IngestService:
         self.settings = settings
         self.bus = bus
         self.ledger = ledger
-        self.rejected = 0
-        self.accepted = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.declare_hub_topology(self.settings.participants)
@@ -124,7 +122,6 @@ class IngestService:
 
     async def _dead_letter(self, incoming: Incoming, reason: str) -> None:
         """Park the message with its reason and tell the (authenticated) sender."""
-        self.rejected += 1
         log.warning("rejected", reason=reason, type=incoming.type, user=incoming.user_id)
         event = Event(
             kind="rejected",
