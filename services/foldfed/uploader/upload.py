@@ -68,6 +68,16 @@ class UploadReport:
         return asdict(self)
 
 
+@dataclass
+class _Tally:
+    """What an upload sent and skipped, over all its rounds."""
+
+    sent: int = 0
+    sent_bytes: int = 0
+    skipped_hub: int = 0
+    skipped_journal: int = 0
+
+
 class Uploader:
     def __init__(self, settings: UploaderSettings, bus: Bus, inbox: Inbox) -> None:
         self.settings = settings
@@ -97,31 +107,19 @@ class Uploader:
                 bytes=manifest.payload_size,
                 resumed=resumed,
             )
-            sent = skipped_hub = skipped_journal = 0
-            sent_bytes = 0
+            tally = _Tally()
             receipt: DeliveryReceipt | None = None
-            ignore_journal = False
-            for _round in range(MAX_ROUNDS):
-                receipt_future = self.inbox.expect(_receipt_for(step, mid))
-                await self.bus.publish_bytes(
-                    topology.HUB_EXCHANGE,
-                    topology.INGEST_ROUTING_KEY,
-                    serialized,
-                    type_name="foldfed.v1.DeltaManifest",
+            for round_ in range(1, MAX_ROUNDS + 1):
+                # After a round without a receipt, something the journal called confirmed
+                # never arrived (a broker that lost it, a dead-lettered chunk): trust only
+                # the hub from then on.
+                trust_journal = round_ == 1
+                receipt = await self._round(
+                    manifest, serialized, mid, delta_path, journal, trust_journal, tally
                 )
-                missing = await self._ask_missing(step, mid)
-                todo = [i for i in missing if ignore_journal or i not in journal.confirmed()]
-                skipped_hub += len(manifest.chunk_digests) - len(missing)
-                skipped_journal += len(missing) - len(todo)
-                n, b = await self._send_chunks(manifest, delta_path, todo, journal)
-                sent, sent_bytes = sent + n, sent_bytes + b
-                receipt = await self._await_receipt(receipt_future, step, mid)
                 if receipt is not None:
                     break
-                # No receipt: something the journal called confirmed never arrived (a
-                # broker that lost it, a dead-lettered chunk). Ask again, trust the hub.
-                ignore_journal = True
-                log.warning("no receipt in time; asking the hub again", round=_round + 1)
+                log.warning("no receipt in time; asking the hub again", round=round_)
             if receipt is None:
                 raise FoldfedError(f"step {step}: no delivery receipt after {MAX_ROUNDS} rounds")
         finally:
@@ -131,16 +129,44 @@ class Uploader:
             participant=self.settings.participant,
             manifest_id=mid.hex(),
             chunks_total=len(manifest.chunk_digests),
-            chunks_sent=sent,
-            bytes_sent=sent_bytes,
-            skipped_held_by_hub=skipped_hub,
-            skipped_journaled=skipped_journal,
+            chunks_sent=tally.sent,
+            bytes_sent=tally.sent_bytes,
+            skipped_held_by_hub=tally.skipped_hub,
+            skipped_journaled=tally.skipped_journal,
             hub_duplicates=receipt.duplicate_chunks,
             resumed=resumed,
             seconds=round(time.monotonic() - started, 3),
         )
         log.info("upload done", **report.as_dict())
         return report
+
+    async def _round(
+        self,
+        manifest: Manifest,
+        serialized: bytes,
+        mid: bytes,
+        delta_path: Path,
+        journal: UploadJournal,
+        trust_journal: bool,
+        tally: _Tally,
+    ) -> DeliveryReceipt | None:
+        """Manifest (idempotent at the hub), have-request, the missing chunks, receipt."""
+        receipt_future = self.inbox.expect(_receipt_for(manifest.step, mid))
+        await self.bus.publish_bytes(
+            topology.HUB_EXCHANGE,
+            topology.INGEST_ROUTING_KEY,
+            serialized,
+            type_name="foldfed.v1.DeltaManifest",
+        )
+        missing = await self._ask_missing(manifest.step, mid)
+        confirmed = journal.confirmed() if trust_journal else set()
+        todo = [i for i in missing if i not in confirmed]
+        tally.skipped_hub += len(manifest.chunk_digests) - len(missing)
+        tally.skipped_journal += len(missing) - len(todo)
+        sent, sent_bytes = await self._send_chunks(manifest, delta_path, todo, journal)
+        tally.sent += sent
+        tally.sent_bytes += sent_bytes
+        return await self._await_receipt(receipt_future, manifest.step, mid)
 
     async def _manifest(
         self,
