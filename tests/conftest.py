@@ -50,6 +50,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
         local.add_user(
             user, passwords[user], configure=perms.configure, write=perms.write, read=perms.read
         )
+        topology.grant_event_topics(local.rabbitmqctl, user, perms)
     try:
         yield BrokerHandle(local, admin_url, passwords)
     finally:

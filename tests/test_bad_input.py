@@ -12,6 +12,8 @@ import aiormq
 import pytest
 
 from foldfed import topology
+from foldfed.bus import Bus
+from foldfed.config import BusSettings
 from foldfed.deltafile import MAX_CHUNK_SIZE, plan_chunks, read_chunk
 from foldfed.digests import digest_of
 from foldfed.messages import CODEC_SAFETENSORS, Chunk, Manifest, encode
@@ -160,3 +162,35 @@ def test_participant_cannot_read_another_participants_queue(broker: BrokerHandle
 
     with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
         asyncio.run(attempt())
+
+
+def test_the_broker_refuses_a_participants_forged_hub_event(broker: BrokerHandle) -> None:
+    """Topic authorisation: a participant may publish its model reports and uploader
+    events, never a delivery receipt or a finalize result (the barrier's inputs)."""
+
+    async def publish(routing_key: str) -> None:
+        connection = await aio_pika.connect(broker.url_for(A))
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(b"", type="foldfed.v1.DeliveryReceipt", user_id=A),
+                routing_key,
+                mandatory=False,
+            )
+        finally:
+            await connection.close()
+
+    async def declare() -> None:
+        settings = BusSettings(broker.admin_url, publish_timeout_s=10.0, inflight_window=8)
+        bus = await Bus.connect(settings, name="topology")
+        try:
+            await bus.declare_hub_topology(PARTICIPANTS)
+        finally:
+            await bus.close()
+
+    asyncio.run(declare())
+    asyncio.run(publish(topology.MODEL_REPORT_KEY))  # allowed
+    for forged in (topology.RECEIPT_KEY, topology.FINALIZED_KEY):
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            asyncio.run(publish(forged))

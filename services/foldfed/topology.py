@@ -7,6 +7,7 @@ docs/format.md ("Queue topology") mirrors this module.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Participants publish manifests, have-requests and chunks here (routing key "ingest").
@@ -56,11 +57,13 @@ def participant_queue(participant: str) -> str:
 
 @dataclass(frozen=True)
 class Permissions:
-    """RabbitMQ permission regexes (configure, write, read) for one user on vhost /."""
+    """RabbitMQ permission regexes (configure, write, read) for one user on vhost /, and
+    the routing keys it may publish under on the events (topic) exchange."""
 
     configure: str
     write: str
     read: str
+    events_write_keys: str = ".*"
 
 
 def participant_permissions(participant: str) -> Permissions:
@@ -71,4 +74,15 @@ def participant_permissions(participant: str) -> Permissions:
         configure="^$",
         write=f"^({re.escape(HUB_EXCHANGE)}|{re.escape(EVENTS_EXCHANGE)})$",
         read=f"^{own_queue}$",
+        # Its model reports and its uploader's events only: the broker itself refuses a
+        # participant's "ingest.receipt" or "aggregator.finalized" (topic authorisation),
+        # before the barrier's own sender check would.
+        events_write_keys=f"^({re.escape(MODEL_REPORT_KEY)}|uploader\\..+)$",
+    )
+
+
+def grant_event_topics(rabbitmqctl: Callable[..., str], user: str, perms: Permissions) -> None:
+    """Restrict the routing keys `user` may publish under on the events exchange."""
+    rabbitmqctl(
+        "set_topic_permissions", "-p", "/", user, EVENTS_EXCHANGE, perms.events_write_keys, "^$"
     )

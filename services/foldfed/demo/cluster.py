@@ -92,6 +92,7 @@ class LocalFederation:
                 write=perms.write,
                 read=perms.read,
             )
+            topology.grant_event_topics(self.broker.rabbitmqctl, participant, perms)
         return self.admin_url
 
     def url_for(self, participant: str) -> str:
