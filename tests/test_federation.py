@@ -30,7 +30,7 @@ def run_federation(
     workdir: Path,
     *,
     crash: tuple[str, str] | None = None,
-    kill_when=None,
+    env: dict[str, str] | None = None,
 ) -> tuple[LocalFederation, RunRecord]:
     """A whole run; `crash=(process, FOLDFED_CRASH_AT value)` arms a crash point in one
     process, which is restarted (without it) once it has died."""
@@ -39,7 +39,7 @@ def run_federation(
         participants=PARTICIPANTS,
         steps=STEPS,
         workdir=workdir,
-        common_env={"FOLDFED_SEED": "7"},
+        common_env={"FOLDFED_SEED": "7", **(env or {})},
     )
     federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)
     federation.start_broker()
@@ -145,3 +145,17 @@ def test_sigkill_and_restart_changes_nothing(
     assert federation.restarted == {crash[0]}, "the crash point was never reached"
     assert final_digests(record) == final_digests(baseline)
     assert not record.mismatches
+
+
+@pytest.mark.parametrize("optimizer", ["fedavgm", "fedadam"])
+def test_server_optimizers_keep_every_participant_on_the_hubs_model(
+    broker: BrokerHandle, tmp_path: Path, undisturbed, optimizer: str
+) -> None:
+    _, fedavg = undisturbed
+    _, record = run_federation(broker, tmp_path, env={"FOLDFED_SERVER_OPTIMIZER": optimizer})
+    digests = final_digests(record)
+    assert set(digests) == set(PARTICIPANTS)
+    assert set(digests.values()) == {record.expected_models[STEPS + 1]}
+    assert not record.mismatches
+    # The server optimizer did change the result: not plain FedAvg's model.
+    assert digests != final_digests(fedavg)
