@@ -64,14 +64,13 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +79,16 @@ from typing import Any
 import aio_pika
 import aio_pika.abc
 import torch
+
+# Run as `python bench/<name>.py`, which puts bench/ on sys.path: benchkit is a sibling.
+from benchkit import (
+    BenchError,
+    clean_env,
+    code_version,
+    read_status_kib,
+    run_bench,
+    signals_deferred,
+)
 
 from foldfed import topology
 from foldfed.deltafile import plan_chunks, validate_chunk_size, write_delta
@@ -109,13 +118,7 @@ BASELINE_WARMUP = 3
 BASELINE_QUEUE = "bench.release-latency.confirm"
 RSS_SAMPLE_S = 0.05
 HASH_REPEATS = 3
-THIS = Path(__file__).resolve()
-RESULTS_DIR = THIS.parent / "results"
 FOLDFED_CLI = (sys.executable, "-m", "foldfed.cli")
-
-
-class BenchError(Exception):
-    """The run failed; the message says where, with the log of the process at fault."""
 
 
 # --------------------------------------------------------------------------- tensors
@@ -290,18 +293,6 @@ class Watcher:
 # --------------------------------------------------------------------------- processes
 
 
-def read_status_kib(pid: int, key: str) -> int:
-    """A `kB` field of /proc/<pid>/status (0 once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(key.encode() + b":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 class PeakRss:
     """Polls some processes' /proc status every RSS_SAMPLE_S in a thread: VmHWM (the
     kernel's own peak RSS) and the highest RssAnon seen. VmHWM counts file pages a process
@@ -357,13 +348,6 @@ class Upload:
 _uploads: list[Upload] = []
 
 
-def clean_env() -> dict[str, str]:
-    """Our environment without FOLDFED_* settings, so a shell cannot change what is measured."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLDFED_")}
-    env.setdefault("OMP_NUM_THREADS", "1")  # as LocalFederation gives its processes
-    return env
-
-
 def start_upload(
     fed: LocalFederation, participant: str, delta: Path, step: int, base: bytes
 ) -> Upload:
@@ -381,7 +365,8 @@ def start_upload(
         "--base-model-digest",
         base.hex(),
     ]
-    env = {**clean_env(), **fed.participant_env(participant)}
+    # OMP_NUM_THREADS as LocalFederation gives its processes.
+    env = {**clean_env(OMP_NUM_THREADS="1"), **fed.participant_env(participant)}
     with open(out, "wb") as stdout, open(log, "wb") as stderr:
         proc = subprocess.Popen(
             argv,
@@ -437,22 +422,6 @@ def hub_health(fed: LocalFederation) -> Callable[[], None]:
             raise BenchError(f"{process.name} exited {process.proc.returncode}:\n{tail}")
 
     return check
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Let clean-up (bounded by its own timeouts) finish despite a second Ctrl-C."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -663,30 +632,6 @@ def medians(rows: Sequence[StepRow]) -> dict[str, float]:
     return out
 
 
-def code_version() -> str:
-    """The commit measured, "+dirty" when services/ has uncommitted changes."""
-    repo = THIS.parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30, check=True
-        ).stdout.strip()
-
-    try:
-        dirty = "+dirty" if git("status", "--porcelain", "--", "services") else ""
-        return git("rev-parse", "--short", "HEAD") + dirty
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def save(result: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"release-latency-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -858,21 +803,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # respect nohup and the like
-            signal.signal(sig, _interrupt)
-    try:
-        result = bench(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted: uploads and hub ended, broker stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"\nfailed: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(render(result))
-    print(f"\nresults: {save(result)}")
-    return 0
+    return run_bench(
+        args,
+        bench,
+        render,
+        "release-latency",
+        interrupted="\ninterrupted: uploads and hub ended, broker stopped",
+        failed="\nfailed: ",
+    )
 
 
 if __name__ == "__main__":

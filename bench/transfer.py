@@ -63,12 +63,22 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlparse
+
+# Run as `python bench/<name>.py`, which puts bench/ on sys.path: benchkit is a sibling.
+from benchkit import (
+    BenchError,
+    clean_env,
+    code_version,
+    read_status_kib,
+    run_bench,
+    signals_deferred,
+)
 
 if TYPE_CHECKING:
     from foldfed.localbroker import LocalBroker
@@ -78,7 +88,6 @@ PARTICIPANT = "bench"
 BARE_QUEUE = "bench.bare"
 URL_ENV = "BENCH_AMQP_URL"  # the bare roles' broker URL (kept off their command line)
 THIS = Path(__file__).resolve()
-RESULTS_DIR = THIS.parent / "results"
 FOLDFED_CLI = (sys.executable, "-m", "foldfed.cli")
 SAMPLE_S = 0.05  # RSS polling interval
 STARTUP_TIMEOUT_S = 120.0
@@ -90,23 +99,7 @@ INGEST_MODULES = ("foldfed.cli", "foldfed.config", "foldfed.logs", "foldfed.inge
 BARE_MODULES = ("argparse", "asyncio", "json", "aio_pika")
 
 
-class BenchError(Exception):
-    """A run failed; the message says which process and ends with its log."""
-
-
 # --------------------------------------------------------------------------- child processes
-
-
-def _read_status_kib(pid: int | str, key: str) -> int:
-    """A `kB` field of /proc/<pid>/status (0 once the process is gone or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(key.encode() + b":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -184,7 +177,7 @@ class Child:
         try:
             while True:
                 # Read before reaping: until our wait4 the PID cannot be reused.
-                self._hwm_kib = max(self._hwm_kib, _read_status_kib(self.pid, "VmHWM"))
+                self._hwm_kib = max(self._hwm_kib, read_status_kib(self.pid, "VmHWM"))
                 if pidfd is not None:
                     select.select([pidfd], [], [], SAMPLE_S)
                 with self._lock:
@@ -290,22 +283,6 @@ def stop_all_children() -> None:
         child.stop(timeout=10.0)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Let clean-up (bounded by its own timeouts) finish despite a second Ctrl-C."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 # --------------------------------------------------------------------------- results
 
 
@@ -381,12 +358,6 @@ class Context:
     @property
     def mib(self) -> float:
         return self.delta_bytes / MIB
-
-
-def clean_env() -> dict[str, str]:
-    """Our environment without FOLDFED_* settings, so a developer's shell cannot change what
-    is measured (a window, a rate limit)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("FOLDFED_")}
 
 
 def foldfed_defaults() -> tuple[int, int]:
@@ -676,7 +647,7 @@ async def bare_publish(url: str, path: Path, chunk_size: int, window: int) -> di
             "bytes": sent,
             "first_publish": first_publish,
             "last_confirm": time.monotonic(),
-            "vmhwm_kib": _read_status_kib("self", "VmHWM"),
+            "vmhwm_kib": read_status_kib("self", "VmHWM"),
         }
     finally:
         await connection.close()
@@ -710,7 +681,7 @@ async def bare_consume(url: str, count: int, prefetch: int) -> dict[str, Any]:
             "bytes": nbytes,
             "first_delivery": first,
             "last_ack": last,
-            "vmhwm_kib": _read_status_kib("self", "VmHWM"),
+            "vmhwm_kib": read_status_kib("self", "VmHWM"),
         }
     finally:
         await connection.close()
@@ -799,22 +770,6 @@ def render(result: dict[str, Any]) -> str:
         f" win = window x chunk = {window_bytes / MIB:g} MiB; delta = {mib:.0f} MiB",
     ]
     return "\n".join(lines)
-
-
-def code_version() -> str:
-    """The commit measured, "+dirty" when services/ has uncommitted changes."""
-    repo = THIS.parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30, check=True
-        ).stdout.strip()
-
-    try:
-        dirty = "+dirty" if git("status", "--porcelain", "--", "services") else ""
-        return git("rev-parse", "--short", "HEAD") + dirty
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def machine_line(broker_version: str) -> str:
@@ -921,14 +876,6 @@ def bench_on(args: argparse.Namespace, work: Path, broker: LocalBroker) -> dict[
     }
 
 
-def save(result: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS_DIR / f"transfer-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="foldfed upload->ingest vs the bare RabbitMQ pipe: throughput and memory"
@@ -966,21 +913,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = asyncio.run(bare_consume(os.environ[URL_ENV], args.count, args.prefetch))
         print(json.dumps(out), flush=True)
         return 0
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # respect nohup and the like
-            signal.signal(sig, _interrupt)
-    try:
-        result = bench(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted: children ended, broker stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(render(result))
-    print(f"\nresults: {save(result)}")
-    return 0
+    return run_bench(
+        args,
+        bench,
+        render,
+        "transfer",
+        interrupted="\ninterrupted: children ended, broker stopped",
+        failed="bench failed: ",
+    )
 
 
 if __name__ == "__main__":
