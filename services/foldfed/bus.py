@@ -26,8 +26,8 @@ from aio_pika.abc import (
 
 from foldfed import topology
 from foldfed.config import BusSettings, amqp_user
-from foldfed.errors import BrokerBlocked, BrokerError
-from foldfed.messages import AnyMessage, encode
+from foldfed.errors import BrokerBlocked, BrokerError, DecodeError, Reject
+from foldfed.messages import AnyMessage, decode, encode
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,14 @@ class Incoming:
     redelivered: bool
     headers: dict[str, Any]
     raw: AbstractIncomingMessage
+
+    def message(self) -> AnyMessage:
+        """The domain message it carries; a body that is not one is the sender's fault
+        (Reject with the reason, for the dead-letter queue)."""
+        try:
+            return decode(self.type, self.body)
+        except DecodeError as exc:
+            raise Reject(str(exc)) from None
 
 
 class PublishWindow:

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from foldfed.deltafile import DEFAULT_CHUNK_SIZE, validate_chunk_size
@@ -26,30 +27,30 @@ def _get(env: Mapping[str, str], key: str, default: str | None = None) -> str:
     return value
 
 
-def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _number(
+    env: Mapping[str, str], key: str, default: _N, minimum: _N, parse: type[_N], what: str
+) -> _N:
     raw = env.get(key)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{key}={value} must be >= {minimum}")
-    return value
-
-
-def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a number") from None
+        raise ConfigError(f"{key}={raw!r} is not {what}") from None
     if not value >= minimum:  # also false for NaN
         raise ConfigError(f"{key}={value} must be >= {minimum}")
     return value
+
+
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+    return _number(env, key, default, minimum, int, "an integer")
+
+
+def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
+    return _number(env, key, default, minimum, float, "a number")
 
 
 def _participants(env: Mapping[str, str], key: str) -> tuple[str, ...]:

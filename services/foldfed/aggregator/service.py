@@ -32,11 +32,11 @@ from foldfed.domain import (
     StepFinalized,
     manifest_of,
 )
-from foldfed.errors import DecodeError, Reject
+from foldfed.errors import Reject
 from foldfed.faults import crash_point
 from foldfed.ingest.ledger import Effects, IngestLedger
 from foldfed.ingest.service import IngestService
-from foldfed.messages import decode, encode, now_ms
+from foldfed.messages import encode, now_ms
 
 log = structlog.get_logger(__name__)
 SERVICE = "aggregator"
@@ -89,10 +89,7 @@ class AggregatorService(IngestService):
         if incoming.type == "foldfed.v1.FinalizeRequest":
             if incoming.user_id != self.bus.user:
                 raise Reject(f"only the hub finalizes steps, not {incoming.user_id!r}")
-            try:
-                request = decode(incoming.type, incoming.body)
-            except DecodeError as exc:
-                raise Reject(str(exc)) from None
+            request = incoming.message()
             assert isinstance(request, FinalizeRequest)
             await self._finalize(request)
             return Effects()

@@ -40,9 +40,9 @@ from foldfed.domain import (
     StepFinalized,
     StepReleased,
 )
-from foldfed.errors import DecodeError, Reject
+from foldfed.errors import Reject
 from foldfed.faults import crash_point
-from foldfed.messages import decode, now_ms
+from foldfed.messages import now_ms
 
 log = structlog.get_logger(__name__)
 SERVICE = "barrier"
@@ -87,10 +87,7 @@ class BarrierService:
     def _event_of(self, incoming: Incoming) -> MachineEvent:
         """Decode and authenticate: hub facts only from the hub's own identity, a model
         report only from the participant it names (RabbitMQ vouches for user_id)."""
-        try:
-            msg = decode(incoming.type, incoming.body)
-        except DecodeError as exc:
-            raise Reject(str(exc)) from None
+        msg = incoming.message()
         at = now_ms()
         match msg:
             case DeliveryReceipt() | StepFinalized() if incoming.user_id != self.bus.user:

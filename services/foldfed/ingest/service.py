@@ -16,7 +16,7 @@ import structlog
 from foldfed import topology
 from foldfed.bus import Bus, Incoming
 from foldfed.config import IngestSettings
-from foldfed.errors import DecodeError, FoldfedError, Reject
+from foldfed.errors import FoldfedError, Reject
 from foldfed.ingest.ledger import Effects, IngestLedger
 from foldfed.messages import (
     Chunk,
@@ -24,7 +24,6 @@ from foldfed.messages import (
     HaveRequest,
     Manifest,
     StepReleased,
-    decode,
     now_ms,
 )
 
@@ -69,10 +68,7 @@ class IngestService:
         await incoming.raw.ack()
 
     async def _apply(self, incoming: Incoming) -> Effects:
-        try:
-            msg = decode(incoming.type, incoming.body)
-        except DecodeError as exc:
-            raise Reject(str(exc)) from None
+        msg = incoming.message()
         match msg:
             case StepReleased():
                 if incoming.user_id != self.bus.user:
