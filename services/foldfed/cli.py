@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import signal
@@ -18,6 +19,11 @@ from pathlib import Path
 from foldfed.errors import FoldfedError
 
 DEFAULT_BROKER_DIR = Path(os.environ.get("FOLDFED_BROKER_DIR", "var/broker"))
+
+# Feature packages that add their own subcommands: each names a module with
+# `register(sub)`, which must import nothing heavy (torch, openfold3) at module level, so
+# `foldfed --help` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _run_service(body: Callable[[asyncio.Event], Awaitable[object]]) -> object:
@@ -190,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--model-digest", default="")
     release.add_argument("--participants", default="", help="comma-separated")
     release.set_defaults(func=cmd_release)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
