@@ -7,10 +7,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.foldfed-installed
 
-.PHONY: setup demo test lint proto broker-start broker-stop clean bench
+.PHONY: setup chromium demo test lint proto broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
+	@command -v chromium >/dev/null || $(MAKE) --no-print-directory chromium
+
+# Debian's headless chromium: the monitor dashboard's test drives a real browser.
+chromium:
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
