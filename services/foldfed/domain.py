@@ -122,8 +122,9 @@ class ModelReport:
 
 @dataclass(frozen=True)
 class Event:
-    # One of messages._EVENT_KINDS: "rejected", "upload_finished", "release_received",
-    # "step_released", "step_finalized", "model_mismatch", "cycle_done", ...
+    # One of messages._EVENT_KINDS: "rejected", "upload_started", "upload_finished",
+    # "release_received", "step_released", "step_finalized", "model_mismatch", "cycle_done",
+    # "straggler", "silent" (the last two from the monitor).
     kind: str
     service: str
     participant: str

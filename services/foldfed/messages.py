@@ -54,6 +54,8 @@ _EVENT_KINDS = {
     events_pb2.EVENT_KIND_MODEL_MISMATCH: "model_mismatch",
     events_pb2.EVENT_KIND_CYCLE_DONE: "cycle_done",
     events_pb2.EVENT_KIND_STEP_FINALIZED: "step_finalized",
+    events_pb2.EVENT_KIND_STRAGGLER: "straggler",
+    events_pb2.EVENT_KIND_SILENT: "silent",
 }
 _EVENT_KIND_NUMBERS = {name: number for number, name in _EVENT_KINDS.items()}
 
