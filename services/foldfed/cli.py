@@ -23,18 +23,27 @@ DEFAULT_BROKER_DIR = Path(os.environ.get("FOLDFED_BROKER_DIR", "var/broker"))
 # Feature packages that add their own subcommands: each names a module with
 # `register(sub)`, which must import nothing heavy (torch, openfold3) at module level, so
 # `foldfed --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("foldfed.deploy.commands",)
 
 
 def _run_service(body: Callable[[asyncio.Event], Awaitable[object]]) -> object:
-    """Run `body(stop)` with SIGTERM/SIGINT setting `stop` (graceful shutdown)."""
+    """Run `body(stop)` with SIGTERM/SIGINT setting `stop` (graceful shutdown), and the
+    /healthz + /readyz server around it when FOLDFED_HEALTH_PORT is set (health.py)."""
+    from foldfed.health import HealthSettings, serve_health
+
+    health_settings = HealthSettings.from_env()  # a bad value fails before anything starts
 
     async def main() -> object:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await body(stop)
+        health = await serve_health(health_settings)
+        try:
+            return await body(stop)
+        finally:
+            if health is not None:
+                await health.close()
 
     return asyncio.run(main())
 

@@ -1,0 +1,108 @@
+"""`foldfed health`, `foldfed broker-definitions` and `foldfed initial-model`: the commands a
+container deployment runs besides the services (probes and one-shot init steps)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from foldfed.health import probe, probe_url
+
+    url = probe_url(args.url, args.port, not args.live, os.environ)
+    status, body = probe(url, timeout=args.timeout)
+    print(body.rstrip("\n") if status else body, flush=True)
+    if status != 200:
+        print(f"foldfed health: {url} answered {status or 'nothing'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_broker_definitions(args: argparse.Namespace) -> int:
+    from foldfed.deploy import definitions as d
+    from foldfed.durable import atomic_write
+    from foldfed.errors import ConfigError
+
+    urls: list[str] = list(args.url)
+    for path in args.env_file:
+        text = _read(Path(path))
+        urls.append(d.url_of_env(d.parse_env_file(text, path), path))
+    for path in args.url_file:
+        urls.append(_read(Path(path)).strip())
+    if not urls:
+        raise ConfigError("broker-definitions needs --env-file, --url-file or --url")
+    users = [d.user_of_url(url, args.hub_user) for url in urls]
+    document = d.definitions(users)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    # The broker runs as another user: it must be able to read the file.
+    out.chmod(0o644)
+    names = ", ".join(u["name"] for u in document["users"])  # type: ignore[index,union-attr]
+    print(f"wrote {out}: users {names}", flush=True)
+    return 0
+
+
+def _read(path: Path) -> str:
+    from foldfed.errors import ConfigError
+
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def cmd_initial_model(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.if_missing and out.is_file():
+        print(f"{out} exists: kept", flush=True)
+        return 0
+    from foldfed.trainer.task import initial_model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seed = args.seed if args.seed is not None else _seed_from_env()
+    digest = initial_model(out, seed)
+    print(f"wrote {out}: model digest {digest.hex()}", flush=True)
+    return 0
+
+
+def _seed_from_env() -> int:
+    from foldfed.config import _int
+
+    return _int(os.environ, "FOLDFED_SEED", 0, 0)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    health = sub.add_parser(
+        "health", help="probe a service's /readyz (or /healthz): exit 0 when it answers 200"
+    )
+    health.add_argument("--url", default=None, help="full URL (default: localhost)")
+    health.add_argument("--port", type=int, default=None, help="default: FOLDFED_HEALTH_PORT")
+    health.add_argument("--live", action="store_true", help="/healthz instead of /readyz")
+    health.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    health.set_defaults(func=cmd_health)
+
+    defs = sub.add_parser(
+        "broker-definitions",
+        help="RabbitMQ definitions (users, least-privilege permissions) from AMQP URLs",
+    )
+    defs.add_argument("--out", required=True, help="definitions JSON to write")
+    defs.add_argument(
+        "--env-file", action="append", default=[], help="env file with FOLDFED_AMQP_URL"
+    )
+    defs.add_argument("--url-file", action="append", default=[], help="file holding one AMQP URL")
+    defs.add_argument("--url", action="append", default=[], help="an AMQP URL")
+    defs.add_argument("--hub-user", default="foldfed-hub", help="the hub services' user")
+    defs.set_defaults(func=cmd_broker_definitions)
+
+    model = sub.add_parser(
+        "initial-model", help="write θ_0 of the demo task (seeded, identical everywhere)"
+    )
+    model.add_argument("--out", required=True)
+    model.add_argument("--seed", type=int, default=None, help="default: FOLDFED_SEED or 0")
+    model.add_argument("--if-missing", action="store_true", help="keep an existing file")
+    model.set_defaults(func=cmd_initial_model)
