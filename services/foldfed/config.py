@@ -105,6 +105,9 @@ class UploaderSettings:
     # How long to wait for the hub's answers before asking again.
     reply_timeout_s: float
     receipt_timeout_s: float
+    # How often the outbox is looked at for new deltas and reports (FOLDFED_POLL_S, as the
+    # trainer's); load tests lower it so polling does not blur step times.
+    poll_s: float = 0.2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> UploaderSettings:
@@ -120,6 +123,7 @@ class UploaderSettings:
             rate_limit_bps=_int(env, "FOLDFED_RATE_LIMIT_BPS", 0, 0),
             reply_timeout_s=_float(env, "FOLDFED_REPLY_TIMEOUT_S", 30.0, 0.1),
             receipt_timeout_s=_float(env, "FOLDFED_RECEIPT_TIMEOUT_S", 120.0, 0.1),
+            poll_s=_float(env, "FOLDFED_POLL_S", 0.2, 0.001),
         )
 
 

@@ -56,7 +56,7 @@ class UploaderService:
                 worked |= await self._send_deltas()
                 if not worked:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), POLL_S)
+                        await asyncio.wait_for(stop.wait(), self.settings.poll_s)
         finally:
             await self.inbox.close()
 
