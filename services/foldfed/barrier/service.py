@@ -23,6 +23,7 @@ from foldfed.barrier.machine import (
     FlagMismatch,
     Ignored,
     ModelReported,
+    Phase,
     Recover,
     Release,
     RequestFinalize,
@@ -56,7 +57,11 @@ class BarrierService:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.declare_hub_topology(self.settings.participants)
-        if self.store.load() is None:
+        state = self.store.load()
+        # A cycle starts on an empty store, or once the stored cycle is done and the
+        # settings name a later one (FOLDFED_CYCLE): the cycle boundary where sites that
+        # were not ready before (late joiners) are admitted.
+        if state is None or (state.phase is Phase.DONE and self.settings.cycle > state.cycle):
             initial = await asyncio.to_thread(file_digest, self.settings.initial_model)
             start = CycleStarted(
                 cycle=self.settings.cycle,
