@@ -23,7 +23,7 @@ DEFAULT_BROKER_DIR = Path(os.environ.get("FOLDFED_BROKER_DIR", "var/broker"))
 # Feature packages that add their own subcommands: each names a module with
 # `register(sub)`, which must import nothing heavy (torch, openfold3) at module level, so
 # `foldfed --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("foldfed.deploy.commands",)
+COMMAND_MODULES: tuple[str, ...] = ("foldfed.deploy.commands", "foldfed.monitor.commands")
 
 
 def _run_service(body: Callable[[asyncio.Event], Awaitable[object]]) -> object:

@@ -30,6 +30,13 @@ RECEIPT_KEY = "ingest.receipt"
 FINALIZED_KEY = "aggregator.finalized"
 MODEL_REPORT_KEY = "participant.model"
 BARRIER_KEYS = (RECEIPT_KEY, FINALIZED_KEY, MODEL_REPORT_KEY)
+# The monitor's queue: every message on the events exchange (events, receipts,
+# finalizations, model reports, heartbeats). Hub-side: only the hub's user consumes it.
+MONITOR_QUEUE = "foldfed.hub.monitor"
+MONITOR_BINDING = "#"
+# Heartbeats travel on the events exchange as "<service>.heartbeat": a participant's
+# uploader publishes "uploader.heartbeat", which its topic permission already allows.
+HEARTBEAT_KIND = "heartbeat"
 # The hub's own name where a participant id is expected (the global update's manifest
 # and chunks): never a valid participant.
 HUB_ID = "hub"
@@ -48,6 +55,11 @@ _PARTICIPANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 def is_valid_participant_id(participant: str) -> bool:
     return participant != HUB_ID and bool(_PARTICIPANT_ID.match(participant))
+
+
+def heartbeat_key(service: str) -> str:
+    """Routing key of a service's heartbeats on the events exchange."""
+    return f"{service}.{HEARTBEAT_KIND}"
 
 
 def participant_queue(participant: str) -> str:

@@ -21,10 +21,11 @@ import structlog
 from foldfed import topology
 from foldfed.bus import Bus
 from foldfed.chunkstore import ChunkStore
-from foldfed.config import UploaderSettings
+from foldfed.config import UploaderSettings, _float
 from foldfed.digests import digest_of, short
 from foldfed.domain import AnyMessage, Chunk, Event, Manifest, ModelReport, StepReleased
 from foldfed.errors import IntegrityError
+from foldfed.heartbeat import run_heartbeats
 from foldfed.messages import decode, now_ms
 from foldfed.spool import Spool
 from foldfed.uploader.inbox import Inbox
@@ -46,9 +47,17 @@ class UploaderService:
         # When the latest receipt arrived: the wait at the barrier runs from then until
         # the next release.
         self._delivered_at: float | None = None
+        # What heartbeats report: the step at hand and what this participant is doing.
+        self._step, self._state = 0, "idle"
+        # Test-only knob: seconds to wait before each upload (a slow participant, known
+        # exactly, for the monitor's straggler test). 0 in production.
+        self._extra_delay_s = _float(os.environ, "FOLDFED_UPLOADER_EXTRA_DELAY_S", 0.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.inbox.start()
+        beats = asyncio.create_task(
+            run_heartbeats(self.bus, SERVICE, self.settings.participant, self._status, stop)
+        )
         log.info("uploader ready", spool=str(self.settings.spool_dir))
         try:
             while not stop.is_set():
@@ -58,7 +67,11 @@ class UploaderService:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.settings.poll_s)
         finally:
+            beats.cancel()
             await self.inbox.close()
+
+    def _status(self) -> tuple[int, str]:
+        return self._step, self._state
 
     # ---------------------------------------------------------------- outbound
 
@@ -66,10 +79,16 @@ class UploaderService:
         worked = False
         for delta in await asyncio.to_thread(self.spool.pending_deltas):
             structlog.contextvars.bind_contextvars(step=delta.step)
+            self._step, self._state = delta.step, "uploading"
+            if self._extra_delay_s:
+                await asyncio.sleep(self._extra_delay_s)
+            started = {"bytes_total": float(delta.size), **_finite(delta.metrics)}
+            await self._event("upload_started", delta.step, started)
             report = await self.uploader.upload(
                 delta.path, delta.step, delta.weight, delta.base_model_digest
             )
             self._delivered_at = time.monotonic()
+            self._state = "waiting"
             metrics = {
                 "upload_s": report.seconds,
                 "bytes_sent": float(report.bytes_sent),
@@ -119,6 +138,7 @@ class UploaderService:
 
     async def _on_release(self, release: StepReleased) -> None:
         structlog.contextvars.bind_contextvars(step=release.step)
+        self._step, self._state = release.step, "done" if release.final else "training"
         update_path: Path | None = None
         if release.update_manifest:
             update_path = await asyncio.to_thread(self._assemble_update, release)

@@ -1,0 +1,57 @@
+"""`foldfed monitor` (the hub service) and `foldfed status` (its picture in a terminal)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from foldfed.cli import _run_service
+    from foldfed.logs import configure_logging
+    from foldfed.monitor.service import run_monitor
+    from foldfed.monitor.settings import MonitorSettings
+
+    configure_logging("monitor")
+    settings = MonitorSettings.from_env()
+    _run_service(lambda stop: run_monitor(settings, stop))
+    return 0
+
+
+def fetch_state(url: str, timeout: float = 10.0) -> dict:
+    """The monitor's /api/state at `url` (its base URL or the endpoint itself)."""
+    endpoint = url if url.rstrip("/").endswith("/api/state") else url.rstrip("/") + "/api/state"
+    with urllib.request.urlopen(endpoint, timeout=timeout) as response:
+        return json.loads(response.read().decode("utf-8"))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from foldfed.monitor.render import status_text
+
+    try:
+        snap = fetch_state(args.url)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"foldfed: error: cannot read the monitor at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(snap, indent=2) if args.json else status_text(snap))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    monitor = sub.add_parser(
+        "monitor", help="hub: stragglers, idle attribution, ETA; dashboard and /metrics"
+    )
+    monitor.set_defaults(func=cmd_monitor)
+    port = os.environ.get("FOLDFED_MONITOR_PORT") or "8090"
+    status = sub.add_parser("status", help="the monitor's picture of the cycle, in the terminal")
+    status.add_argument(
+        "--url",
+        default=os.environ.get("FOLDFED_MONITOR_URL") or f"http://127.0.0.1:{port}/",
+        help="the monitor's base URL (default: $FOLDFED_MONITOR_URL or local port)",
+    )
+    status.add_argument("--json", action="store_true", help="print /api/state as JSON")
+    status.set_defaults(func=cmd_status)
