@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,8 @@ class FederationSpec:
     common_env: Mapping[str, str] = field(default_factory=dict)
     # Extra settings per participant (e.g. a rate limit to emulate a slow link).
     participant_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Start the monitor (a hub process) on this HTTP port (0: a free one); None: no monitor.
+    monitor_port: int | None = None
 
 
 class LocalFederation:
@@ -73,6 +76,7 @@ class LocalFederation:
         self.restarted: set[str] = set()
         self.passwords: dict[str, str] = dict(passwords or {})
         self.admin_url = ""
+        self.monitor_url = ""
 
     # ---------------------------------------------------------------- set-up
 
@@ -107,6 +111,10 @@ class LocalFederation:
     @property
     def hub_dir(self) -> Path:
         return self.workdir / "hub"
+
+    @property
+    def trace_dir(self) -> Path:
+        return self.workdir / "traces"
 
     def spool_of(self, participant: str) -> Path:
         return self.workdir / "participants" / participant / "spool"
@@ -146,7 +154,8 @@ class LocalFederation:
 
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Process:
         log_path = self.logs / f"{name}.log"
-        full_env = {**_base_env(), **env}
+        # Every process's spans in the run's folder: `foldfed trace STEP --dir <it>`.
+        full_env = {**_base_env(), "FOLDFED_TRACE_DIR": str(self.trace_dir), **env}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [*FOLDFED, *args],
@@ -163,7 +172,17 @@ class LocalFederation:
     def start_hub(self) -> None:
         self.start("aggregator", ["aggregator"], self.hub_env())
         self.wait_for_log("aggregator", "ingest ready")
+        if self.spec.monitor_port is not None:
+            self.start_monitor()
         self.start("barrier", ["barrier"], self.hub_env())
+
+    def start_monitor(self) -> None:
+        """The monitor, before the barrier so that it sees the first release."""
+        port = self.spec.monitor_port or _free_port()
+        self.monitor_url = f"http://127.0.0.1:{port}/"
+        env = {**self.hub_env(), "FOLDFED_MONITOR_PORT": str(port)}
+        self.start("monitor", ["monitor"], {"FOLDFED_MONITOR_HOST": "127.0.0.1", **env})
+        self.wait_for_log("monitor", "monitor ready")
 
     def start_participant(self, participant: str) -> None:
         env = self.participant_env(participant)
@@ -208,6 +227,12 @@ class LocalFederation:
                 process.proc.wait(10)
         if self._own_broker:
             self.broker.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _base_env() -> dict[str, str]:

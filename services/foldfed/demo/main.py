@@ -42,6 +42,7 @@ def run_demo(options: DemoOptions) -> int:
         steps=options.steps,
         workdir=workdir,
         common_env={"FOLDFED_SEED": str(options.seed)},
+        monitor_port=0,
     )
     federation = LocalFederation(spec)
     print(f"foldfed demo: {options.participants} participants, {options.steps} global steps")
@@ -61,6 +62,7 @@ def run_demo(options: DemoOptions) -> int:
     curve = save_loss_curve(record, workdir / "loss.png")
     timeline = save_timeline(record, workdir / "timeline.png")
     print(f"\npictures: {curve}  {timeline}")
+    print(f"traces: foldfed trace STEP --dir {federation.trace_dir}  (one trace per step)")
     return 0 if not record.mismatches else 1
 
 
@@ -68,6 +70,9 @@ async def _watch(federation: LocalFederation, record: RunRecord, timeout_s: floa
     observer = Observer(federation.admin_url, record)
     await observer.start()
     await asyncio.to_thread(federation.start_all)
+    if federation.monitor_url:
+        url = federation.monitor_url
+        print(f"  dashboard {url}  (terminal: foldfed status --url {url})", flush=True)
     try:
         await _progress(federation, record, observer, timeout_s)
     finally:

@@ -57,7 +57,10 @@ class Alert:
 
     @property
     def key(self) -> str:
-        """Identity of the alert: the same condition is raised once."""
+        """Identity of the alert: the same condition is raised once (a silence by when it
+        began, so a participant silent twice in one step is flagged twice)."""
+        if self.kind == "silent":
+            return f"silent:{self.participant}:{int(self.metrics.get('since_ms', 0))}"
         return f"{self.kind}:{self.participant}:{self.step}"
 
 
@@ -434,10 +437,14 @@ class MonitorModel:
         return None
 
     def _last_phases(self, participant: str, closed: Iterable[int]) -> dict[str, Any] | None:
+        """Phases of the latest closed step whose wait is over (the next release seen),
+        else of the latest closed step."""
         steps = list(closed)
         if not steps:
             return None
-        return {"step": steps[-1], **self._phases(steps[-1], participant)}
+        done = [s for s in steps if self.next_release_ms(s) is not None]
+        step = done[-1] if done else steps[-1]
+        return {"step": step, **self._phases(step, participant)}
 
     def _phases(self, step: int, participant: str) -> dict[str, float | None]:
         state = self.step(step)
