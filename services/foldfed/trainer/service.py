@@ -22,14 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 import torch
 
+from foldfed import tracing
 from foldfed.config import _float, _get, _int, _participants
 from foldfed.deltafile import load_delta, write_delta
 from foldfed.digests import short
@@ -41,6 +42,7 @@ from foldfed.trainer.local import (
     OPTIMIZERS,
     LocalConfig,
     Optimizer,
+    RoundResult,
     Split,
     TrainingInterrupted,
     apply_update,
@@ -48,6 +50,10 @@ from foldfed.trainer.local import (
     file_digest,
     train_round,
 )
+
+if TYPE_CHECKING:
+    from foldfed.of3.backend import Of3Settings
+    from foldfed.of3.training import DistContext, Of3RoundResult
 
 log = structlog.get_logger(__name__)
 State = dict[str, torch.Tensor]
@@ -69,6 +75,10 @@ class TrainerSettings:
     # Samples of the demo task drawn for this participant (one in five held out).
     samples: int = 2048
     poll_s: float = 0.2
+    # FOLDFED_MODEL: "mlp" (the demo task) or an OpenFold3 size ("openfold3-tiny", ...),
+    # whose own settings (FOLDFED_OF3_*) are in `of3`.
+    model: str = "mlp"
+    of3: Of3Settings | None = None
 
     @property
     def local(self) -> LocalConfig:
@@ -100,7 +110,18 @@ class TrainerSettings:
             optimizer=_optimizer(env),
             samples=_int(env, "FOLDFED_SAMPLES", 2048, 5),
             poll_s=_positive(env, "FOLDFED_POLL_S", 0.2),
+            model=env.get("FOLDFED_MODEL") or "mlp",
+            of3=_of3_settings(env),
         )
+
+
+def _of3_settings(env: Mapping[str, str]) -> Of3Settings | None:
+    model = env.get("FOLDFED_MODEL") or "mlp"
+    if model == "mlp":
+        return None
+    from foldfed.of3.backend import Of3Settings
+
+    return Of3Settings.from_env(env)
 
 
 def _participant_index(env: Mapping[str, str], participant: str, names: tuple[str, ...]) -> int:
@@ -130,21 +151,96 @@ def _optimizer(env: Mapping[str, str]) -> Optimizer:
     return cast(Optimizer, value)
 
 
+class Backend(Protocol):
+    """What a model family gives the Trainer: metrics of θ, and one round of training."""
+
+    def evaluate(self, theta: Mapping[str, torch.Tensor]) -> dict[str, float]: ...
+
+    def train(
+        self, theta: Mapping[str, torch.Tensor], step: int, should_stop: Callable[[], bool]
+    ) -> RoundResult | Of3RoundResult: ...
+
+
+class MlpBackend:
+    """The synthetic demo task (trainer.task): a small MLP, per-site regions of input space."""
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.settings = settings
+        self.model = task.make_model(settings.seed)
+        train, heldout = task.participant_dataset(
+            settings.participant_index, settings.n_participants, settings.seed, settings.samples
+        )
+        self.train_split = train
+        self.evals: dict[str, Split] = {
+            "eval_loss": heldout,
+            "global_eval_loss": task.global_testset(settings.n_participants, settings.seed),
+        }
+
+    def evaluate(self, theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return evaluate_state(self.model, theta, self.evals)
+
+    def train(
+        self, theta: Mapping[str, torch.Tensor], step: int, should_stop: Callable[[], bool]
+    ) -> RoundResult:
+        s = self.settings
+        return train_round(
+            self.model,
+            theta,
+            self.train_split,
+            self.evals,
+            s.local,
+            seed=s.seed,
+            participant_index=s.participant_index,
+            step=step,
+            should_stop=should_stop,
+        )
+
+
+def make_backend(settings: TrainerSettings, dist: DistContext | None = None) -> Backend:
+    """The backend FOLDFED_MODEL names; OpenFold3 joins the DDP job torchrun started, if any."""
+    if settings.of3 is None:
+        return MlpBackend(settings)
+    from foldfed.of3.backend import Of3Backend
+    from foldfed.of3.ddp import init_from_env
+
+    return Of3Backend(
+        settings.of3,
+        participant=settings.participant,
+        participant_index=settings.participant_index,
+        seed=settings.seed,
+        local_steps=settings.local_steps,
+        grad_accum=settings.grad_accum,
+        dist=dist if dist is not None else init_from_env(),
+    )
+
+
 class Trainer:
     """The blocking half of the trainer: one method per stage, each idempotent."""
 
     def __init__(self, settings: TrainerSettings, spool: Spool) -> None:
         self.settings = settings
         self.spool = spool
-        self.model = task.make_model(settings.seed)
-        train, heldout = task.participant_dataset(
-            settings.participant_index, settings.n_participants, settings.seed, settings.samples
-        )
-        self.train = train
-        self.evals: dict[str, Split] = {
-            "eval_loss": heldout,
-            "global_eval_loss": task.global_testset(settings.n_participants, settings.seed),
-        }
+        self.backend = make_backend(settings)
+
+    # The demo task's parts, for callers that train it directly (tests compare a lone
+    # participant with the federation).
+    @property
+    def _mlp(self) -> MlpBackend:
+        if not isinstance(self.backend, MlpBackend):
+            raise AttributeError("only the mlp model has a bare model, train and evals")
+        return self.backend
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._mlp.model
+
+    @property
+    def train(self) -> Split:
+        return self._mlp.train_split
+
+    @property
+    def evals(self) -> dict[str, Split]:
+        return self._mlp.evals
 
     def resume_after(self) -> int:
         """The step after which to look for releases: the committed one is looked at again,
@@ -186,7 +282,7 @@ class Trainer:
     def report_model(self, step: int, theta: State, model: CurrentModel) -> None:
         if self.spool.has_model_report(step):
             return
-        metrics = evaluate_state(self.model, theta, self.evals)
+        metrics = self.backend.evaluate(theta)
         self.spool.write_model_report(step, model.model_digest, metrics)
         log.info("model reported", **metrics)
 
@@ -195,19 +291,8 @@ class Trainer:
     ) -> None:
         if self.spool.has_delta(step):
             return
-        s = self.settings
-        result = train_round(
-            self.model,
-            theta,
-            self.train,
-            self.evals,
-            s.local,
-            seed=s.seed,
-            participant_index=s.participant_index,
-            step=step,
-            # Reading an asyncio.Event's flag from a worker thread is a plain bool read.
-            should_stop=stop.is_set,
-        )
+        # Reading an asyncio.Event's flag from a worker thread is a plain bool read.
+        result = self.backend.train(theta, step, stop.is_set)
         write_delta(self.spool.delta_path(step), result.delta)
         self.spool.write_delta(
             step, self.spool.delta_path(step), result.weight, model.model_digest, result.metrics
@@ -225,7 +310,8 @@ def _apply(base: State, step: int, update_path: Path) -> State:
 
 async def run_trainer(settings: TrainerSettings, stop: asyncio.Event) -> None:
     """Serve releases from the spool until `stop` is set."""
-    spool = await asyncio.to_thread(Spool, settings.spool_dir)
+    # Files the trainer writes carry the context of the span around the stage writing them.
+    spool = await asyncio.to_thread(Spool, settings.spool_dir, tracing.carrier)
     if not settings.initial_model.is_file():
         raise ConfigError(f"FOLDFED_INITIAL_MODEL: {settings.initial_model} is not a file")
     trainer = await asyncio.to_thread(Trainer, settings, spool)
@@ -244,9 +330,20 @@ async def run_trainer(settings: TrainerSettings, stop: asyncio.Event) -> None:
 
 
 async def _serve(trainer: Trainer, release: Release, stop: asyncio.Event) -> bool:
-    """Handle one release; False when `stop` cut it short."""
+    """Handle one release; False when `stop` cut it short.
+
+    Spans: "apply" (θ_t = θ_{t-1} + U_{t-1}, in step t-1's trace) or "load" (the first
+    release), then "evaluate" and "train" under the release's context (the uploader's span
+    that received it); the model report and the delta carry their span's context on."""
     log.info("release", has_update=release.update_path is not None)
-    theta, model = await asyncio.to_thread(trainer.build_model, release)
+    if release.update_path is not None:
+        building = tracing.span(
+            "apply", parent=release.update_trace or release.trace, step=release.step - 1
+        )
+    else:
+        building = tracing.span("load", parent=release.trace, step=release.step)
+    with building:
+        theta, model = await asyncio.to_thread(trainer.build_model, release)
     if model.model_digest != release.model_digest:
         log.error(
             "model digest mismatch",
@@ -255,12 +352,21 @@ async def _serve(trainer: Trainer, release: Release, stop: asyncio.Event) -> boo
         )
     else:
         log.info("model ready", digest=short(model.model_digest))
-    await asyncio.to_thread(trainer.report_model, release.step, theta, model)
+    with tracing.span("evaluate", parent=release.trace, step=release.step):
+        await asyncio.to_thread(trainer.report_model, release.step, theta, model)
     if release.final:
         log.info("cycle over: final model reported, no more training")
         return True
+    settings = trainer.settings
     try:
-        await asyncio.to_thread(trainer.train_delta, release.step, theta, model, stop)
+        with tracing.span(
+            "train",
+            parent=release.trace,
+            step=release.step,
+            k=settings.local_steps,
+            grad_accum=settings.grad_accum,
+        ):
+            await asyncio.to_thread(trainer.train_delta, release.step, theta, model, stop)
     except TrainingInterrupted:
         log.info("stopped during local training; the round will be trained again")
         return False

@@ -1,0 +1,231 @@
+"""The OpenFold3 backend of the trainer: θ in, metrics or (Δ, weight, metrics) out.
+
+Settings (environment, read by `Of3Settings.from_env`):
+
+| variable | meaning |
+|---|---|
+| `FOLDFED_MODEL` | `openfold3-tiny` or `openfold3-full` (`mlp`, the default, is the demo task) |
+| `FOLDFED_OF3_SAMPLE` | folder prepared by `foldfed data sample` (sample.json + features) |
+| `FOLDFED_OF3_FINETUNE` | `all` (default), `confidence`, or `prefixes:a.b,c.d` |
+| `FOLDFED_OF3_CHECKPOINT` | optional local checkpoint to start from (never downloaded) |
+| `FOLDFED_OF3_OVERRIDES` | optional JSON object of dotted config paths -> values |
+| `FOLDFED_OF3_LR`, `FOLDFED_OF3_WARMUP` | peak lr (1.8e-3) and warm-up steps (1000) |
+| `FOLDFED_OF3_EVAL` | `heldout` (default): evaluate on the site's held-out split; `none` |
+
+What is federated: the raw trainable weights (θ, Δ, updates hold exactly the trainable
+parameters; see finetune.py). OpenFold3's EMA is a local evaluation smoothing; here a round
+rebuilds the optimizer at θ_t and lasts K steps, so an EMA inside a round would sit at θ_t
+(decay 0.999 over 10 steps) and one across rounds would be state outside θ that a restart
+would have to persist. Evaluation therefore scores θ_t itself, the model every site holds
+and whose digest the hub checks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from foldfed.config import _float, _get, _int
+from foldfed.errors import ConfigError
+from foldfed.of3.finetune import FinetuneMode, apply_mode
+from foldfed.of3.presets import model_config, parse_overrides, size_of_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from foldfed.of3.training import DistContext, Of3RoundResult, StopCheck
+
+State = dict[str, "torch.Tensor"]
+EVAL_MODES = ("heldout", "none")
+
+
+@dataclass(frozen=True)
+class Of3Settings:
+    model: str
+    sample_dir: Path
+    finetune: FinetuneMode = field(default_factory=FinetuneMode)
+    checkpoint: Path | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    lr: float = 1.8e-3
+    warmup_steps: int = 1000
+    eval_mode: str = "heldout"
+
+    @property
+    def size(self) -> str:
+        return size_of_model(self.model)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Of3Settings:
+        model = _get(env, "FOLDFED_MODEL")
+        size_of_model(model)  # validates
+        checkpoint = env.get("FOLDFED_OF3_CHECKPOINT") or None
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise ConfigError(f"FOLDFED_OF3_CHECKPOINT: {checkpoint} is not a file")
+        eval_mode = env.get("FOLDFED_OF3_EVAL") or "heldout"
+        if eval_mode not in EVAL_MODES:
+            raise ConfigError(f"FOLDFED_OF3_EVAL={eval_mode!r}: expected heldout or none")
+        lr = _float(env, "FOLDFED_OF3_LR", 1.8e-3, 0.0)
+        if lr == 0.0:
+            raise ConfigError("FOLDFED_OF3_LR must be > 0")
+        return cls(
+            model=model,
+            sample_dir=Path(_get(env, "FOLDFED_OF3_SAMPLE")),
+            finetune=FinetuneMode.parse(env.get("FOLDFED_OF3_FINETUNE", "all")),
+            checkpoint=Path(checkpoint) if checkpoint else None,
+            overrides=parse_overrides(env.get("FOLDFED_OF3_OVERRIDES", "")),
+            lr=lr,
+            warmup_steps=_int(env, "FOLDFED_OF3_WARMUP", 1000, 0),
+            eval_mode=eval_mode,
+        )
+
+
+@dataclass
+class Of3Model:
+    """The model with its frozen part in place, the trainable names and the loss."""
+
+    model: torch.nn.Module
+    trainable: list[str]
+    loss_fn: torch.nn.Module
+    confidence_only: bool
+
+
+def build(settings: Of3Settings, seed: int) -> Of3Model:
+    """OpenFold3 from the preset, seeded, then the checkpoint (if any), then the mode."""
+    from openfold3.core.loss.loss_module import OpenFold3Loss
+
+    from foldfed.of3.checkpoint import load_into, read_checkpoint
+    from foldfed.of3.presets import build_model
+
+    mode = settings.finetune
+    cfg = model_config(settings.size, settings.overrides, confidence_only=mode.confidence_only)
+    model = build_model(cfg, seed)
+    if settings.checkpoint is not None:
+        load_into(model, read_checkpoint(settings.checkpoint), str(settings.checkpoint))
+    trainable = apply_mode(model, mode)
+    return Of3Model(
+        model, trainable, OpenFold3Loss(cfg.architecture.loss_module), mode.confidence_only
+    )
+
+
+def initial_state(settings: Of3Settings, seed: int) -> State:
+    """θ_0: the trainable parameters of the built model (seeded preset or checkpoint)."""
+    from foldfed.of3.training import trainable_state
+
+    built = build(settings, seed)
+    return trainable_state(built.model, built.trainable)
+
+
+def write_initial_model(path: Path, settings: Of3Settings, seed: int) -> bytes:
+    """Write θ_0 canonically (deltafile.write_delta); returns its model digest."""
+    from foldfed.deltafile import write_delta
+    from foldfed.trainer.local import file_digest
+
+    write_delta(path, initial_state(settings, seed))
+    return file_digest(path)
+
+
+class Of3Backend:
+    """What the Trainer calls for OpenFold3. In a DDP job, rank 0's backend leads: before
+    each round it sends (step, θ_t) to the other ranks, which run `follow()`."""
+
+    def __init__(
+        self,
+        settings: Of3Settings,
+        *,
+        participant: str,
+        participant_index: int,
+        seed: int,
+        local_steps: int,
+        grad_accum: int,
+        dist: DistContext | None = None,
+    ) -> None:
+        from foldfed.of3.data.features import load_batch
+        from foldfed.of3.data.sample import open_sample
+        from foldfed.of3.training import BatchCache, DistContext, Of3TrainConfig
+
+        self.settings = settings
+        self.participant_index = participant_index
+        self.seed = seed
+        self.dist = dist or DistContext()
+        self.config = Of3TrainConfig(
+            local_steps=local_steps,
+            grad_accum=grad_accum,
+            lr=settings.lr,
+            warmup_steps=settings.warmup_steps,
+        )
+        self.built = build(settings, seed)
+        sample = open_sample(settings.sample_dir)
+        self.train_set: list[Path] = [e.features for e in sample.of(participant, "train")]
+        self.heldout: list[Path] = [e.features for e in sample.of(participant, "heldout")]
+        if not self.train_set:
+            raise ConfigError(f"FOLDFED_OF3_SAMPLE: no training structures for {participant}")
+        self.load = BatchCache(load_batch)
+
+    @property
+    def trainable(self) -> Sequence[str]:
+        return self.built.trainable
+
+    def evaluate(self, theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Aggregate metrics of θ on this site's held-out split (rank 0 alone)."""
+        from foldfed.of3.training import evaluate, load_trainable
+
+        if self.settings.eval_mode == "none" or not self.heldout:
+            return {}
+        load_trainable(self.built.model, self.trainable, theta)
+        return evaluate(
+            self.built.model,
+            self.built.loss_fn,
+            self.heldout,
+            self.load,
+            seed=self.seed,
+            prefix="eval",
+            confidence_only=self.built.confidence_only,
+        )
+
+    def train(
+        self, theta: Mapping[str, torch.Tensor], step: int, should_stop: StopCheck | None
+    ) -> Of3RoundResult:
+        from foldfed.of3 import ddp
+
+        if self.dist.world_size > 1:
+            ddp.send_round(step, theta, self.trainable)
+            should_stop = ddp.agreed_stop(should_stop)
+        return self._round(theta, step, should_stop)
+
+    def _round(
+        self, theta: Mapping[str, torch.Tensor], step: int, should_stop: StopCheck | None
+    ) -> Of3RoundResult:
+        from foldfed.of3.training import train_round
+
+        return train_round(
+            self.built.model,
+            self.built.loss_fn,
+            self.trainable,
+            theta,
+            self.train_set,
+            self.load,
+            self.config,
+            seed=self.seed,
+            participant_index=self.participant_index,
+            step=step,
+            confidence_only=self.built.confidence_only,
+            dist=self.dist,
+            should_stop=should_stop,
+        )
+
+    def follow(self) -> None:
+        """Ranks > 0: train the rounds rank 0 sends until it says stop."""
+        from foldfed.of3 import ddp
+        from foldfed.trainer.local import TrainingInterrupted
+
+        params = dict(self.built.model.named_parameters())
+        shapes = {name: params[name].shape for name in self.trainable}
+        while (job := ddp.receive_round(shapes)) is not None:
+            step, theta = job
+            try:
+                self._round(theta, step, ddp.agreed_stop(None))
+            except TrainingInterrupted:
+                continue  # rank 0 stopped mid-round; its next word is stop
