@@ -1,0 +1,11 @@
+"""OpenFold3 training data from real protein-ligand complexes.
+
+mmCIF in; OpenFold3's own preprocessing (cleanup, reference conformers) with an offline
+chemical-components dictionary from biotite; a deterministic crop around the ligand;
+OpenFold3's featurization; one safetensors file per example, named by a content hash.
+See docs/of3_data.md.
+
+Modules: `ccd` (offline CCD), `features` (build, cache, `load_batch`), `partition` (the
+held-out and company rule, pure), `plinder` (the real sample's source files), `sample`
+(`prepare_sample`, `open_sample`), `commands` (`foldfed data ...`).
+"""
