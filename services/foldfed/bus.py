@@ -24,7 +24,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from foldfed import topology
+from foldfed import topology, tracing
 from foldfed.config import BusSettings, amqp_user
 from foldfed.errors import BrokerBlocked, BrokerError, DecodeError, Reject
 from foldfed.messages import AnyMessage, decode, encode
@@ -234,7 +234,8 @@ class Bus:
         message = aio_pika.Message(
             body,
             type=type_name,
-            headers=headers or {},
+            # W3C trace context of the current span: the receiver's spans join its trace.
+            headers=tracing.inject(dict(headers or {})),
             # RabbitMQ refuses a user_id that is not the connection's user, so the
             # receiver can trust it as the sender's identity.
             user_id=self.user,
@@ -355,7 +356,10 @@ class Bus:
                             if lost in done:
                                 raise ConnectionError(f"connection consuming {queue!r} closed")
                             return
-                        await handler(_incoming(getting.result()))
+                        incoming = _incoming(getting.result())
+                        # The handler runs as a child of the sender's span (traceparent).
+                        with tracing.consuming(incoming.headers):
+                            await handler(incoming)
             finally:
                 stopping.cancel()
                 lost.cancel()

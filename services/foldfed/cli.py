@@ -23,7 +23,12 @@ DEFAULT_BROKER_DIR = Path(os.environ.get("FOLDFED_BROKER_DIR", "var/broker"))
 # Feature packages that add their own subcommands: each names a module with
 # `register(sub)`, which must import nothing heavy (torch, openfold3) at module level, so
 # `foldfed --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("foldfed.deploy.commands", "foldfed.monitor.commands")
+COMMAND_MODULES: tuple[str, ...] = (
+    "foldfed.deploy.commands",
+    "foldfed.monitor.commands",
+    "foldfed.tracing.commands",
+    "foldfed.loadtest.commands",
+)
 
 
 def _run_service(body: Callable[[asyncio.Event], Awaitable[object]]) -> object:
@@ -80,8 +85,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from foldfed.config import IngestSettings
     from foldfed.ingest.service import run_ingest
     from foldfed.logs import configure_logging
+    from foldfed.tracing import setup_tracing
 
     configure_logging("ingest")
+    setup_tracing("ingest")
     settings = IngestSettings.from_env()
     _run_service(lambda stop: run_ingest(settings, stop))
     return 0
@@ -91,8 +98,10 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from foldfed.aggregator.service import run_aggregator
     from foldfed.config import AggregatorSettings
     from foldfed.logs import configure_logging
+    from foldfed.tracing import setup_tracing
 
     configure_logging("aggregator")
+    setup_tracing("aggregator")
     settings = AggregatorSettings.from_env()
     _run_service(lambda stop: run_aggregator(settings, stop))
     return 0
@@ -102,8 +111,10 @@ def cmd_barrier(args: argparse.Namespace) -> int:
     from foldfed.barrier.service import run_barrier
     from foldfed.config import BarrierSettings
     from foldfed.logs import configure_logging
+    from foldfed.tracing import setup_tracing
 
     configure_logging("barrier")
+    setup_tracing("barrier")
     settings = BarrierSettings.from_env()
     _run_service(lambda stop: run_barrier(settings, stop))
     return 0
@@ -112,20 +123,24 @@ def cmd_barrier(args: argparse.Namespace) -> int:
 def cmd_uploader(args: argparse.Namespace) -> int:
     from foldfed.config import UploaderSettings
     from foldfed.logs import configure_logging
+    from foldfed.tracing import setup_tracing
     from foldfed.uploader.service import run_uploader
 
     settings = UploaderSettings.from_env()
     configure_logging("uploader", settings.participant)
+    setup_tracing("uploader", settings.participant)
     _run_service(lambda stop: run_uploader(settings, stop))
     return 0
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     from foldfed.logs import configure_logging
+    from foldfed.tracing import setup_tracing
     from foldfed.trainer.service import TrainerSettings, run_trainer
 
     settings = TrainerSettings.from_env(os.environ)
     configure_logging("trainer", settings.participant)
+    setup_tracing("trainer", settings.participant)
     _run_service(lambda stop: run_trainer(settings, stop))
     return 0
 
@@ -146,10 +161,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_upload(args: argparse.Namespace) -> int:
     from foldfed.config import UploaderSettings
     from foldfed.logs import configure_logging
+    from foldfed.tracing import setup_tracing
     from foldfed.uploader.upload import run_upload
 
     settings = UploaderSettings.from_env()
     configure_logging("uploader", settings.participant)
+    setup_tracing("uploader", settings.participant)
     base = bytes.fromhex(args.base_model_digest) if args.base_model_digest else b""
     report = asyncio.run(run_upload(settings, Path(args.delta), args.step, args.weight, base))
     print(json.dumps(report.as_dict()), flush=True)

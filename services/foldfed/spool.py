@@ -17,16 +17,21 @@ Layout (`<step>` is the global step as 12 zero-padded decimal digits):
 
 JSON files (UTF-8, one object, each with `"format": 1`, which readers check first):
 
-    release  {"format", "step", "model_digest", "update", "final"}
+    release  {"format", "step", "model_digest", "update", "final"[, "trace", "update_trace"]}
              update: file name or null; final: true once the cycle is over (no training)
-    delta    {"format", "step", "tensors", "size", "weight", "base_model_digest", "metrics"}
-    model    {"format", "step", "model_digest", "metrics"}
+    delta    {"format", "step", "tensors", "size", "weight", "base_model_digest", "metrics"
+              [, "trace"]}
+    model    {"format", "step", "model_digest", "metrics"[, "trace"]}
     current  {"format", "step", "model_digest", "tensors"}
 
 Digests are blake3-256 in lower-case hex. `model_digest` is the digest of θ_t written
 canonically by `foldfed.deltafile.write_delta` with no metadata. `metrics` maps names to
 numbers; a non-finite value is written as null and read back as NaN. `weight` is how
 much this delta counts in the weighted mean (the number of training samples it used).
+`trace` (optional) is the W3C trace context of the span that wrote the file, as
+{"traceparent": ..., "tracestate": ...}: the trainer's spans join the step's trace through
+the release, the gateway's upload joins it through the delta (docs/tracing.md).
+`update_trace` is the context of the update's own step (applying it belongs there).
 
 Rules:
 - Every file is written atomically: a temporary file whose name starts with ".", fsync,
@@ -48,8 +53,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +65,9 @@ from foldfed.errors import StoreError
 FORMAT = 1
 OutboxKind = Literal["delta", "model"]
 _KINDS: frozenset[str] = frozenset({"delta", "model"})
+# W3C trace context fields a `trace` object may hold, and their longest accepted value.
+_TRACE_KEYS = frozenset({"traceparent", "tracestate"})
+_TRACE_VALUE_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,9 @@ class Release:
     update_path: Path | None
     # The cycle is over: build θ_t and report it, train no more.
     final: bool = False
+    # Trace context of this step's release, and of the step whose update this applies.
+    trace: Mapping[str, str] = field(default_factory=dict)
+    update_trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class DeltaRecord:
     weight: float
     base_model_digest: bytes
     metrics: dict[str, float]
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class ModelReport:
     step: int
     model_digest: bytes
     metrics: dict[str, float]
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,10 +123,16 @@ def _name(prefix: str, step: int, suffix: str) -> str:
 
 
 class Spool:
-    """One participant's spool directory; creates its folders when missing."""
+    """One participant's spool directory; creates its folders when missing.
 
-    def __init__(self, root: Path) -> None:
+    `trace_carrier`, if given, returns the current span's trace context; files written
+    without an explicit `trace` get it (the trainer's spans, around its stages)."""
+
+    def __init__(
+        self, root: Path, trace_carrier: Callable[[], Mapping[str, str]] | None = None
+    ) -> None:
         self.root = Path(root)
+        self.trace_carrier = trace_carrier
         self.inbox = self.root / "inbox"
         self.outbox = self.root / "outbox"
         self.model_dir = self.root / "model"
@@ -145,7 +164,13 @@ class Spool:
     # --- gateway → trainer ------------------------------------------------------------
 
     def write_release(
-        self, step: int, model_digest: bytes, update_path: Path | None, final: bool = False
+        self,
+        step: int,
+        model_digest: bytes,
+        update_path: Path | None,
+        final: bool = False,
+        trace: Mapping[str, str] | None = None,
+        update_trace: Mapping[str, str] | None = None,
     ) -> None:
         """Release step `step`. An update not yet at `update_path(step)` is moved there."""
         _check_digest(model_digest)
@@ -163,7 +188,10 @@ class Spool:
             "model_digest": model_digest.hex(),
             "update": update_name,
             "final": final,
+            **self._trace_fields(trace),
         }
+        if update_trace:
+            body["update_trace"] = _check_trace(update_trace)
         _write_json(self.release_path(step), body)
 
     def next_release(self, after_step: int) -> Release | None:
@@ -182,6 +210,8 @@ class Spool:
             model_digest=_digest_field(body, "model_digest", path),
             update_path=None if update is None else self.update_path(step),
             final=body.get("final") is True,
+            trace=_trace_field(body, "trace", path),
+            update_trace=_trace_field(body, "update_trace", path),
         )
 
     def drop_update(self, step: int) -> None:
@@ -199,6 +229,7 @@ class Spool:
         weight: float,
         base_model_digest: bytes,
         metrics: Mapping[str, float],
+        trace: Mapping[str, str] | None = None,
     ) -> DeltaRecord:
         """Publish Δ_step, whose tensors are already written (moved to delta_path if not)."""
         _check_digest(base_model_digest)
@@ -215,18 +246,24 @@ class Spool:
             "weight": weight,
             "base_model_digest": base_model_digest.hex(),
             "metrics": _encode_metrics(metrics),
+            **self._trace_fields(trace),
         }
         _write_json(self._outbox_json("delta", step), body)
         return self._delta_record(step, self._outbox_json("delta", step))
 
     def write_model_report(
-        self, step: int, model_digest: bytes, metrics: Mapping[str, float]
+        self,
+        step: int,
+        model_digest: bytes,
+        metrics: Mapping[str, float],
+        trace: Mapping[str, str] | None = None,
     ) -> None:
         _check_digest(model_digest)
         body = {
             "step": step,
             "model_digest": model_digest.hex(),
             "metrics": _encode_metrics(metrics),
+            **self._trace_fields(trace),
         }
         _write_json(self._outbox_json("model", step), body)
 
@@ -266,7 +303,8 @@ class Spool:
             path = self._outbox_json("model", step)
             body = _read_json(path, step)
             digest = _digest_field(body, "model_digest", path)
-            out.append(ModelReport(step, digest, _metrics_field(body, path)))
+            trace = _trace_field(body, "trace", path)
+            out.append(ModelReport(step, digest, _metrics_field(body, path), trace))
         return out
 
     def mark_sent(self, kind: OutboxKind, step: int) -> None:
@@ -297,7 +335,13 @@ class Spool:
             weight=float(weight),
             base_model_digest=_digest_field(body, "base_model_digest", path),
             metrics=_metrics_field(body, path),
+            trace=_trace_field(body, "trace", path),
         )
+
+    def _trace_fields(self, trace: Mapping[str, str] | None) -> dict[str, Any]:
+        if trace is None and self.trace_carrier is not None:
+            trace = self.trace_carrier()
+        return {"trace": _check_trace(trace)} if trace else {}
 
     # --- the trainer's model ----------------------------------------------------------
 
@@ -378,6 +422,30 @@ def _digest_field(body: Mapping[str, Any], key: str, path: Path) -> bytes:
     if len(digest) != DIGEST_SIZE:
         raise StoreError(f"{path.name}: {key} is not a {DIGEST_SIZE}-byte hex digest")
     return digest
+
+
+def _check_trace(trace: Mapping[str, str]) -> dict[str, str]:
+    out = dict(trace)
+    for key, value in out.items():
+        if key not in _TRACE_KEYS or not isinstance(value, str):
+            raise ValueError(f"trace context holds traceparent/tracestate strings, got {key!r}")
+        if len(value) > _TRACE_VALUE_MAX:
+            raise ValueError(f"trace context {key} is longer than {_TRACE_VALUE_MAX}")
+    return out
+
+
+def _trace_field(body: Mapping[str, Any], key: str, path: Path) -> dict[str, str]:
+    """An optional trace context; its values' syntax is the tracer's business (an invalid
+    traceparent only starts a new trace), its shape is checked here."""
+    raw = body.get(key)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise StoreError(f"{path.name}: {key} must be an object")
+    try:
+        return _check_trace(raw)
+    except ValueError as exc:
+        raise StoreError(f"{path.name}: {key}: {exc}") from None
 
 
 def _encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:

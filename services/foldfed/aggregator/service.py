@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from foldfed import topology
+from foldfed import topology, tracing
 from foldfed.aggregation import ServerOptimizer, finalize_step, weight_total
 from foldfed.aggregation.state import generations
 from foldfed.aggregator.sink import AggregationSink
@@ -112,10 +112,19 @@ class AggregatorService(IngestService):
         if missing:
             raise Reject(f"cannot finalize step {step}: no delivery from {sorted(missing)}")
         started = now_ms()
-        result = await asyncio.to_thread(self._finalize_files, step, request, weights)
+        tracing.annotate(step=step, participants=len(weights))
+        with tracing.span("finalize.compute", step=step):
+            result = await asyncio.to_thread(self._finalize_files, step, request, weights)
         plan, model_digest, weight_sum = result
         manifest = self._update_manifest(step, plan, weight_sum)
-        await self._broadcast_update(manifest, self.update_path(step))
+        # Participants' downloads of the update are children of this span (chunk headers).
+        with tracing.span(
+            "broadcast",
+            step=step,
+            chunks=len(manifest.chunk_digests),
+            **{tracing.BYTES: manifest.payload_size},
+        ):
+            await self._broadcast_update(manifest, self.update_path(step))
         finalized = StepFinalized(step, encode(manifest)[1], model_digest, weight_sum, now_ms())
         await self.bus.publish(topology.EVENTS_EXCHANGE, topology.FINALIZED_KEY, finalized)
         log.info(
@@ -191,9 +200,17 @@ class AggregatorService(IngestService):
                 await window.submit(self.bus.publish(topology.BROADCAST_EXCHANGE, "", chunk))
 
 
+class TracedSink(AggregationSink):
+    """The running sum, with an "aggregate" span per chunk added (under its ingest span)."""
+
+    def apply(self, m: Manifest, index: int, prepared: object) -> None:
+        with tracing.child_span("aggregate", step=m.step, participant=m.participant, index=index):
+            super().apply(m, index, prepared)
+
+
 async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> None:
     ingest = settings.ingest
-    sink = AggregationSink(ingest.state_dir)
+    sink = TracedSink(ingest.state_dir)
     ledger = IngestLedger(
         ingest.state_dir, ingest.participants, ingest.first_step, ingest.max_payload_bytes, sink
     )

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 
 import structlog
+from opentelemetry.trace import SpanContext
 
-from foldfed import topology
+from foldfed import topology, tracing
 from foldfed.barrier.machine import (
+    BarrierState,
     CycleDone,
     CycleStarted,
     Delivered,
@@ -27,6 +29,7 @@ from foldfed.barrier.machine import (
     Recover,
     Release,
     RequestFinalize,
+    StepRecord,
 )
 from foldfed.barrier.machine import Event as MachineEvent
 from foldfed.barrier.store import BarrierStore
@@ -44,9 +47,26 @@ from foldfed.domain import (
 from foldfed.errors import Reject
 from foldfed.faults import crash_point
 from foldfed.messages import now_ms
+from foldfed.tracing import StepTrace
 
 log = structlog.get_logger(__name__)
 SERVICE = "barrier"
+_MS = 1_000_000  # ns per ms
+# The span that handles each kind of message.
+_SPAN_OF = {Delivered: "delivered", Finalized: "finalized", ModelReported: "model_report"}
+
+
+def step_trace(record: StepRecord) -> StepTrace:
+    """Step `record.step`'s trace: derived from what the store keeps, so a restarted
+    barrier (and every process it sends a context to) stays in the same trace."""
+    return StepTrace.derive(record.cycle, record.step, record.opened_ms, record.base_digest)
+
+
+def final_trace(state: BarrierState) -> StepTrace:
+    """The trace of the final release (step R+1): the final model, reported, no training."""
+    last = state.current  # step R, released
+    opened = last.released_ms if last.released_ms is not None else last.opened_ms
+    return StepTrace.derive(state.cycle, state.step, opened, state.model_digest)
 
 
 class BarrierService:
@@ -86,7 +106,13 @@ class BarrierService:
             log.warning("rejected", reason=exc.reason, type=incoming.type, user=incoming.user_id)
             await self.bus.dead_letter(incoming, exc.reason)
             return
-        await self._apply(event)
+        # A child of the sender's span (the receipt's, the finalize's, the report's).
+        with tracing.span(
+            _SPAN_OF[type(event)],
+            step=getattr(event, "step", None),
+            participant=getattr(event, "participant", None),
+        ):
+            await self._apply(event)
         await incoming.raw.ack()
 
     def _event_of(self, incoming: Incoming) -> MachineEvent:
@@ -116,34 +142,61 @@ class BarrierService:
             if isinstance(effect, Release | RequestFinalize):
                 # Durable, not yet published: the window a crash test aims at.
                 crash_point(SERVICE, f"before-{type(effect).__name__.lower()}", effect.step)
-        await self._perform(effects)
+        state = None
+        if any(isinstance(e, Release | RequestFinalize | CycleDone) for e in effects):
+            state = await asyncio.to_thread(self.store.load)  # the records traces derive from
+        await self._perform(effects, state)
 
-    async def _perform(self, effects: Effects) -> None:
+    async def _perform(self, effects: Effects, state: BarrierState | None) -> None:
         for effect in effects:
             match effect:
                 case RequestFinalize():
-                    structlog.contextvars.bind_contextvars(step=effect.step)
-                    log.info("all delivered; finalizing", participants=len(effect.participants))
-                    request = FinalizeRequest(
-                        effect.step, tuple(sorted(effect.participants)), effect.cycle
-                    )
-                    await self.bus.publish(topology.CONTROL_EXCHANGE, "", request)
+                    await self._request_finalize(effect, state)
                 case Release():
-                    await self._release(effect)
+                    await self._release(effect, state)
                 case CycleDone():
-                    await self._cycle_done(effect)
+                    await self._cycle_done(effect, state)
                 case FlagMismatch():
                     detail = (
                         f"{effect.participant} holds model {short(effect.reported)} after "
                         f"step {effect.step}; the hub expected {short(effect.expected)}"
                     )
                     log.error("MODEL DIGEST MISMATCH", detail=detail)
+                    tracing.annotate(mismatch=True)
                     await self._event("model_mismatch", effect.step, detail, effect.participant)
                 case Ignored():
                     log.info("ignored", reason=effect.reason)
 
-    async def _release(self, effect: Release) -> None:
+    async def _request_finalize(self, effect: RequestFinalize, state: BarrierState | None) -> None:
         structlog.contextvars.bind_contextvars(step=effect.step)
+        log.info("all delivered; finalizing", participants=len(effect.participants))
+        record = _record(state, effect.step)
+        trace = step_trace(record) if record is not None else None
+        if record is not None and trace is not None:
+            _emit_wait(record, trace)
+        parent = trace.parent() if trace is not None else tracing.current_context()
+        request = FinalizeRequest(effect.step, tuple(sorted(effect.participants)), effect.cycle)
+        with tracing.span("close", parent=parent, step=effect.step):
+            await self.bus.publish(topology.CONTROL_EXCHANGE, "", request)
+
+    async def _release(self, effect: Release, state: BarrierState | None) -> None:
+        structlog.contextvars.bind_contextvars(step=effect.step)
+        record = _record(state, effect.step)
+        previous = _record(state, effect.step - 1)
+        headers: dict[str, str] = {}
+        if previous is not None and previous.released_ms is not None:
+            # Step t-1 ends with this release: its root span is written now (again, with
+            # the same ids, after a restart), and U_{t-1} is applied in its trace.
+            finished = step_trace(previous)
+            _emit_root(previous, finished)
+            headers[tracing.UPDATE_TRACEPARENT] = tracing.carrier(_update_context(finished))[
+                tracing.TRACEPARENT
+            ]
+        parent = step_trace(record).root if record is not None else tracing.current_context()
+        with tracing.span("release", parent=parent, step=effect.step):
+            await self._publish_release(effect, headers)
+
+    async def _publish_release(self, effect: Release, headers: dict[str, str]) -> None:
         release = StepReleased(
             step=effect.step,
             model_digest=effect.model_digest,
@@ -154,13 +207,40 @@ class BarrierService:
         )
         # The aggregator first, so the step is open before any participant can deliver
         # (the update's chunks already wait in every participant's queue).
-        await self.bus.publish(topology.CONTROL_EXCHANGE, "", release)
-        await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release)
+        await self.bus.publish(topology.CONTROL_EXCHANGE, "", release, headers=headers)
+        await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release, headers=headers)
         log.info("released", model=short(effect.model_digest))
         await self._event("step_released", effect.step, short(effect.model_digest))
 
-    async def _cycle_done(self, effect: CycleDone) -> None:
+    async def _cycle_done(self, effect: CycleDone, state: BarrierState | None) -> None:
         """The last update goes out as a final release: apply it, report, train no more."""
+        headers: dict[str, str] = {}
+        parent = tracing.current_context()
+        if state is not None:
+            last = state.current
+            finished = step_trace(last)
+            _emit_root(last, finished)
+            headers[tracing.UPDATE_TRACEPARENT] = tracing.carrier(_update_context(finished))[
+                tracing.TRACEPARENT
+            ]
+            # The final release's own trace (step R+1): a root of no length (the barrier
+            # does nothing more for it), then the participants' final evaluations.
+            final = final_trace(state)
+            at_ns = now_ms() * _MS
+            tracing.emit_span(
+                "step",
+                parent=None,
+                start_ns=at_ns,
+                end_ns=at_ns,
+                step=effect.step,
+                ids=(final.trace_id, final.root_span_id),
+                final=True,
+            )
+            parent = final.root
+        with tracing.span("release", parent=parent, step=effect.step, final=True):
+            await self._publish_final(effect, headers)
+
+    async def _publish_final(self, effect: CycleDone, headers: dict[str, str]) -> None:
         release = StepReleased(
             step=effect.step,
             model_digest=effect.final_model_digest,
@@ -170,7 +250,7 @@ class BarrierService:
             cycle=effect.cycle,
             final=True,
         )
-        await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release)
+        await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release, headers=headers)
         log.info("cycle done", final_model=effect.final_model_digest.hex())
         await self._event("cycle_done", effect.step, effect.final_model_digest.hex())
 
@@ -179,6 +259,51 @@ class BarrierService:
         await self.bus.publish(
             topology.EVENTS_EXCHANGE, f"{SERVICE}.{kind}", event, mandatory=False
         )
+
+
+def _record(state: BarrierState | None, step: int) -> StepRecord | None:
+    if state is None:
+        return None
+    return next((r for r in state.recent_steps if r.step == step), None)
+
+
+def _update_context(trace: StepTrace) -> SpanContext:
+    """Where applying step t's update hangs in t's trace: under the span handling its
+    StepFinalized when there is one, else (a re-release after a restart) under the root."""
+    current = tracing.current_context()
+    return current if current.trace_id == trace.trace_id else trace.root
+
+
+def _emit_root(record: StepRecord, trace: StepTrace) -> None:
+    """The step's root span: from its release to the release of the model it produced."""
+    end_ms = record.released_ms if record.released_ms is not None else now_ms()
+    tracing.emit_span(
+        "step",
+        parent=None,
+        start_ns=record.opened_ms * _MS,
+        end_ns=end_ms * _MS,
+        step=record.step,
+        ids=(trace.trace_id, trace.root_span_id),
+        participants=len(record.deliveries),
+    )
+
+
+def _emit_wait(record: StepRecord, trace: StepTrace) -> None:
+    """barrier.wait: from the release until the last participant delivered."""
+    if record.closed_ms is None or not record.deliveries:
+        return
+    last = max(record.deliveries, key=lambda d: d.at_ms)
+    first = min(d.at_ms for d in record.deliveries)
+    tracing.emit_span(
+        "barrier.wait",
+        parent=trace.root,
+        start_ns=record.opened_ms * _MS,
+        end_ns=record.closed_ms * _MS,
+        step=record.step,
+        ids=(trace.trace_id, trace.span_id_for("barrier.wait")),
+        straggler=last.participant,
+        straggler_lag_s=(last.at_ms - first) / 1000,
+    )
 
 
 async def run_barrier(settings: BarrierSettings, stop: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ import sqlite3
 
 import structlog
 
-from foldfed import topology
+from foldfed import topology, tracing
 from foldfed.bus import Bus, Incoming
 from foldfed.config import IngestSettings
 from foldfed.errors import FoldfedError, Reject
@@ -29,6 +29,14 @@ from foldfed.messages import (
 
 log = structlog.get_logger(__name__)
 SERVICE = "ingest"
+# The span that handles each message type (a child of the sender's span).
+_SPAN_OF = {
+    "foldfed.v1.DeltaManifest": "ingest.manifest",
+    "foldfed.v1.HaveRequest": "ingest.have",
+    "foldfed.v1.Chunk": "ingest.chunk",
+    "foldfed.v1.StepReleased": "open_step",
+    "foldfed.v1.FinalizeRequest": "finalize",
+}
 
 
 class IngestService:
@@ -49,9 +57,15 @@ class IngestService:
         )
 
     async def handle(self, incoming: Incoming) -> None:
+        name = _SPAN_OF.get(incoming.type, "ingest.other")
+        with tracing.span(name, **{tracing.BYTES: len(incoming.body)}):
+            await self._handle(incoming)
+
+    async def _handle(self, incoming: Incoming) -> None:
         try:
             effects = await self._apply(incoming)
         except Reject as exc:
+            tracing.annotate(rejected=exc.reason)
             await self._dead_letter(incoming, exc.reason)
             return
         except (OSError, sqlite3.Error, FoldfedError) as exc:
@@ -69,6 +83,11 @@ class IngestService:
 
     async def _apply(self, incoming: Incoming) -> Effects:
         msg = incoming.message()
+        tracing.annotate(
+            step=getattr(msg, "step", None),
+            participant=getattr(msg, "participant", None),
+            index=getattr(msg, "index", None),
+        )
         match msg:
             case StepReleased():
                 if incoming.user_id != self.bus.user:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from foldfed import topology
+from foldfed import topology, tracing
 from foldfed.bus import Bus
 from foldfed.chunkstore import ChunkStore
 from foldfed.config import UploaderSettings, _float
@@ -85,7 +85,7 @@ class UploaderService:
             started = {"bytes_total": float(delta.size), **_finite(delta.metrics)}
             await self._event("upload_started", delta.step, started)
             report = await self.uploader.upload(
-                delta.path, delta.step, delta.weight, delta.base_model_digest
+                delta.path, delta.step, delta.weight, delta.base_model_digest, trace=delta.trace
             )
             self._delivered_at = time.monotonic()
             self._state = "waiting"
@@ -111,7 +111,9 @@ class UploaderService:
                 metrics=_finite(report.metrics),
                 unix_ms=now_ms(),
             )
-            await self.bus.publish(topology.EVENTS_EXCHANGE, topology.MODEL_REPORT_KEY, msg)
+            # Under the trainer's evaluation of this model (its context is in the file).
+            with tracing.span("report", parent=report.trace, step=report.step):
+                await self.bus.publish(topology.EVENTS_EXCHANGE, topology.MODEL_REPORT_KEY, msg)
             await asyncio.to_thread(self.spool.mark_sent, "model", report.step)
             worked = True
         return worked
@@ -127,7 +129,11 @@ class UploaderService:
     async def _on_message(self, msg: AnyMessage) -> None:
         match msg:
             case Chunk(participant=topology.HUB_ID):
-                await asyncio.to_thread(self._keep_update_chunk, msg)
+                # A child of the aggregator's broadcast of step t's update (trace t).
+                with tracing.span(
+                    "download", step=msg.step, index=msg.index, **{tracing.BYTES: len(msg.body)}
+                ):
+                    await asyncio.to_thread(self._keep_update_chunk, msg)
             case StepReleased():
                 await self._on_release(msg)
 
@@ -139,19 +145,32 @@ class UploaderService:
     async def _on_release(self, release: StepReleased) -> None:
         structlog.contextvars.bind_contextvars(step=release.step)
         self._step, self._state = release.step, "done" if release.final else "training"
+        # A child of the barrier's release span; the trainer's spans for this step hang
+        # under it (its context goes into the release file).
+        with tracing.span("receive_release", step=release.step, final=release.final or None):
+            await self._write_release(release)
+        waited = None if self._delivered_at is None else time.monotonic() - self._delivered_at
+        log.info("step released", model=short(release.model_digest), waited_s=waited)
+        await self._event("release_received", release.step, {"wait_s": waited or 0.0})
+
+    async def _write_release(self, release: StepReleased) -> None:
         update_path: Path | None = None
+        update_trace: tracing.Carrier = {}
         if release.update_manifest:
-            update_path = await asyncio.to_thread(self._assemble_update, release)
+            # U_{t-1} belongs to step t-1's trace (its context is in a header of its own).
+            parent = tracing.incoming_carrier(tracing.UPDATE_TRACEPARENT) or tracing.CURRENT
+            with tracing.span("assemble", parent=parent, step=release.step - 1):
+                update_path = await asyncio.to_thread(self._assemble_update, release)
+                update_trace = tracing.carrier()
         await asyncio.to_thread(
             self.spool.write_release,
             release.step,
             release.model_digest,
             update_path,
             release.final,
+            trace=tracing.carrier(),
+            update_trace=update_trace,
         )
-        waited = None if self._delivered_at is None else time.monotonic() - self._delivered_at
-        log.info("step released", model=short(release.model_digest), waited_s=waited)
-        await self._event("release_received", release.step, {"wait_s": waited or 0.0})
 
     def _assemble_update(self, release: StepReleased) -> Path:
         """Write the global update from downloaded chunks, verifying every one of them.

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
 from tqdm import tqdm
 
-from foldfed import topology
+from foldfed import topology, tracing
 from foldfed.bus import Bus, PublishWindow
 from foldfed.config import UploaderSettings
 from foldfed.deltafile import plan_chunks, read_chunk
@@ -63,6 +63,7 @@ class UploadReport:
     hub_duplicates: int
     resumed: bool
     seconds: float
+    retries: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -76,6 +77,8 @@ class _Tally:
     sent_bytes: int = 0
     skipped_hub: int = 0
     skipped_journal: int = 0
+    # Rounds run again (no receipt in time).
+    retries: int = 0
 
 
 class Uploader:
@@ -91,7 +94,32 @@ class Uploader:
             )
 
     async def upload(
-        self, delta_path: Path, step: int, weight: float, base_model_digest: bytes = b""
+        self,
+        delta_path: Path,
+        step: int,
+        weight: float,
+        base_model_digest: bytes = b"",
+        trace: Mapping[str, str] | None = None,
+    ) -> UploadReport:
+        """Deliver one delta. `trace`: the context of the trainer's span that made it (the
+        upload span hangs under it; the chunks' headers carry the upload span's)."""
+        parent = tracing.CURRENT if trace is None else trace
+        with tracing.span("upload", parent=parent, step=step) as span:
+            report = await self._upload(delta_path, step, weight, base_model_digest)
+            span.set_attributes(
+                {
+                    tracing.BYTES: report.bytes_sent,
+                    "chunks": report.chunks_total,
+                    "chunks_sent": report.chunks_sent,
+                    "skipped": report.skipped_held_by_hub + report.skipped_journaled,
+                    "retries": report.retries,
+                    "resumed": report.resumed,
+                }
+            )
+        return report
+
+    async def _upload(
+        self, delta_path: Path, step: int, weight: float, base_model_digest: bytes
     ) -> UploadReport:
         started = time.monotonic()
         structlog.contextvars.bind_contextvars(step=step)
@@ -119,6 +147,7 @@ class Uploader:
                 )
                 if receipt is not None:
                     break
+                tally.retries += 1
                 log.warning("no receipt in time; asking the hub again", round=round_)
             if receipt is None:
                 raise FoldfedError(f"step {step}: no delivery receipt after {MAX_ROUNDS} rounds")
@@ -136,6 +165,7 @@ class Uploader:
             hub_duplicates=receipt.duplicate_chunks,
             resumed=resumed,
             seconds=round(time.monotonic() - started, 3),
+            retries=tally.retries,
         )
         log.info("upload done", **report.as_dict())
         return report
@@ -190,7 +220,8 @@ class Uploader:
             if same_delivery:
                 return decoded, journaled, True
         # Hashing a GB-sized file takes a fraction of a second per GB, but never on the loop.
-        plan = await asyncio.to_thread(plan_chunks, delta_path, self.settings.chunk_size)
+        with tracing.span("encode", step=step, chunk_size=self.settings.chunk_size):
+            plan = await asyncio.to_thread(plan_chunks, delta_path, self.settings.chunk_size)
         manifest = manifest_of(
             plan,
             step=step,
