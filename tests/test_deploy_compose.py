@@ -233,13 +233,16 @@ def test_compose_services_run_a_federated_cycle(broker: BrokerHandle, tmp_path: 
 
     record = RunRecord(participants, steps)
     order = _start_order(services, set(containers) - set(one_shots))
-    try:
+
+    def start() -> None:  # in depends_on order, waiting for each condition
         for name in order:
             for dep, cond in services[name].get("depends_on", {}).items():
                 if cond["condition"] == "service_healthy" and dep in processes.running:
                     processes.wait_healthy(dep)
             processes.start(containers[name])
-        asyncio.run(watch_cycle(broker.admin_url, record, processes))
+
+    try:
+        asyncio.run(watch_cycle(broker.admin_url, record, processes, start))
         for name in processes.running:
             status, body = processes.readyz(name)
             assert status == 200, (name, body)

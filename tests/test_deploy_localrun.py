@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,12 +205,18 @@ async def delete_queues(admin_url: str, participants: Iterable[str]) -> None:
 
 
 async def watch_cycle(
-    admin_url: str, record: RunRecord, processes: Processes, timeout_s: float = 420
+    admin_url: str,
+    record: RunRecord,
+    processes: Processes,
+    start: Callable[[], None],
+    timeout_s: float = 420,
 ) -> None:
-    """Follow the events until the cycle is done and every final model is reported."""
+    """Listen to the events, then `start()` the services (in a thread), then follow the
+    events until the cycle is done and every final model is reported."""
     observer = Observer(admin_url, record)
     await observer.start()
     try:
+        await asyncio.to_thread(start)
         deadline = time.monotonic() + timeout_s
         while not record.finished():
             processes.check_alive()

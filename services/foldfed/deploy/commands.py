@@ -33,8 +33,14 @@ def cmd_broker_definitions(args: argparse.Namespace) -> int:
         urls.append(d.url_of_env(d.parse_env_file(text, path), path))
     for path in args.url_file:
         urls.append(_read(Path(path)).strip())
+    for folder in args.url_dir:
+        # A mounted Kubernetes Secret: one file per key; its `..data` entries are skipped.
+        files = sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
+        if not files:
+            raise ConfigError(f"--url-dir {folder}: no URL file in it")
+        urls.extend(_read(p).strip() for p in files if p.is_file())
     if not urls:
-        raise ConfigError("broker-definitions needs --env-file, --url-file or --url")
+        raise ConfigError("broker-definitions needs --env-file, --url-file, --url-dir or --url")
     users = [d.user_of_url(url, args.hub_user) for url in urls]
     document = d.definitions(users)
     out = Path(args.out)
@@ -95,6 +101,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--env-file", action="append", default=[], help="env file with FOLDFED_AMQP_URL"
     )
     defs.add_argument("--url-file", action="append", default=[], help="file holding one AMQP URL")
+    defs.add_argument(
+        "--url-dir", action="append", default=[], help="folder of URL files (a Secret)"
+    )
     defs.add_argument("--url", action="append", default=[], help="an AMQP URL")
     defs.add_argument("--hub-user", default="foldfed-hub", help="the hub services' user")
     defs.set_defaults(func=cmd_broker_definitions)
