@@ -221,14 +221,17 @@ def test_barrier_wait_is_attributed_to_the_slow_participant(slow_run) -> None:
     assert row[SLOW]["idle_s"] == pytest.approx(STEPS * DELAY_S, rel=0.10)
     assert all(row[p]["idle_s"] == 0.0 for p in PARTICIPANTS if p != SLOW)
     # Each participant's own phases are there for every step, and the slow one's
-    # compute phase (release received -> upload start) carries the delay.
+    # compute phase (release received -> upload start, its own clock) carries the delay.
+    extra = []
     for s in steps:
         for p in PARTICIPANTS:
             phases = s["participants"][p]
             assert phases["compute_s"] is not None and phases["upload_s"] is not None
             assert phases["wait_s"] is not None and phases["wait_s"] >= 0
         others = max(s["participants"][p]["compute_s"] for p in PARTICIPANTS if p != SLOW)
-        assert s["participants"][SLOW]["compute_s"] - others == pytest.approx(DELAY_S, rel=0.15)
+        extra.append(s["participants"][SLOW]["compute_s"] - others)
+    print(f"{SLOW}'s extra compute phase per step (s): {[round(e, 3) for e in extra]}")
+    assert statistics.median(extra) == pytest.approx(DELAY_S, rel=0.10)
 
 
 def test_a_straggler_alert_goes_out_once_and_the_page_flags_it(slow_run) -> None:

@@ -286,3 +286,36 @@ def test_metrics_are_valid_prometheus_text() -> None:
         for s in families["foldfed_participant_phase_seconds"].samples
     }
     assert ("org-c", "wait") in phases and ("org-a", "compute") in phases
+
+
+def test_settings_name_the_bad_variable() -> None:
+    from foldfed.errors import ConfigError
+    from foldfed.monitor.settings import MonitorSettings
+
+    env = {"FOLDFED_AMQP_URL": "amqp://hub:pw@localhost:5672/", "FOLDFED_PARTICIPANTS": "org-a"}
+    settings = MonitorSettings.from_env(env)
+    assert settings.port == 8090 and settings.model.rule.needed == 3
+    with pytest.raises(ConfigError, match="FOLDFED_MONITOR_STRAGGLER_STEPS"):
+        MonitorSettings.from_env({**env, "FOLDFED_MONITOR_STRAGGLER_STEPS": "7"})
+    with pytest.raises(ConfigError, match="FOLDFED_MONITOR_PORT"):
+        MonitorSettings.from_env({**env, "FOLDFED_MONITOR_PORT": "70000"})
+    with pytest.raises(ConfigError, match="FOLDFED_MONITOR_SILENT_S"):
+        MonitorSettings.from_env({**env, "FOLDFED_MONITOR_SILENT_S": "soon"})
+
+
+def test_status_says_why_when_the_monitor_cannot_be_reached() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nobody listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "foldfed.cli", "status", "--url", f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"cannot read the monitor at http://127.0.0.1:{port}/" in result.stderr
