@@ -15,6 +15,7 @@ monitor's clock on arrival (`received_ms`).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,14 @@ class MonitorModel:
         self.reports: dict[tuple[int, str], dict[str, float]] = {}
         self._stragglers: set[str] = set()
         self._silent: dict[str, int] = {}  # participant -> last heartbeat ms it was silent after
+        # Kept as messages arrive, so that neither a step closing nor a replay of a long
+        # cycle rescans every step: closed steps of the cycle (ascending), each one's held
+        # times, each participant's idle and bytes so far, the latest step heard of.
+        self._closed: list[int] = []
+        self._held: dict[int, dict[str, float]] = {}
+        self._idle = {p: 0.0 for p in config.participants}
+        self._bytes = {p: 0.0 for p in config.participants}
+        self._latest: int | None = None
 
     # ------------------------------------------------------------------ input
 
@@ -123,7 +132,8 @@ class MonitorModel:
                 entry = self.step(msg.step).of(msg.participant)
                 before = entry.delivered_ms
                 entry.delivered_ms = _first(entry.delivered_ms, msg.completed_unix_ms)
-                if before is None and self.closed(msg.step):
+                self._heard_of(msg.step)
+                if entry.delivered_ms != before and self._close(msg.step):
                     return self._straggler_alerts(msg.step)
             case StepFinalized():
                 state = self.step(msg.step)
@@ -144,6 +154,7 @@ class MonitorModel:
         if event.kind == "step_released":
             state = self.step(event.step)
             state.released_ms = _first(state.released_ms, event.unix_ms)
+            self._heard_of(event.step)
         elif event.kind == "cycle_done":
             self.cycle_done_ms = _first(self.cycle_done_ms, event.unix_ms)
         elif event.kind == "rejected":
@@ -170,10 +181,31 @@ class MonitorModel:
             entry.compute_s = m.get("compute_s", entry.compute_s)
             entry.bytes_total = m.get("bytes_total", entry.bytes_total)
             entry.upload_s = m.get("upload_s", entry.upload_s)
-            entry.bytes_sent = m.get("bytes_sent", entry.bytes_sent)
+            if "bytes_sent" in m and m["bytes_sent"] != entry.bytes_sent:
+                self._bytes[event.participant] += m["bytes_sent"] - (entry.bytes_sent or 0.0)
+                entry.bytes_sent = m["bytes_sent"]
             entry.train_loss = m.get("train_loss", entry.train_loss)
         if entry.release_received_ms is not None and entry.upload_started_ms is not None:
             entry.local_s = max(0.0, (entry.upload_started_ms - entry.release_received_ms) / 1e3)
+
+    def _heard_of(self, step: int) -> None:
+        c = self.config
+        if c.first_step <= step <= c.last_step and (self._latest is None or step > self._latest):
+            self._latest = step
+
+    def _close(self, step: int) -> bool:
+        """Record held times once `step` has every delivery; True the first time."""
+        c = self.config
+        if not (c.first_step <= step <= c.last_step and self.closed(step)):
+            return False
+        held = attribution.held_times(self.deliveries(step))
+        old = self._held.get(step)
+        for p, seconds in held.items():
+            self._idle[p] += seconds - (old or {}).get(p, 0.0)
+        self._held[step] = held
+        if old is None:
+            bisect.insort(self._closed, step)
+        return old is None
 
     # ------------------------------------------------------------------ derived facts
 
@@ -192,8 +224,8 @@ class MonitorModel:
         return len(self.deliveries(step)) == len(self.config.participants)
 
     def closed_steps(self) -> list[int]:
-        c = self.config
-        return [s for s in range(c.first_step, c.last_step + 1) if self.closed(s)]
+        """Closed steps of the cycle, ascending."""
+        return list(self._closed)
 
     def next_release_ms(self, step: int) -> int | None:
         if step == self.config.last_step:
@@ -209,34 +241,38 @@ class MonitorModel:
         released = state.released_ms / 1e3
         return {p: at - released for p, at in self.deliveries(step).items()}
 
-    def held_history(self) -> dict[str, list[float]]:
-        """Per participant, seconds it held the barrier in each closed step, in order."""
-        out: dict[str, list[float]] = {p: [] for p in self.config.participants}
-        for step in self.closed_steps():
-            for p, held in attribution.held_times(self.deliveries(step)).items():
-                out[p].append(held)
-        return out
+    def recent_held(self, participant: str) -> list[float]:
+        """Seconds it held the barrier in each of the last `window` closed steps."""
+        return [self._held[s].get(participant, 0.0) for s in self._closed[-self.config.window :]]
 
-    def verdicts(self) -> dict[str, attribution.Verdict]:
-        return attribution.stragglers(
-            [self.lags(s) for s in self.closed_steps()],
-            self.config.participants,
-            self.config.rule,
+    def idle(self, participant: str) -> float:
+        """Seconds it held the barrier over every closed step."""
+        return self._idle[participant]
+
+    def projected(self, participant: str) -> float:
+        return attribution.projected_idle(
+            self.recent_held(participant), self.remaining_steps(), self.config.window
         )
 
+    def verdicts(self) -> dict[str, attribution.Verdict]:
+        """Straggler verdicts over the last `window` closed steps with known lags (looking
+        back at most 4 windows, so a monitor that missed releases stays cheap)."""
+        c = self.config
+        recent: list[dict[str, float]] = []
+        for step in reversed(self._closed[-4 * c.rule.window :]):
+            lags = self.lags(step)
+            if all(p in lags for p in c.participants):
+                recent.append(lags)
+                if len(recent) == c.rule.window:
+                    break
+        return attribution.stragglers(recent[::-1], c.participants, c.rule)
+
     def remaining_steps(self) -> int:
-        return self.config.steps - len(self.closed_steps())
+        return self.config.steps - len(self._closed)
 
     def current_step(self) -> int | None:
         """The open step: the latest released (or delivered-to) step of the cycle."""
-        c = self.config
-        known = [
-            s
-            for s, state in self.steps.items()
-            if c.first_step <= s <= c.last_step
-            and (state.released_ms is not None or self.deliveries(s))
-        ]
-        return max(known) if known else None
+        return self._latest
 
     def last_seen(self) -> dict[str, float | None]:
         """Per participant, the monitor time (s) of its latest heartbeat from any service."""
@@ -254,13 +290,12 @@ class MonitorModel:
         now = {p for p, v in verdicts.items() if v.straggler}
         raised = sorted(now - self._stragglers)
         self._stragglers = now
-        history = self.held_history()
         remaining = self.remaining_steps()
         alerts = []
         for p in raised:
             v = verdicts[p]
-            idle = sum(history[p])
-            projected = attribution.projected_idle(history[p], remaining, self.config.window)
+            idle = self.idle(p)
+            projected = self.projected(p)
             detail = (
                 f"{p} is a straggler: slow in {v.slow_in} of the last {v.considered} steps, "
                 f"{v.excess_s or 0.0:.1f} s slower than the others' median per step; it held "
@@ -312,9 +347,8 @@ class MonitorModel:
         """Everything a person or a scraper wants, as JSON-able data."""
         c = self.config
         now = now_ms / 1e3
-        closed = self.closed_steps()
+        closed = self._closed[-(c.window + 1) :]
         remaining = self.remaining_steps()
-        history = self.held_history()
         verdicts = self.verdicts()
         current = self.current_step()
         open_info = self._open_step(current, now)
@@ -327,7 +361,7 @@ class MonitorModel:
         table = []
         for p in c.participants:
             v = verdicts[p]
-            idle = sum(history[p])
+            idle = self.idle(p)
             last = self._last_phases(p, closed)
             table.append(
                 {
@@ -340,16 +374,11 @@ class MonitorModel:
                     "excess_s": v.excess_s,
                     "idle_s": idle,
                     "idle_participant_s": idle * n_others,
-                    "steps_held": sum(1 for h in history[p] if h > 0),
-                    "projected_idle_s": attribution.projected_idle(history[p], remaining, c.window),
+                    "steps_held": sum(1 for h in self._held.values() if h.get(p, 0.0) > 0),
+                    "projected_idle_s": self.projected(p),
                     "silent": p in quiet and self.cycle_done_ms is None,
                     "heartbeat_age_s": None if seen[p] is None else max(0.0, now - seen[p]),
-                    "bytes_sent_total": sum(
-                        e.bytes_sent or 0.0
-                        for s in self.steps.values()
-                        for q, e in s.participants.items()
-                        if q == p
-                    ),
+                    "bytes_sent_total": self._bytes[p],
                     "last": last,
                 }
             )
@@ -361,7 +390,7 @@ class MonitorModel:
                 "first_step": c.first_step,
                 "last_step": c.last_step,
                 "steps": c.steps,
-                "closed": len(closed),
+                "closed": len(self._closed),
                 "remaining": remaining,
                 "done": self.cycle_done_ms is not None,
             },
