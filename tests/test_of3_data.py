@@ -1,28 +1,43 @@
 """OpenFold3 training data from real protein-ligand complexes (plinder 0.2.27's mmCIFs).
 
-One session fixture fetches the plinder sdist (PyPI, then cached in ~/.cache/foldfed or
-$FOLDFED_CACHE_DIR) and featurizes three real entries once; the tests share that cache.
+One session fixture fetches the plinder sdist (PyPI once, then cached in ~/.cache/foldfed
+or $FOLDFED_CACHE_DIR) and prepares a small real sample (three complexes, one entry
+without a ligand, one truncated file); the tests share it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from foldfed.errors import CodecError, ConfigError, StoreError
 from foldfed.of3.data import plinder
 from foldfed.of3.data.ccd import OfflineCcd
 from foldfed.of3.data.features import (
-    CachedFeatures,
     FeatureSettings,
+    FeaturizationError,
+    build_features,
+    cache_key,
+    encode_feature_file,
     featurize_cached,
     load_batch,
+    pocket_crop,
+    read_feature_info,
 )
+from foldfed.of3.data.sample import Sample, open_sample, prepare_sample, summary_table
 
 BUDGET = 48
 ENTRIES = ("7bqu", "2hyy", "3g32")  # EF2 + zinc; imatinib (STI) on ABL; a small ligand
+NO_LIGAND = "6i41"  # a real entry with no ligand at all
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +52,18 @@ def ccd() -> OfflineCcd:
 
 
 @pytest.fixture(scope="session")
-def featured(
-    cifs: dict[str, Path], ccd: OfflineCcd, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, CachedFeatures]:
-    cache = tmp_path_factory.mktemp("of3-features")
-    settings = FeatureSettings(token_budget=BUDGET, seed=0)
-    return {e: featurize_cached(cifs[e], cache, ccd, settings) for e in ENTRIES}
+def sample(cifs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Sample:
+    src = tmp_path_factory.mktemp("inputs")
+    broken = src / "brok.cif"  # a real file cut in the middle of its atom records
+    data = cifs["7bqu"].read_bytes()
+    broken.write_bytes(data[: len(data) * 2 // 3])
+    chosen = {e: cifs[e] for e in (*ENTRIES, NO_LIGAND)} | {"brok": broken}
+    out = tmp_path_factory.mktemp("sample")
+    return prepare_sample(out, 2, token_budget=BUDGET, cifs=chosen).sample
+
+
+def _entry(sample: Sample, entry_id: str):
+    return next(e for e in sample.entries if e.entry_id == entry_id)
 
 
 def _tiny_model() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -74,9 +95,10 @@ EXPECTED_TERMS = (
 
 
 @pytest.mark.slow
-def test_tiny_openfold3_trains_on_a_real_complex(featured: dict[str, CachedFeatures]) -> None:
+@pytest.mark.parametrize("entry_id", ["7bqu", "2hyy"])
+def test_tiny_openfold3_trains_on_a_real_complex(sample: Sample, entry_id: str) -> None:
     model, loss_fn = _tiny_model()
-    batch = load_batch(featured["7bqu"].path)
+    batch = load_batch(_entry(sample, entry_id).features)
     assert batch["token_mask"].shape == (1, BUDGET)
     assert batch["ground_truth"]["atom_resolved_mask"].sum() > 0
     assert all(float(w) > 0 for k, w in batch["loss_weights"].items() if k != "bond")
@@ -87,7 +109,7 @@ def test_tiny_openfold3_trains_on_a_real_complex(featured: dict[str, CachedFeatu
         loss, breakdown = loss_fn(batch, outputs, _return_breakdown=True)
     assert torch.isfinite(loss) and float(loss) > 0.1
     terms = {k: float(v) for k, v in breakdown.items()}
-    print("loss terms (7bqu, tiny model):", {k: round(v, 4) for k, v in terms.items()})
+    print(f"loss terms ({entry_id}, tiny model):", {k: round(v, 4) for k, v in terms.items()})
     for term in EXPECTED_TERMS:
         assert term in terms, f"{term} missing from the loss breakdown"
         assert math.isfinite(terms[term]) and terms[term] > 0, f"{term} = {terms[term]}"
@@ -96,8 +118,8 @@ def test_tiny_openfold3_trains_on_a_real_complex(featured: dict[str, CachedFeatu
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_load_batch_is_fresh_every_call(featured: dict[str, CachedFeatures]) -> None:
-    path = featured["7bqu"].path
+def test_load_batch_is_fresh_every_call(sample: Sample) -> None:
+    path = _entry(sample, "7bqu").features
     first = load_batch(path)
     first["ground_truth"]["atom_positions"].add_(100.0)
     first.pop("token_mask")
@@ -106,5 +128,165 @@ def test_load_batch_is_fresh_every_call(featured: dict[str, CachedFeatures]) -> 
     assert not torch.equal(
         first["ground_truth"]["atom_positions"], second["ground_truth"]["atom_positions"]
     )
-    assert isinstance(second["ref_space_uid_to_perm"], list)
-    assert all(isinstance(k, int) for k in second["ref_space_uid_to_perm"][0])
+    perms = second["ref_space_uid_to_perm"]
+    assert isinstance(perms, list) and len(perms) == 1
+    assert perms[0] and all(isinstance(k, int) for k in perms[0])
+
+
+def test_every_crop_holds_its_ligand_and_the_budget(sample: Sample) -> None:
+    for entry in sample.entries:
+        info = read_feature_info(entry.features)
+        batch = load_batch(entry.features)
+        n_ligand = int((batch["is_ligand"] * batch["token_mask"]).sum())
+        print(
+            f"{entry.entry_id}: {info.full_tokens} tokens -> {info.n_tokens} in the crop; "
+            f"ligand {info.primary_ligand.component} {info.primary_ligand.heavy_atoms} heavy "
+            f"atoms, {info.ligand_tokens_in_crop} in the crop"
+        )
+        assert info.n_tokens == entry.n_tokens <= BUDGET
+        assert info.primary_ligand.qualifies and info.primary_ligand.heavy_atoms >= 6
+        # the whole ligand is in the crop when it fits in the budget
+        assert info.ligand_tokens_in_crop == min(info.primary_ligand.heavy_atoms, BUDGET)
+        assert n_ligand >= info.ligand_tokens_in_crop
+
+
+def test_bad_entries_are_reported_and_skipped(sample: Sample) -> None:
+    assert sorted(e.entry_id for e in sample.entries) == sorted(ENTRIES)
+    skipped = {row["entry_id"]: row["reason"] for row in sample.skipped}
+    failures = {row["entry_id"]: row["reason"] for row in sample.failures}
+    print("skipped:", skipped, "failures:", failures)
+    assert "no non-solvent ligand" in skipped[NO_LIGAND]
+    assert set(failures) == {"brok"} and failures["brok"].strip()
+    table = summary_table(sample)
+    assert "brok" in table and NO_LIGAND in table
+
+
+def test_a_truncated_file_raises_a_reason(sample: Sample, tmp_path: Path, ccd: OfflineCcd) -> None:
+    cif = tmp_path / "cut.cif"
+    cif.write_text("data_CUT\n#\nloop_\n_atom_site.group_PDB\n")
+    with pytest.raises(FeaturizationError) as err:
+        build_features(cif, ccd, token_budget=BUDGET, seed=0)
+    assert str(err.value)
+    with pytest.raises(FeaturizationError, match="cannot read"):
+        build_features(tmp_path / "absent.cif", ccd, token_budget=BUDGET, seed=0)
+
+
+@pytest.mark.slow
+def test_features_are_deterministic_and_cached_by_content(
+    sample: Sample, cifs: dict[str, Path], ccd: OfflineCcd, tmp_path: Path
+) -> None:
+    cached = _entry(sample, "7bqu").features
+    again = build_features(cifs["7bqu"], ccd, token_budget=BUDGET, seed=0)
+    assert encode_feature_file(again) == cached.read_bytes()
+
+    settings = FeatureSettings(token_budget=BUDGET, seed=0)
+    data = cifs["7bqu"].read_bytes()
+    assert cached.name == f"{cache_key(data, settings)}.safetensors"
+    assert cache_key(data, FeatureSettings(token_budget=BUDGET + 16)) != cache_key(data, settings)
+    assert cache_key(data, FeatureSettings(token_budget=BUDGET, seed=1)) != cache_key(
+        data, settings
+    )
+    assert cache_key(data + b"\n", settings) != cache_key(data, settings)
+
+    shutil.copy(cached, tmp_path / cached.name)
+    hit = featurize_cached(cifs["7bqu"], tmp_path, ccd, settings)
+    assert hit.hit and hit.path == tmp_path / cached.name
+
+
+def test_foreign_or_damaged_feature_files_are_refused(sample: Sample, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(CodecError, match="not a foldfed feature file"):
+        load_batch(plain)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(_entry(sample, "3g32").features.read_bytes()[:1000])
+    with pytest.raises(CodecError):
+        load_batch(cut)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other), metadata={"foldfed": '{"format": "v0"}'})
+    with pytest.raises(CodecError, match="format 'v0'"):
+        read_feature_info(other)
+
+
+def test_open_sample_validates(sample: Sample, tmp_path: Path) -> None:
+    assert open_sample(sample.root).entries == sample.entries
+    with pytest.raises(StoreError, match="does not exist"):
+        open_sample(tmp_path)
+    manifest = json.loads((sample.root / "sample.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for mutate, reason in (
+        (lambda m: m["entries"][0].update(split="test"), "split"),
+        (lambda m: m["entries"][0].update(company="company-z"), "unknown company"),
+        (lambda m: m["entries"][0].update(features="../../etc/passwd"), "outside"),
+        (lambda m: m["entries"][0].pop("n_tokens"), "malformed"),
+        (lambda m: m.update(format="other/9"), "format"),
+    ):
+        copy = json.loads(json.dumps(manifest))
+        for e in copy["entries"]:
+            e["features"] = str(sample.root / e["features"])
+        mutate(copy)
+        (bad / "sample.json").write_text(json.dumps(copy))
+        with pytest.raises(StoreError, match=reason):
+            open_sample(bad)
+    with pytest.raises(ConfigError):
+        sample.of("company-a", "test")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_pocket_crop_keeps_the_ligand_then_the_nearest_tokens() -> None:
+    rng = np.random.default_rng(0)
+    protein = rng.normal(0.0, 10.0, size=(200, 3))
+    ligand = np.array([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [3.0, 0.0, 0.0]])
+    centers = np.concatenate([protein, ligand])
+    chosen = pocket_crop(centers, ligand, 20)
+    assert len(chosen) == 20 and list(chosen) == sorted(chosen)
+    assert {200, 201, 202} <= set(chosen.tolist())
+    dist = np.sqrt(((protein[:, None] - ligand[None]) ** 2).sum(-1)).min(1)
+    kept = [i for i in chosen if i < 200]
+    assert dist[kept].max() <= np.delete(dist, kept).min()
+    # a ligand larger than the budget keeps its middle
+    assert pocket_crop(centers, ligand, 1).tolist() == [201]
+    with pytest.raises(ValueError):
+        pocket_crop(centers, ligand[:0], 5)
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.mark.slow
+def test_data_sample_command_reuses_the_cache(sample: Sample, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    shutil.copytree(sample.root / "features", out / "features")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "services"))
+    args = ["data", "sample", "--out", str(out), "--companies", "3"]
+    args += ["--token-budget", str(BUDGET), "--key", "test-key", "--entries", ",".join(ENTRIES)]
+    done = subprocess.run(
+        [sys.executable, "-m", "foldfed.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    print(done.stdout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "featurized 0, reused 3" in done.stdout
+    assert "company-a" in done.stdout and "failures: 0" in done.stdout
+    prepared = open_sample(out)
+    assert sorted(e.entry_id for e in prepared.entries) == sorted(ENTRIES)
+    assert prepared.manifest["partition"]["key"] == "test-key"
+    assert prepared.manifest["source"]["requirement"] == "plinder==0.2.27"
+    summary = subprocess.run(
+        [sys.executable, "-m", "foldfed.cli", "data", "summary", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert summary.returncode == 0 and "total" in summary.stdout

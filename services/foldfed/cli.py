@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.monitor.commands",
     "foldfed.tracing.commands",
     "foldfed.loadtest.commands",
+    "foldfed.of3.data.commands",
 )
 
 

@@ -8,11 +8,16 @@ cache:
    (AF3 SI 2.5.4: waters, hydrogens, crystallization aids, clashing chains, ...), write
    the cleaned structure (npz), the canonical sequences (FASTA) and one reference
    molecule (SDF with a fallback conformer) per component. The CCD is `OfflineCcd`.
-2. Pick the *primary ligand* (`select_primary_ligand`, the documented rule) and crop:
-   `process_target_structure_of3` with the spatial crop only and the primary ligand as the
-   preferred chain, so the crop centre is one of the ligand's atoms and the crop is the
-   `token_budget` tokens nearest to it (AF3 SI 2.7.2). The random choices (crop centre,
-   RDKit conformer seeds, the random rotation of reference conformers) come from `seed`.
+2. Pick the *primary ligand* (`select_primary_ligand`, the documented rule) and crop
+   around it (`pocket_crop`): every token is ranked by its distance to the nearest atom of
+   the ligand (ties: distance to the ligand's centroid), and the `token_budget` nearest
+   are kept: the whole ligand (when it fits) and the closest residues, the binding pocket.
+   The crop is deterministic; it is OpenFold3's spatial crop (AF3 SI 2.7.2) with the
+   ligand as the reference instead of one random atom, applied where
+   `process_target_structure_of3` applies its own (component ids, tokens, crop mask,
+   symmetry labels, unique atom names). Assemblies within the budget are kept whole.
+   The other random choices (RDKit conformer seeds, the random rotation of reference
+   conformers) come from `seed`.
 3. `get_reference_conformer_data_of3`, `separate_cropped_and_gt`, `add_token_positions`,
    `featurize_target_gt_structure_of3` (features and ground truth, with the symmetry
    permutation data the loss needs), `featurize_reference_conformers_of3`.
@@ -45,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from foldfed.errors import CodecError, ConfigError, FoldfedError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from foldfed.of3.data.ccd import OfflineCcd
@@ -65,6 +71,10 @@ EXTRA_SOLVENTS = frozenset({"TFA"})
 
 class FeaturizationError(FoldfedError):
     """An entry cannot be turned into a training example; the message says why."""
+
+
+class NoLigandError(FeaturizationError):
+    """The entry holds no qualifying ligand (the selection rule, not a fault)."""
 
 
 @dataclass(frozen=True)
@@ -177,8 +187,8 @@ def cache_key(cif_bytes: bytes, settings: FeatureSettings) -> str:
 def seeded(seed: int) -> Iterator[None]:
     """Seed Python's, numpy's and torch's global generators; restore them afterwards.
 
-    OpenFold3's data pipeline draws from the global generators (crop centre: numpy;
-    RDKit conformer seeds: `random`; reference-conformer rotation: torch).
+    OpenFold3's data pipeline draws from the global generators (RDKit conformer seeds:
+    `random`; reference-conformer rotation: torch; numpy for good measure).
     """
     import numpy as np
     import torch
@@ -224,6 +234,47 @@ def select_primary_ligand(ligands: list[LigandInfo], token_budget: int) -> Ligan
     return next(x for x in qualifying if x.heavy_atoms == least)
 
 
+def pocket_crop(
+    token_centers: np.ndarray, ligand_atoms: np.ndarray, token_budget: int
+) -> np.ndarray:
+    """Indices of the `token_budget` token centres nearest the ligand (pure).
+
+    `token_centers` (N, 3): one resolved atom per token; `ligand_atoms` (M, 3): the
+    ligand's resolved atoms. Rank: distance to the nearest ligand atom, then distance to
+    the ligand's centroid (so a ligand larger than the budget keeps its middle), then
+    index. Returned in ascending index order.
+    """
+    import numpy as np
+
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    if len(ligand_atoms) == 0:
+        raise ValueError("the ligand has no resolved atoms")
+    diff = token_centers[:, None, :] - ligand_atoms[None, :, :]
+    nearest = np.sqrt((diff**2).sum(-1)).min(axis=1)
+    centroid = np.sqrt(((token_centers - ligand_atoms.mean(axis=0)) ** 2).sum(-1))
+    order = np.lexsort((np.arange(len(token_centers)), centroid, nearest))
+    return np.sort(order[:token_budget])
+
+
+def set_pocket_crop_mask(atom_array: Any, ligand_chain: str, token_budget: int) -> str:
+    """Set OpenFold3's `crop_mask` annotation to the pocket crop around `ligand_chain`
+    (all tokens when the assembly fits in the budget). Returns OpenFold3's name of the
+    crop strategy: "whole" or "spatial"."""
+    import numpy as np
+
+    if len(np.unique(atom_array.token_id)) <= token_budget:
+        atom_array.set_annotation("crop_mask", np.ones(len(atom_array), dtype=bool))
+        return "whole"
+    resolved = np.isfinite(atom_array.coord).all(axis=1) & (atom_array.occupancy > 0)
+    centers = atom_array.token_center_atom & resolved
+    ligand = (atom_array.chain_id == ligand_chain) & resolved & (atom_array.element != "H")
+    chosen = pocket_crop(atom_array.coord[centers], atom_array.coord[ligand], token_budget)
+    keep = atom_array.token_id[centers][chosen]
+    atom_array.set_annotation("crop_mask", np.isin(atom_array.token_id, keep))
+    return "spatial"
+
+
 def build_features(
     cif: Path,
     ccd: OfflineCcd,
@@ -246,7 +297,7 @@ def build_features(
         except FeaturizationError:
             raise
         except Exception as exc:  # OpenFold3/biotite/RDKit raise anything; keep the reason
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            reason = _short(str(exc))
             raise FeaturizationError(f"{type(exc).__name__}: {reason}") from exc
 
 
@@ -315,7 +366,7 @@ def _build(
         primary = select_primary_ligand(ligands, settings.token_budget)
     except FeaturizationError:
         found = ", ".join(f"{x.component}({x.heavy_atoms})" for x in ligands) or "none"
-        raise FeaturizationError(
+        raise NoLigandError(
             f"no non-solvent ligand with >= {settings.min_ligand_heavy_atoms} heavy atoms "
             f"(ligands: {found})"
         ) from None
@@ -363,6 +414,7 @@ def _featurize(
     settings: FeatureSettings,
 ) -> tuple[dict[str, Any], str, int, Any]:
     from openfold3.core.config.msa_pipeline_configs import MsaSampleProcessorInputTrain
+    from openfold3.core.data.io.structure.cif import parse_target_structure
     from openfold3.core.data.pipelines.featurization.conformer import (
         featurize_reference_conformers_of3,
     )
@@ -381,9 +433,6 @@ def _featurize(
         get_reference_conformer_data_of3,
     )
     from openfold3.core.data.pipelines.sample_processing.msa import MsaSampleProcessorTrain
-    from openfold3.core.data.pipelines.sample_processing.structure import (
-        process_target_structure_of3,
-    )
     from openfold3.core.data.pipelines.sample_processing.template import (
         process_template_structures_of3,
     )
@@ -391,10 +440,19 @@ def _featurize(
         DatasetReferenceMoleculeData,
         PDBChainData,
     )
-    from openfold3.core.data.primitives.permutation.mol_labels import separate_cropped_and_gt
-    from openfold3.core.data.primitives.structure.tokenization import add_token_positions
+    from openfold3.core.data.primitives.permutation.mol_labels import (
+        assign_mol_permutation_ids,
+        separate_cropped_and_gt,
+    )
+    from openfold3.core.data.primitives.structure.component import (
+        assign_component_ids_from_metadata,
+    )
+    from openfold3.core.data.primitives.structure.labels import assign_uniquified_atom_names
+    from openfold3.core.data.primitives.structure.tokenization import (
+        add_token_positions,
+        tokenize_atom_array,
+    )
     from openfold3.projects.of3_all_atom.config.dataset_config_components import (
-        CropSettings,
         LossConfig,
         MSASettings,
         TemplateSettings,
@@ -423,21 +481,15 @@ def _featurize(
         for mol_id, m in ref_metadata.items()
     }
 
-    crop = CropSettings().model_dump()
-    crop["token_crop"]["token_budget"] = settings.token_budget
-    crop["token_crop"]["crop_weights"] = {
-        "contiguous": 0.0,
-        "spatial": 1.0,
-        "spatial_interface": 0.0,
-    }
-    atom_array_gt, crop_strategy, n_tokens = process_target_structure_of3(
-        target_structures_directory=structures,
-        pdb_id=pdb_id,
-        crop_config=crop,
-        preferred_chain_or_interface=ligand_chain,
-        structure_format="npz",
-        per_chain_metadata=chains,
-    )
+    # process_target_structure_of3, with the pocket crop in place of its sampled one
+    atom_array_gt = parse_target_structure(structures, pdb_id, "npz")
+    assign_component_ids_from_metadata(atom_array_gt, chains)
+    tokenize_atom_array(atom_array=atom_array_gt)
+    crop_strategy = set_pocket_crop_mask(atom_array_gt, ligand_chain, settings.token_budget)
+    n_tokens = settings.token_budget
+    atom_array_gt = assign_mol_permutation_ids(atom_array_gt, retokenize=True)
+    atom_array_gt = assign_uniquified_atom_names(atom_array_gt)
+
     reference_molecules = get_reference_conformer_data_of3(
         atom_array=atom_array_gt,
         per_chain_metadata=chains,
@@ -712,3 +764,9 @@ def featurize_cached(
     return CachedFeatures(
         path=path, info=featurized.info, hit=False, timings_s=featurized.timings_s
     )
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """The first line of an exception message, cut to `limit` characters."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return line if len(line) <= limit else line[: limit - 4] + " ..."
