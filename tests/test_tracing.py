@@ -412,3 +412,62 @@ def test_the_tree_module_imports_no_opentelemetry() -> None:
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
     assert not {n for n in imported if n.startswith(("opentelemetry", "asyncio", "aio_pika"))}
+
+
+# ------------------------------------------------------------------------------- exporters
+
+
+def test_a_process_exports_to_its_file_and_to_an_otlp_collector_at_exit(tmp_path: Path) -> None:
+    """A real OTLP/HTTP exporter against a real HTTP server standing in for the collector;
+    the spans leave at the process's exit (the provider's atexit shutdown)."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    bodies: list[tuple[str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            bodies.append((self.path, self.rfile.read(length)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "FOLDFED_TRACE_DIR": str(tmp_path),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+    }
+    code = (
+        "from foldfed import tracing\n"
+        "tracing.setup_tracing('uploader', 'org-a')\n"
+        "with tracing.span('upload', step=2):\n"
+        "    pass\n"
+    )
+    try:
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    finally:
+        server.shutdown()
+    ((path, body),) = bodies
+    assert path == "/v1/traces"
+    request = ExportTraceServiceRequest.FromString(body)
+    (resource_spans,) = request.resource_spans
+    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert resource["service.name"] == "uploader"
+    assert resource["foldfed.participant"] == "org-a"
+    (otlp_span,) = [s for scope in resource_spans.scope_spans for s in scope.spans]
+    assert otlp_span.name == "upload"
+    (local,) = _spans(tmp_path).values()
+    assert local.name == "upload" and local.span_id == otlp_span.span_id.hex()
+    assert (tmp_path / "uploader-org-a.jsonl").exists()

@@ -83,6 +83,8 @@ class IngestService:
 
     async def _apply(self, incoming: Incoming) -> Effects:
         msg = incoming.message()
+        if isinstance(getattr(msg, "step", None), int):
+            structlog.contextvars.bind_contextvars(step=msg.step)  # on every log line after
         tracing.annotate(
             step=getattr(msg, "step", None),
             participant=getattr(msg, "participant", None),

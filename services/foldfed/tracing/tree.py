@@ -200,10 +200,10 @@ def render(spans: list[SpanRecord], step: int, max_same: int = 6) -> str:
         raise NoTrace(f"no spans for step {step}")
     origin = min(s.start_ns for s in spans)
     end = max(s.end_ns for s in spans)
-    services = sorted({s.who for s in spans})
+    processes = {(s.service, s.participant) for s in spans}
     lines = [
         f"step {step}: trace {spans[0].trace_id}, {len(spans)} spans from "
-        f"{len(services)} processes, {_duration((end - origin) / 1e9)} first to last"
+        f"{len(processes)} processes, {_duration((end - origin) / 1e9)} first to last"
     ]
 
     def walk(node: Node, prefix: str, last: bool, top: bool) -> None:
