@@ -1,0 +1,101 @@
+"""`foldfed loadtest SCENARIO|all [--smoke]` and `foldfed sim-trainer` (the simulated
+trainer the runner starts per participant). Nothing heavy is imported at module level."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# Where the shipped scenarios live: loadtest/ at the repository root.
+SCENARIO_DIR = Path(__file__).resolve().parents[3] / "loadtest"
+# `all` runs these, in this order (cheap and fault scenarios first).
+ALL = (
+    "slow-link",
+    "flaky-link",
+    "broker-restart",
+    "late-joiner",
+    "seed-straggler",
+    "seed-straggler-500",
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="straggler, slow-link and fault scenarios against the real services",
+    )
+    p.add_argument("scenario", help="a scenario name (loadtest/NAME.yaml), a YAML path, or all")
+    p.add_argument("--smoke", action="store_true", help="a few steps of each (CI)")
+    p.add_argument("--out", default="", help="folder for the run (default var/loadtest/<time>)")
+    p.set_defaults(func=cmd_loadtest)
+    sim = sub.add_parser("sim-trainer", help="load tests: a trainer that sleeps its compute time")
+    sim.set_defaults(func=cmd_sim_trainer)
+
+
+def scenario_paths(arg: str) -> list[Path]:
+    if arg == "all":
+        return [SCENARIO_DIR / f"{name}.yaml" for name in ALL]
+    path = Path(arg)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return [path]
+    return [SCENARIO_DIR / f"{arg}.yaml"]
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from foldfed.errors import FoldfedError
+    from foldfed.loadtest.report import write_index, write_report
+    from foldfed.loadtest.runner import RunResult, SharedBroker, default_root, run_scenario
+    from foldfed.loadtest.scenario import ScenarioError, load_scenario
+
+    try:
+        scenarios = []
+        for path in scenario_paths(args.scenario):
+            if not path.is_file():
+                raise ScenarioError(f"no scenario file {path}")
+            scenario = load_scenario(path.read_text())
+            scenarios.append(scenario.smoke() if args.smoke else scenario)
+    except ScenarioError as exc:
+        print(f"foldfed loadtest: {exc}", file=sys.stderr)
+        return 2
+    root = Path(args.out) if args.out else default_root() / time.strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    names = tuple(sorted({n for s in scenarios for n in s.names}))
+    shared = SharedBroker(root / "broker", names)
+    results: list[RunResult] = []
+    started = time.monotonic()
+    failed: list[str] = []
+    try:
+        shared.start()
+        for scenario in scenarios:
+            try:
+                result = run_scenario(scenario, root / scenario.name, shared)
+            except FoldfedError as exc:
+                print(f"{scenario.name}: FAILED to run: {exc}", file=sys.stderr)
+                failed.append(scenario.name)
+                continue
+            report = write_report(result)
+            results.append(result)
+            for check in result.checks:
+                print(f"  [{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+            print(f"  report: {report}")
+    finally:
+        shared.stop()
+    total = time.monotonic() - started
+    index = write_index(results, root, total, failed)
+    print(f"\n{len(results)} scenario(s) in {total:.0f} s; summary: {index}")
+    ok = not failed and all(r.ok for r in results)
+    return 0 if ok else 1
+
+
+def cmd_sim_trainer(args: argparse.Namespace) -> int:
+    from foldfed.cli import _run_service
+    from foldfed.loadtest.simtrainer import SimSettings, run_sim_trainer
+    from foldfed.logs import configure_logging
+
+    settings = SimSettings.from_env(os.environ)
+    configure_logging("sim-trainer", settings.participant)
+    _run_service(lambda stop: run_sim_trainer(settings, stop))
+    return 0

@@ -1,0 +1,287 @@
+"""A run's report: markdown with measured vs predicted times (converted back to real time)
+and two pictures: a per-step timeline per participant and the cumulative idle cost."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from foldfed.loadtest.predict import totals
+from foldfed.loadtest.runner import RunResult
+from foldfed.loadtest.scenario import MIB, Compute, Scenario
+from foldfed.loadtest.timeline import idle_totals
+
+TIMELINE_STEPS = 30
+
+
+def _hms(seconds: float) -> str:
+    seconds = float(seconds)
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h >= 1:
+        return f"{sign}{int(h)} h {int(m):02d} min"
+    if m >= 1:
+        return f"{sign}{int(m)} min {int(s):02d} s"
+    return f"{sign}{seconds:.1f} s"
+
+
+def _compute_text(c: Compute) -> str:
+    base = {
+        "fixed": f"{c.seconds:g} s",
+        "normal": f"normal {c.seconds:g} ± {c.sd:g} s",
+        "lognormal": f"lognormal, median {c.seconds:g} s, sigma {c.sigma:g}",
+        "pareto": f"pareto, min {c.seconds:g} s, alpha {c.alpha:g}",
+    }[c.dist]
+    if c.pause_probability:
+        base += f"; pause {c.pause_seconds:g} s with p={c.pause_probability:g}"
+    return base
+
+
+def _participants_table(s: Scenario) -> list[str]:
+    lines = [
+        "| participant | compute per step (real) | link | latency (RTT) |",
+        "|---|---|---|---|",
+    ]
+    for p in s.participants:
+        link = f"{p.bandwidth_mbps:g} Mb/s" if p.bandwidth_mbps else "unlimited"
+        late = " (joins late)" if p.name in s.late_joiners else ""
+        lines.append(
+            f"| {p.name}{late} | {_compute_text(p.compute)} | {link} | {p.latency_ms:g} ms |"
+        )
+    return lines
+
+
+def render_markdown(r: RunResult, pictures: list[Path]) -> str:
+    s = r.scenario
+    S = s.time_scale
+    plans = totals(r.plans)
+    measured_idle = idle_totals(r.steps)
+    measured_wall = sum(m.wall_s for m in r.steps) * S
+    predicted_wall = plans.wall_s + r.overhead_s * S * plans.steps
+    out: list[str] = [
+        f"# Load test: {s.name}",
+        "",
+        s.description.strip(),
+        "",
+        f"- time scale S = {s.time_scale:g}: every time below is REAL time (run seconds x "
+        f"{s.time_scale:g}); the run itself took {r.wall_s:.1f} s.",
+        f"- delta: {s.delta_mib:g} MiB real; the run sent {s.delta_bytes_run / MIB:.3f} MiB per "
+        f"delta (÷ S) at each link's real bandwidth, so uploads take 1/S of real time on real "
+        f"bytes (uploader token bucket, {s.chunk_mib} MiB chunks).",
+        "- latency is not emulated on the wire (loopback); the prediction adds two round trips "
+        "per upload.",
+        f"- steps: {s.steps}" + (f" + {s.next_cycle_steps} (cycle 2)" if s.late_joiners else ""),
+        f"- seed {s.seed}; final model `{r.final_digest[:16]}`"
+        + (f"; undisturbed run `{r.reference_digest[:16]}`" if r.reference_digest else ""),
+        "",
+        *_participants_table(s),
+        "",
+        "## Checks",
+        "",
+    ]
+    for c in r.checks:
+        out.append(f"- **{'PASS' if c.ok else 'FAIL'}** {c.name}: {c.detail}")
+    out += [
+        "",
+        "## Wall time, measured and predicted (real time)",
+        "",
+        "| | measured | predicted |",
+        "|---|---|---|",
+        f"| total wall time of {len(r.steps)} steps | {_hms(measured_wall)} | "
+        f"{_hms(predicted_wall)} |",
+        f"| mean wall time per step | {measured_wall / max(1, len(r.steps)):.1f} s | "
+        f"{predicted_wall / max(1, plans.steps):.1f} s |",
+    ]
+    for name in sorted(set(measured_idle) | set(plans.idle_s)):
+        out.append(
+            f"| barrier idle charged to {name} | {_hms(measured_idle.get(name, 0) * S)} | "
+            f"{_hms(plans.idle_s.get(name, 0.0))} |"
+        )
+    hub = statistics.median([m.hub_s for m in r.steps]) if r.steps else 0.0
+    out += [
+        "",
+        f"Prediction: per step max_i(c_i + u_i) from the scenario's seeded draws, plus the "
+        f"services' overhead measured in this run: median {r.overhead_s * 1000:.0f} ms per step "
+        f"in run time ({r.overhead_s * S:.1f} s real; of which the hub's finalize + release, "
+        f"last delivery → next release, {hub * 1000:.0f} ms). Idle charged to a participant = "
+        f"how long the barrier waited on it alone (its delivery minus the next-to-last one's), "
+        f"i.e. the wall time the step would have saved had it been as fast as the "
+        f"next-slowest. At this time scale the overhead is "
+        f"{r.overhead_s * S / max(1e-9, predicted_wall / max(1, plans.steps)):.0%} of a step.",
+        "",
+        "## Per participant (real time, mean per step)",
+        "",
+        "| participant | compute | upload | wait at barrier | bytes sent per step (run) |"
+        " idle charged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in s.names:
+        obs = [m.participants[name] for m in r.steps if name in m.participants]
+        if not obs:
+            out.append(f"| {name} | - | - | - | - | - |")
+            continue
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        out.append(
+            f"| {name} | {mean([o.compute_s for o in obs]) * S:.1f} s | "
+            f"{mean([o.upload_s for o in obs]) * S:.1f} s | "
+            f"{mean([o.wait_s for o in obs]) * S:.1f} s | "
+            f"{mean([o.bytes_sent for o in obs]) / MIB:.2f} MiB | "
+            f"{_hms(measured_idle.get(name, 0.0) * S)} |"
+        )
+    if r.goodput is not None:
+        g = r.goodput
+        out += [
+            "",
+            f"Goodput of {s.expect.goodput_participant}: {g.bytes_sent / MIB:.1f} MiB in "
+            f"{g.seconds:.2f} s of uploads = {g.bytes_per_s * 8 / 1e6:.2f} Mb/s on a "
+            f"{g.rate_bps * 8 / 1e6:.2f} Mb/s link: {g.bytes_per_s / g.rate_bps:.1%} of the "
+            f"rate, {g.link_share:.1%} of what the token bucket allowed (rate x time + one "
+            f"chunk of burst per upload).",
+        ]
+    if r.notes:
+        out += ["", "## Faults", ""] + [f"- {n}" for n in r.notes]
+    if r.cycles:
+        out += ["", "## Cycles", ""]
+        for cycle, members in sorted(r.cycles.items()):
+            steps = [m.step for m in r.steps if m.cycle == cycle]
+            span = f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
+            out.append(f"- cycle {cycle}: {span}, participants {', '.join(members)}")
+    out += [
+        "",
+        "## Steps (real seconds after the step's release)",
+        "",
+        "| step | cycle | wall | last to deliver | its lead | " + " | ".join(s.names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(s.names),
+    ]
+    shown = r.steps if len(r.steps) <= 40 else r.steps[:20] + r.steps[-5:]
+    for i, m in enumerate(shown):
+        if len(r.steps) > 40 and i == 20:
+            out.append(f"| … | | | | | {'| ' * len(s.names)}")
+        arrive = " | ".join(f"{m.arrive_s[n] * S:.1f}" if n in m.arrive_s else "-" for n in s.names)
+        out.append(
+            f"| {m.step} | {m.cycle} | {m.wall_s * S:.1f} | {m.last} | "
+            f"{m.idle_s[m.last] * S:.1f} | {arrive} |"
+        )
+    out += ["", "## Pictures", ""] + [f"![{p.stem}]({p.name})" for p in pictures]
+    return "\n".join(out) + "\n"
+
+
+def save_timeline(r: RunResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = r.scenario
+    S = s.time_scale
+    steps = r.steps[:TIMELINE_STEPS]
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(s.names) + 2))
+    start = 0.0
+    for m in steps:
+        for row, name in enumerate(s.names):
+            if name not in m.arrive_s:
+                continue
+            o = m.participants.get(name)
+            arrive = m.arrive_s[name] * S
+            compute = (o.compute_s if o else 0.0) * S
+            upload = (o.upload_s if o else 0.0) * S
+            y = len(s.names) - 1 - row
+            ax.broken_barh([(start, compute)], (y - 0.35, 0.7), color="tab:blue")
+            ax.broken_barh([(start + arrive - upload, upload)], (y - 0.35, 0.7), color="tab:orange")
+            ax.broken_barh(
+                [(start + arrive, m.wall_s * S - arrive)], (y - 0.35, 0.7), color="lightgrey"
+            )
+        start += m.wall_s * S
+        ax.axvline(start, color="black", linewidth=0.3)
+    ax.set_yticks(range(len(s.names)), list(reversed(s.names)))
+    ax.set_xlabel(f"real seconds (run time x {S:g})")
+    ax.set_title(
+        f"{s.name}: first {len(steps)} steps — compute (blue), upload (orange), "
+        "waiting for the barrier (grey)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_idle_cost(r: RunResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = r.scenario
+    S = s.time_scale
+    fig, ax = plt.subplots(figsize=(9, 5))
+    plans = {p.step: p for p in r.plans}
+    for i, name in enumerate(s.names):
+        steps = [m.step for m in r.steps]
+        measured, predicted = [], []
+        acc_m = acc_p = 0.0
+        for m in r.steps:
+            acc_m += m.idle_s.get(name, 0.0) * S
+            plan = plans.get(m.step)
+            acc_p += plan.idle_s.get(name, 0.0) if plan else 0.0
+            measured.append(acc_m / 3600)
+            predicted.append(acc_p / 3600)
+        if acc_m == 0 and acc_p == 0:
+            continue
+        color = f"C{i}"
+        ax.plot(steps, measured, color=color, label=f"{name} measured")
+        ax.plot(steps, predicted, color=color, linestyle="--", label=f"{name} predicted")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("cumulative barrier idle charged (real hours)")
+    ax.set_title(f"{s.name}: who the federation waits for")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(r: RunResult) -> Path:
+    folder = r.workdir
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    if r.steps:
+        pictures = [
+            save_timeline(r, folder / "timeline.png"),
+            save_idle_cost(r, folder / "idle-cost.png"),
+        ]
+    path = folder / "report.md"
+    path.write_text(render_markdown(r, pictures))
+    return path
+
+
+def write_index(results: list[RunResult], root: Path, total_s: float, failed: list[str]) -> Path:
+    lines = [
+        "# foldfed load tests",
+        "",
+        f"{len(results)} scenario(s) in {total_s:.0f} s of run time.",
+        "",
+        "| scenario | steps | time scale | run time | real wall time | checks | report |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        wall = sum(m.wall_s for m in r.steps) * r.scenario.time_scale
+        passed = sum(c.ok for c in r.checks)
+        rel = r.workdir.relative_to(root) if r.workdir.is_relative_to(root) else r.workdir
+        lines.append(
+            f"| {r.scenario.name} | {len(r.steps)} | {r.scenario.time_scale:g} | "
+            f"{r.wall_s:.0f} s | {_hms(wall)} | {passed}/{len(r.checks)} | "
+            f"[report]({rel}/report.md) |"
+        )
+    for name in failed:
+        lines.append(f"| {name} | - | - | - | - | did not run to the end | - |")
+    lines.append("")
+    for r in results:
+        for c in r.checks:
+            lines.append(
+                f"- {r.scenario.name}: **{'PASS' if c.ok else 'FAIL'}** {c.name}: {c.detail}"
+            )
+    path = root / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,128 @@
+"""What a run measured, step by step, from the barrier's own records (hub clock) and the
+participants' upload events. Pure: the runner reads the store and the events and passes
+plain values in; all times here are run seconds (multiply by the time scale for real)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from foldfed.loadtest.predict import attribute_idle
+
+
+@dataclass(frozen=True)
+class StepObs:
+    """One global step as the barrier recorded it (`barrier.machine.StepRecord`)."""
+
+    step: int
+    cycle: int
+    opened_ms: int
+    delivered_ms: Mapping[str, int]
+    closed_ms: int | None
+    released_ms: int | None
+
+
+@dataclass(frozen=True)
+class ParticipantObs:
+    """One participant's step from its uploader's UPLOAD_FINISHED / RELEASE_RECEIVED."""
+
+    compute_s: float = 0.0
+    upload_s: float = 0.0
+    wait_s: float = 0.0
+    bytes_sent: float = 0.0
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    step: int
+    cycle: int
+    # From this step's release to the next release (or the cycle's final release).
+    wall_s: float
+    # When each participant's delivery was recorded, after the release.
+    arrive_s: dict[str, float]
+    idle_s: dict[str, float]
+    # The hub's share: last delivery recorded → next release out (finalize + release).
+    hub_s: float
+    participants: dict[str, ParticipantObs] = field(default_factory=dict)
+
+    @property
+    def last(self) -> str:
+        return max(self.arrive_s.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+def measure(
+    steps: Iterable[StepObs], metrics: Mapping[tuple[int, str], ParticipantObs]
+) -> list[MeasuredStep]:
+    """Complete steps only (released); in step order."""
+    out: list[MeasuredStep] = []
+    for s in sorted(steps, key=lambda s: s.step):
+        if s.released_ms is None or s.closed_ms is None or not s.delivered_ms:
+            continue
+        arrive = {p: (ms - s.opened_ms) / 1000.0 for p, ms in s.delivered_ms.items()}
+        out.append(
+            MeasuredStep(
+                step=s.step,
+                cycle=s.cycle,
+                wall_s=(s.released_ms - s.opened_ms) / 1000.0,
+                arrive_s=arrive,
+                idle_s=attribute_idle(arrive),
+                hub_s=(s.released_ms - s.closed_ms) / 1000.0,
+                participants={
+                    p: metrics.get((s.step, p), ParticipantObs()) for p in s.delivered_ms
+                },
+            )
+        )
+    return out
+
+
+def idle_totals(steps: Iterable[MeasuredStep]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for s in steps:
+        for p, v in s.idle_s.items():
+            total[p] = total.get(p, 0.0) + v
+    return total
+
+
+def median_hub_s(steps: Iterable[MeasuredStep]) -> float:
+    values = [s.hub_s for s in steps]
+    return statistics.median(values) if values else 0.0
+
+
+def overhead_s(steps: Iterable[MeasuredStep], done_s: Mapping[int, float]) -> float:
+    """Median of (measured wall - the slowest participant's planned compute + upload), in
+    run seconds: everything the services add to a step (release delivery, spool hand-offs,
+    ingest, finalize, release). `done_s`: step → planned max_i(c_i + u_i), run seconds."""
+    values = [s.wall_s - done_s[s.step] for s in steps if s.step in done_s]
+    return statistics.median(values) if values else 0.0
+
+
+@dataclass(frozen=True)
+class Goodput:
+    bytes_sent: float
+    seconds: float
+    rate_bps: float
+    burst_bytes: float
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes_sent / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def link_share(self) -> float:
+        """Bytes sent / bytes the emulated link allowed in the same time (rate x time plus
+        the token bucket's one burst): 1.0 means the link was never left idle."""
+        allowed = self.rate_bps * self.seconds + self.burst_bytes
+        return self.bytes_sent / allowed if allowed > 0 else 0.0
+
+
+def goodput(uploads: Iterable[ParticipantObs], rate_bps: float, burst_bytes: float) -> Goodput:
+    """Over several uploads of one participant: each starts with a full bucket (the link
+    idles while it computes), so each may use one burst."""
+    uploads = [u for u in uploads if u.bytes_sent > 0]
+    return Goodput(
+        bytes_sent=sum(u.bytes_sent for u in uploads),
+        seconds=sum(u.upload_s for u in uploads),
+        rate_bps=rate_bps,
+        burst_bytes=burst_bytes * len(uploads),
+    )
