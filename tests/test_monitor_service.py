@@ -163,5 +163,8 @@ def test_silent_participants_are_flagged_and_forgeries_ignored(
     finally:
         for service in uploaders.values():
             service.stop()
-        monitor.stop()
+        returncode = monitor.stop()
         asyncio.run(delete_monitor_queue(broker.admin_url))
+    # SIGTERM: a graceful stop (consumer, HTTP server and store closed), no traceback.
+    assert returncode == 0, monitor.log()[-3000:]
+    assert "Traceback" not in monitor.log()
