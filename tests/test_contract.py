@@ -109,6 +109,9 @@ PURE_MODULES = (
     "foldfed/topology.py",
     "foldfed/ingest/checks.py",
     "foldfed/uploader/ratelimit.py",
+    "foldfed/monitor/attribution.py",
+    "foldfed/monitor/model.py",
+    "foldfed/monitor/render.py",
 )
 
 
