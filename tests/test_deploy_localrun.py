@@ -195,6 +195,7 @@ async def delete_queues(admin_url: str, participants: Iterable[str]) -> None:
             topology.INGEST_QUEUE,
             topology.BARRIER_QUEUE,
             topology.DEAD_QUEUE,
+            topology.MONITOR_QUEUE,
             *(topology.participant_queue(p) for p in participants),
         ):
             channel = await connection.channel()
