@@ -99,6 +99,11 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
             f"| barrier idle charged to {name} | {_hms(measured_idle.get(name, 0) * S)} | "
             f"{_hms(plans.idle_s.get(name, 0.0))} |"
         )
+    if r.monitor is not None:
+        from foldfed.loadtest.runner import monitor_idle
+
+        for name, value in sorted(monitor_idle(r).items()):
+            out.append(f"| idle charged to {name} by the monitor service | {_hms(value * S)} | |")
     hub = statistics.median([m.hub_s for m in r.steps]) if r.steps else 0.0
     out += [
         "",

@@ -71,6 +71,8 @@ class RunResult:
     goodput: Goodput | None = None
     notes: list[str] = field(default_factory=list)
     reference_digest: str = ""
+    # The monitor service's /api/state at the end of the run (straggler scenarios).
+    monitor: dict[str, object] | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,8 +82,12 @@ class RunResult:
 class SharedBroker:
     """One private RabbitMQ with a user per participant name, reused by every run."""
 
-    def __init__(self, folder: Path, names: tuple[str, ...]) -> None:
-        self.broker = LocalBroker(folder)
+    def __init__(
+        self, folder: Path, names: tuple[str, ...], broker: LocalBroker | None = None
+    ) -> None:
+        """`broker`: an existing one (a test session's), left running by `stop`."""
+        self._own = broker is None
+        self.broker = broker or LocalBroker(folder)
         self.names = names
         self.passwords: dict[str, str] = {}
         self.admin_url = ""
@@ -104,7 +110,10 @@ class SharedBroker:
             topology.grant_event_topics(self.broker.rabbitmqctl, name, perms)
 
     def stop(self) -> None:
-        self.broker.stop()
+        if self._own:
+            self.broker.stop()
+        else:
+            asyncio.run(self.reset())
 
     async def reset(self) -> None:
         """Delete every foldfed queue: each run starts from an empty broker state."""
@@ -187,12 +196,17 @@ class Run:
                 "FOLDFED_POLL_S": str(POLL_S),
                 "FOLDFED_REPLY_TIMEOUT_S": "10",
                 "FOLDFED_SEED": str(scenario.seed),
+                # Span files cost CPU per message on a 2-core machine; tracing's own
+                # overhead is bench/tracing_overhead.py's subject, not this one's.
+                "FOLDFED_TRACING": "off",
             },
         )
         self.fed = LocalFederation(spec, broker=shared.broker, passwords=shared.passwords)
         self.record = RunRecord(scenario.names, scenario.total_steps)
         self.notes: list[str] = []
         self.cycle_initial = workdir / "cycle-2-initial-model.safetensors"
+        self.monitor_port: int | None = None
+        self.monitor: dict[str, object] | None = None
 
     # -------------------------------------------------------------- environments
 
@@ -226,6 +240,31 @@ class Run:
         self.fed.start("aggregator", ["aggregator"], env)
         self.fed.wait_for_log("aggregator", "ingest ready")
         self.fed.start("barrier", ["barrier"], env)
+
+    def start_monitor(self, hub_env: dict[str, str]) -> None:
+        """The monitor service, as the hub runs it, on a free local port."""
+        self.monitor_port = _free_port()
+        env = {
+            **hub_env,
+            "FOLDFED_STATE_DIR": str(self.workdir / "monitor"),
+            "FOLDFED_MONITOR_HOST": "127.0.0.1",
+            "FOLDFED_MONITOR_PORT": str(self.monitor_port),
+            # Its rule in real seconds is 1 s of excess; here time runs S times faster.
+            "FOLDFED_MONITOR_STRAGGLER_MIN_S": str(1.0 / self.s.time_scale),
+        }
+        self.fed.start("monitor", ["monitor"], env)
+        self.fed.wait_for_log("monitor", "monitor ready")
+
+    def monitor_state(self) -> dict[str, object] | None:
+        if self.monitor_port is None:
+            return None
+        from foldfed.monitor.commands import fetch_state
+
+        try:
+            return fetch_state(f"http://127.0.0.1:{self.monitor_port}")
+        except (OSError, ValueError) as exc:
+            self.notes.append(f"the monitor's state could not be read: {exc}")
+            return None
 
     def stop_hub(self) -> None:
         for name in ("barrier", "aggregator"):
@@ -283,6 +322,9 @@ class Run:
                     await task  # raises what a fault task raised
                 ended = time.monotonic()
                 await self._until_participants_hold_final(deadline)
+                if self.monitor_port is not None:
+                    await asyncio.sleep(0.5)  # the last events reach the monitor
+                    self.monitor = await asyncio.to_thread(self.monitor_state)
             finally:
                 for task in faults:
                     task.cancel()
@@ -294,6 +336,8 @@ class Run:
         env = self.hub_env(1)
         self.fed.start("aggregator", ["aggregator"], env)
         self.fed.wait_for_log("aggregator", "ingest ready")  # topology declared
+        if self.s.expect.straggler:
+            self.start_monitor(env)
         for name in first:
             self.start_uploader(name)
             self.start_trainer(name)
@@ -440,6 +484,7 @@ class Run:
             participant_digests={n: self._current(n)[1] for n in self.s.names},
             cycles=cycles,
             notes=list(self.notes),
+            monitor=self.monitor,
         )
         gp = self.s.expect.goodput_participant
         if gp:
@@ -450,6 +495,14 @@ class Run:
 
 
 SIM_ENV = "FOLDFED_LOADTEST_SIM"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------ checks
@@ -499,6 +552,8 @@ def check_run(result: RunResult) -> list[Check]:
                 + ", ".join(f"{n} {v * s.time_scale:,.0f}" for n, v in sorted(charged.items())),
             )
         )
+    if s.expect.straggler:
+        checks.append(monitor_check(result, s.expect.straggler))
     if s.expect.goodput_participant and result.goodput is not None:
         g = result.goodput
         checks.append(
@@ -542,6 +597,39 @@ def check_run(result: RunResult) -> list[Check]:
             )
         )
     return checks
+
+
+def monitor_idle(result: RunResult) -> dict[str, float]:
+    """Barrier idle per participant as the monitor service attributed it (run seconds)."""
+    table = (result.monitor or {}).get("table") or []
+    return {
+        str(row["participant"]): float(row.get("idle_s") or 0.0)
+        for row in table  # type: ignore[union-attr]
+        if isinstance(row, dict)
+    }
+
+
+def monitor_check(result: RunResult, name: str) -> Check:
+    what = f"the monitor service attributes the idle time to {name} and flags it"
+    if result.monitor is None:
+        return Check(what, False, "the monitor's /api/state was not read")
+    idle = monitor_idle(result)
+    flagged = sorted(
+        str(row["participant"])
+        for row in result.monitor.get("table") or []  # type: ignore[union-attr]
+        if isinstance(row, dict) and row.get("straggler")
+    )
+    top = max(idle.items(), key=lambda kv: kv[1])[0] if idle else ""
+    S = result.scenario.time_scale
+    ours = idle_totals(result.steps).get(name, 0.0)
+    return Check(
+        what,
+        top == name and flagged == [name],
+        "monitor idle (real s): "
+        + ", ".join(f"{n} {v * S:,.0f}" for n, v in sorted(idle.items()))
+        + f"; stragglers flagged: {flagged or 'none'}; the report's own measure for {name}: "
+        f"{ours * S:,.0f} s",
+    )
 
 
 def run_scenario(
