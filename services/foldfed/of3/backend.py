@@ -10,7 +10,12 @@ Settings (environment, read by `Of3Settings.from_env`):
 | `FOLDFED_OF3_CHECKPOINT` | optional local checkpoint to start from (never downloaded) |
 | `FOLDFED_OF3_OVERRIDES` | optional JSON object of dotted config paths -> values |
 | `FOLDFED_OF3_LR`, `FOLDFED_OF3_WARMUP` | peak lr (1.8e-3) and warm-up steps (1000) |
-| `FOLDFED_OF3_EVAL` | `heldout` (default): evaluate on the site's held-out split; `none` |
+| `FOLDFED_OF3_COMPANY` | the site's name in the sample (default: `FOLDFED_PARTICIPANT`) |
+| `FOLDFED_OF3_EVAL` | `heldout` (default), `both` or `none`: see below |
+
+Evaluation (`FOLDFED_OF3_EVAL`): `heldout` scores the site's held-out split (`eval_*`
+metrics); `both` adds every site's held-out entries of the shared sample (`global_eval_*`,
+for demos and benchmarks on a public sample); `none` reports no metrics.
 
 What is federated: the raw trainable weights (θ, Δ, updates hold exactly the trainable
 parameters; see finetune.py). OpenFold3's EMA is a local evaluation smoothing; here a round
@@ -39,7 +44,7 @@ if TYPE_CHECKING:
     from foldfed.of3.training import DistContext, Of3RoundResult, StopCheck
 
 State = dict[str, "torch.Tensor"]
-EVAL_MODES = ("heldout", "none")
+EVAL_MODES = ("heldout", "both", "none")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Of3Settings:
     lr: float = 1.8e-3
     warmup_steps: int = 1000
     eval_mode: str = "heldout"
+    company: str | None = None
 
     @property
     def size(self) -> str:
@@ -66,7 +72,7 @@ class Of3Settings:
             raise ConfigError(f"FOLDFED_OF3_CHECKPOINT: {checkpoint} is not a file")
         eval_mode = env.get("FOLDFED_OF3_EVAL") or "heldout"
         if eval_mode not in EVAL_MODES:
-            raise ConfigError(f"FOLDFED_OF3_EVAL={eval_mode!r}: expected heldout or none")
+            raise ConfigError(f"FOLDFED_OF3_EVAL={eval_mode!r}: expected heldout, both or none")
         lr = _float(env, "FOLDFED_OF3_LR", 1.8e-3, 0.0)
         if lr == 0.0:
             raise ConfigError("FOLDFED_OF3_LR must be > 0")
@@ -79,6 +85,7 @@ class Of3Settings:
             lr=lr,
             warmup_steps=_int(env, "FOLDFED_OF3_WARMUP", 1000, 0),
             eval_mode=eval_mode,
+            company=env.get("FOLDFED_OF3_COMPANY") or None,
         )
 
 
@@ -156,12 +163,15 @@ class Of3Backend:
             lr=settings.lr,
             warmup_steps=settings.warmup_steps,
         )
+        _quiet_warnings()
         self.built = build(settings, seed)
         sample = open_sample(settings.sample_dir)
-        self.train_set: list[Path] = [e.features for e in sample.of(participant, "train")]
-        self.heldout: list[Path] = [e.features for e in sample.of(participant, "heldout")]
+        company = settings.company or participant
+        self.train_set: list[Path] = [e.features for e in sample.of(company, "train")]
+        self.heldout: list[Path] = [e.features for e in sample.of(company, "heldout")]
+        self.global_heldout: list[Path] = [e.features for e in sample.heldout()]
         if not self.train_set:
-            raise ConfigError(f"FOLDFED_OF3_SAMPLE: no training structures for {participant}")
+            raise ConfigError(f"FOLDFED_OF3_SAMPLE: no training structures for {company}")
         self.load = BatchCache(load_batch)
 
     @property
@@ -172,18 +182,27 @@ class Of3Backend:
         """Aggregate metrics of θ on this site's held-out split (rank 0 alone)."""
         from foldfed.of3.training import evaluate, load_trainable
 
-        if self.settings.eval_mode == "none" or not self.heldout:
-            return {}
+        sets = {"eval": self.heldout}
+        if self.settings.eval_mode == "both":
+            sets["global_eval"] = self.global_heldout
+        elif self.settings.eval_mode == "none":
+            sets = {}
         load_trainable(self.built.model, self.trainable, theta)
-        return evaluate(
-            self.built.model,
-            self.built.loss_fn,
-            self.heldout,
-            self.load,
-            seed=self.seed,
-            prefix="eval",
-            confidence_only=self.built.confidence_only,
-        )
+        out: dict[str, float] = {}
+        for prefix, entries in sets.items():
+            if entries:
+                out.update(
+                    evaluate(
+                        self.built.model,
+                        self.built.loss_fn,
+                        entries,
+                        self.load,
+                        seed=self.seed,
+                        prefix=prefix,
+                        confidence_only=self.built.confidence_only,
+                    )
+                )
+        return out
 
     def train(
         self, theta: Mapping[str, torch.Tensor], step: int, should_stop: StopCheck | None
@@ -229,3 +248,13 @@ class Of3Backend:
                 self._round(theta, step, ddp.agreed_stop(None))
             except TrainingInterrupted:
                 continue  # rank 0 stopped mid-round; its next word is stop
+
+
+def _quiet_warnings() -> None:
+    """OpenFold3 on a CPU warns on every forward (autocast dtypes, no Triton): noise that
+    would bury the trainer's own log lines."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="CPU Autocast only supports")
+    warnings.filterwarnings("ignore", message="Triton is not available")
+    warnings.filterwarnings("ignore", message=".*torch.cpu.amp.autocast.*")

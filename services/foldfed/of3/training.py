@@ -205,14 +205,19 @@ def active_terms(batch: Batch, confidence_only: bool) -> set[str]:
 
 
 def check_terms(expected: set[str], breakdown: Mapping[str, Any], where: str) -> None:
+    """Every term the batch switched on is in the breakdown, and every value is finite
+    (OpenFold3 falls back to a naive alignment that can yield NaN instead of failing)."""
+    if not expected:
+        raise LossGuardError(f"{where}: no loss term is switched on")
     missing = sorted(t for t in expected if f"{t}_loss" not in breakdown)
     if missing:
         raise LossGuardError(
             f"{where}: loss terms {missing} were switched on by the batch but OpenFold3 "
             "dropped them (ground truth it could not align?)"
         )
-    if not expected:
-        raise LossGuardError(f"{where}: no loss term is switched on")
+    bad = sorted(k for k, v in breakdown.items() if not math.isfinite(_scalar(v)))
+    if bad:
+        raise LossGuardError(f"{where}: non-finite loss terms {bad} (malformed ground truth?)")
 
 
 @contextmanager
