@@ -171,6 +171,23 @@ def test_a_truncated_file_raises_a_reason(sample: Sample, tmp_path: Path, ccd: O
         build_features(tmp_path / "absent.cif", ccd, token_budget=BUDGET, seed=0)
 
 
+def test_limit_and_bad_options(tmp_path: Path) -> None:
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for name in ("aaaa", "zzzz"):
+        (bad / f"{name}.cif").write_text(f"data_{name.upper()}\n#\n")
+    cifs = {n: bad / f"{n}.cif" for n in ("aaaa", "zzzz")}
+    report = prepare_sample(tmp_path / "out", 3, cifs=cifs, limit=1)
+    assert [row["entry_id"] for row in report.sample.failures] == ["aaaa"]
+    assert report.sample.entries == () and report.featurized == 0
+    with pytest.raises(ConfigError, match="companies"):
+        prepare_sample(tmp_path / "out", 0, cifs=cifs)
+    with pytest.raises(ConfigError, match="not in the source"):
+        prepare_sample(tmp_path / "out", 3, cifs=cifs, only=["9xyz"])
+    with pytest.raises(ConfigError, match="token_budget"):
+        prepare_sample(tmp_path / "out", 3, cifs=cifs, token_budget=4)
+
+
 @pytest.mark.slow
 def test_features_are_deterministic_and_cached_by_content(
     sample: Sample, cifs: dict[str, Path], ccd: OfflineCcd, tmp_path: Path
