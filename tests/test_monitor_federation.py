@@ -261,6 +261,10 @@ def test_projected_idle_cost_over_the_remaining_steps_is_right(slow_run) -> None
     assert projected == pytest.approx(DELAY_S * remaining, rel=0.10)
     # The ETA then was the rest of the cycle at the measured pace, not nothing.
     assert mid["eta_s"] is not None and mid["eta_s"] > 0
+    last = final["steps"][-1]
+    ended_ms = last["released_ms"] + 1000 * last["wall_s"]
+    actual_rest = (ended_ms - mid["now_ms"]) / 1e3
+    print(f"ETA then {mid['eta_s']:.1f} s; the cycle ended {actual_rest:.1f} s later")
 
 
 def test_sigkilled_monitor_rebuilds_the_same_numbers(slow_run) -> None:
