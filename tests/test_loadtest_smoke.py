@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from foldfed.loadtest.commands import ALL, scenario_paths
+from foldfed.loadtest.commands import SMOKE, scenario_paths
 from foldfed.loadtest.report import write_index, write_report
 from foldfed.loadtest.runner import SharedBroker, monitor_idle, run_scenario
 from foldfed.loadtest.scenario import load_scenario
@@ -29,8 +29,8 @@ NEEDS_FULL_RUN = "matches the prediction"
 def test_every_scenario_holds_its_invariants_in_a_short_run(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:
-    scenarios = [load_scenario(p.read_text()).smoke() for p in scenario_paths("all")]
-    assert [s.name for s in scenarios] == [f"{n}-smoke" for n in ALL]
+    scenarios = [load_scenario(p.read_text()).smoke() for p in scenario_paths("all", smoke=True)]
+    assert [s.name for s in scenarios] == [f"{n}-smoke" for n in SMOKE]
     names = tuple(sorted({n for s in scenarios for n in s.names}))
     shared = SharedBroker(tmp_path / "unused", names, broker=broker.broker)
     shared.start()
@@ -79,4 +79,4 @@ def test_every_scenario_holds_its_invariants_in_a_short_run(
     finally:
         shared.stop()
     index = write_index(results, tmp_path, 0.0, [])
-    assert index.read_text().count("[report]") == len(ALL)
+    assert index.read_text().count("[report]") == len(SMOKE)

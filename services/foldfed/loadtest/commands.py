@@ -35,9 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.set_defaults(func=cmd_sim_trainer)
 
 
-def scenario_paths(arg: str) -> list[Path]:
+# The smoke set leaves out seed-straggler-500: it is seed-straggler at another scale, and
+# a few steps of it show nothing more.
+SMOKE = tuple(name for name in ALL if name != "seed-straggler-500")
+
+
+def scenario_paths(arg: str, smoke: bool = False) -> list[Path]:
     if arg == "all":
-        return [SCENARIO_DIR / f"{name}.yaml" for name in ALL]
+        return [SCENARIO_DIR / f"{name}.yaml" for name in (SMOKE if smoke else ALL)]
     path = Path(arg)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return [path]
@@ -52,7 +57,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     try:
         scenarios = []
-        for path in scenario_paths(args.scenario):
+        for path in scenario_paths(args.scenario, args.smoke):
             if not path.is_file():
                 raise ScenarioError(f"no scenario file {path}")
             scenario = load_scenario(path.read_text())

@@ -334,13 +334,15 @@ class Run:
 
     def _start_first(self, first: tuple[str, ...]) -> None:
         env = self.hub_env(1)
+        # Everything but the barrier starts at once (uploaders wait for their queues,
+        # which the aggregator declares): start-up is most of a short run's time.
         self.fed.start("aggregator", ["aggregator"], env)
-        self.fed.wait_for_log("aggregator", "ingest ready")  # topology declared
-        if self.s.expect.straggler:
-            self.start_monitor(env)
         for name in first:
             self.start_uploader(name)
             self.start_trainer(name)
+        self.fed.wait_for_log("aggregator", "ingest ready")  # topology declared
+        if self.s.expect.straggler:
+            self.start_monitor(env)
         self.wait_ready(first)
         # The barrier last: step 1 opens when everyone is up, so it measures a step.
         self.fed.start("barrier", ["barrier"], env)
