@@ -65,6 +65,7 @@ async def reset_topology(admin_url: str) -> None:
             topology.INGEST_QUEUE,
             topology.BARRIER_QUEUE,
             topology.DEAD_QUEUE,
+            topology.MONITOR_QUEUE,
             *(topology.participant_queue(p) for p in (*PARTICIPANTS, OUTSIDER)),
         ):
             channel = await connection.channel()
