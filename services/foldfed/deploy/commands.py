@@ -67,11 +67,17 @@ def cmd_initial_model(args: argparse.Namespace) -> int:
     if args.if_missing and out.is_file():
         print(f"{out} exists: kept", flush=True)
         return 0
-    from foldfed.trainer.task import initial_model
-
     out.parent.mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed is not None else _seed_from_env()
-    digest = initial_model(out, seed)
+    model = os.environ.get("FOLDFED_MODEL") or "mlp"
+    if model == "mlp":
+        from foldfed.trainer.task import initial_model
+
+        digest = initial_model(out, seed)
+    else:  # OpenFold3 (the of3 extra): the seeded preset, or FOLDFED_OF3_CHECKPOINT
+        from foldfed.of3.backend import Of3Settings, write_initial_model
+
+        digest = write_initial_model(out, Of3Settings.from_env(os.environ), seed)
     print(f"wrote {out}: model digest {digest.hex()}", flush=True)
     return 0
 
@@ -109,7 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     defs.set_defaults(func=cmd_broker_definitions)
 
     model = sub.add_parser(
-        "initial-model", help="write θ_0 of the demo task (seeded, identical everywhere)"
+        "initial-model",
+        help="write θ_0 of FOLDFED_MODEL (seeded: every party computes the same bytes)",
     )
     model.add_argument("--out", required=True)
     model.add_argument("--seed", type=int, default=None, help="default: FOLDFED_SEED or 0")
