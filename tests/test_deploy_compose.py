@@ -21,6 +21,7 @@ from test_deploy_localrun import (
     assert_cycle_complete,
     delete_queues,
     dockerfile_entrypoint,
+    dockerfile_env,
     free_port,
     import_definitions,
     monitor_available,
@@ -91,6 +92,11 @@ def container_of(name: str, service: dict[str, Any], volumes_root: Path) -> Cont
             local = volumes_root / source
             local.mkdir(parents=True, exist_ok=True)
         mounts.append((local, target))
+    tmpfs = service.get("tmpfs", [])
+    for target in [tmpfs] if isinstance(tmpfs, str) else tmpfs:
+        local = volumes_root / "tmpfs" / name / target.strip("/")
+        local.mkdir(parents=True, exist_ok=True)
+        mounts.append((local, target))
     health = service.get("healthcheck", {}).get("test")
     entry = dockerfile_entrypoint()
     health_cmd = None
@@ -98,7 +104,8 @@ def container_of(name: str, service: dict[str, Any], volumes_root: Path) -> Cont
         assert health[0] == "CMD" and health[1:2] == entry, health
         health_cmd = health[2:]
     args = service["command"]
-    return Container(name, list(args), service_env(service), mounts, health_cmd)
+    env = {**dockerfile_env(), **service_env(service)}
+    return Container(name, list(args), env, mounts, health_cmd)
 
 
 # ---------------------------------------------------------------- static checks
@@ -200,7 +207,7 @@ def test_compose_services_run_a_federated_cycle(broker: BrokerHandle, tmp_path: 
     port = int(broker.admin_url.rsplit(":", 1)[1].split("/")[0])
     hosts = {"rabbitmq": ("127.0.0.1", port), "jaeger": ("127.0.0.1", free_port())}
     containers = {
-        n: container_of(n, s, tmp_path / "volumes").localize(hosts)
+        n: container_of(n, s, tmp_path / "volumes").localize(hosts, s.get("restart") != "no")
         for n, s in foldfed_services.items()
     }
     asyncio.run(delete_queues(broker.admin_url, participants))
@@ -246,6 +253,11 @@ def test_compose_services_run_a_federated_cycle(broker: BrokerHandle, tmp_path: 
         for name in processes.running:
             status, body = processes.readyz(name)
             assert status == 200, (name, body)
+        for c, _ in processes.running.values():
+            if c.args[0] == "monitor":
+                continue  # the monitor reads events, it makes no spans
+            # spans went where the image and its volumes put them (FOLDFED_TRACE_DIR)
+            assert list(Path(c.env["FOLDFED_TRACE_DIR"]).glob("*.jsonl")), c.name
     finally:
         codes = processes.stop()
         asyncio.run(delete_queues(broker.admin_url, participants))

@@ -22,6 +22,7 @@ from test_deploy_localrun import (
     assert_cycle_complete,
     delete_queues,
     dockerfile_entrypoint,
+    dockerfile_env,
     import_definitions,
     monitor_available,
     watch_cycle,
@@ -320,7 +321,7 @@ def _pod_containers(
                     Container(
                         f"{overlay}-{name}-{c['name']}",
                         list(c["args"]),
-                        _container_env(objects, c, secrets),
+                        {**dockerfile_env(), **_container_env(objects, c, secrets)},
                         mounts,
                         health,
                     )
@@ -367,7 +368,7 @@ def test_rendered_containers_run_a_federated_cycle(
             secrets["foldfed-gateway-amqp"] = {"url": urls[overlay]}
             secrets["foldfed-broker-ca"] = {"ca.crt": ""}
         i, m = _pod_containers(overlay, rendered[overlay], secrets, tmp_path / "volumes")
-        inits += [c.localize(hosts) for c in i]
+        inits += [c.localize(hosts, service=False) for c in i]
         mains += [
             c.localize(hosts)
             for c in m
@@ -396,6 +397,11 @@ def test_rendered_containers_run_a_federated_cycle(
         for name in processes.running:
             status, body = processes.readyz(name)
             assert status == 200, (name, body)
+        for c, _ in processes.running.values():
+            if c.args[0] == "monitor":
+                continue  # the monitor reads events, it makes no spans
+            # spans went where the image and its volumes put them (FOLDFED_TRACE_DIR)
+            assert list(Path(c.env["FOLDFED_TRACE_DIR"]).glob("*.jsonl")), c.name
     finally:
         codes = processes.stop()
         asyncio.run(delete_queues(broker.admin_url, participants))

@@ -49,6 +49,19 @@ def dockerfile_entrypoint() -> list[str]:
     raise AssertionError("deploy/Dockerfile has no ENTRYPOINT")
 
 
+def dockerfile_env() -> dict[str, str]:
+    """The image's ENV settings (PATH and HOME aside: this machine's interpreter runs)."""
+    text = (REPO / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for pair in line.removeprefix("ENV ").split():
+                key, _, value = pair.partition("=")
+                env[key] = value
+    env.pop("PATH"), env.pop("HOME")
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,9 +87,15 @@ class Container:
     mounts: list[tuple[Path, str]] = field(default_factory=list)
     health_cmd: list[str] | None = None
 
-    def localize(self, hosts: Mapping[str, tuple[str, int]]) -> Container:
-        """The container's view rewritten for this machine (see the module docstring)."""
+    def localize(self, hosts: Mapping[str, tuple[str, int]], service: bool = True) -> Container:
+        """The container's view rewritten for this machine (see the module docstring).
+        For a `service` (not a one-shot), every path in its settings must be on a volume."""
         env = {k: _rewrite(v, self.mounts, hosts) for k, v in self.env.items()}
+        for key, value in env.items() if service else ():
+            # A container path left unmapped is on the image's (read-only) root filesystem.
+            assert not (value.startswith("/") and value == self.env[key]), (
+                f"{self.name}: {key}={value} is on no volume (read-only root filesystem)"
+            )
         for key in PER_CONTAINER_PORTS:
             if key in env:
                 env[key] = str(free_port())
