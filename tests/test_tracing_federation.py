@@ -22,10 +22,10 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def traced_run(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
+def run_traced(broker: BrokerHandle, workdir, crash: tuple[str, str] | None = None):
+    """A whole run; `crash=(process, FOLDFED_CRASH_AT value)`: that process SIGKILLs
+    itself there and is started again."""
     asyncio.run(reset_topology(broker.admin_url))
-    workdir = tmp_path_factory.mktemp("traced")
     spec = FederationSpec(
         participants=PARTICIPANTS,
         steps=STEPS,
@@ -44,13 +44,34 @@ def traced_run(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
 
     initial_model(federation.initial_model, 3)
     record = RunRecord(spec.participants, spec.steps)
+    if crash is not None:
+        federation.crash_env = {crash[0]: {"FOLDFED_CRASH_AT": crash[1]}}
     try:
-        asyncio.run(_watch(federation, record, timeout_s=300))
+        asyncio.run(_watch_with_restarts(federation, record))
     finally:
         federation.stop()  # SIGTERM: every process flushes its spans on the way out
+    if crash is not None:
+        assert federation.restarted == {crash[0]}, "the crash point was never reached"
     spans, problems = read_folder(federation.trace_dir)
     assert not problems, problems
     return federation, spans
+
+
+async def _watch_with_restarts(federation: LocalFederation, record: RunRecord) -> None:
+    task = asyncio.create_task(_watch(federation, record, timeout_s=300))
+    while not task.done():
+        await asyncio.sleep(0.1)
+        for process in federation.dead():
+            if process.name not in federation.restarted:
+                assert process.proc.returncode == -9, process.log()  # its crash point
+                federation.restarted.add(process.name)
+                federation.restart(process.name)
+    await task
+
+
+@pytest.fixture(scope="module")
+def traced_run(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
+    return run_traced(broker, tmp_path_factory.mktemp("traced"))
 
 
 def _by_id(spans: list[SpanRecord]) -> dict[str, SpanRecord]:
@@ -210,3 +231,28 @@ def test_log_lines_carry_trace_and_span_ids(traced_run) -> None:
     assert delivered and all(line["service"] == "aggregator" for line in delivered)
     assert all(line["span_id"] in span_ids for line in delivered)
     assert all(len(line["trace_id"]) == 32 and "step" in line for line in delivered)
+
+
+def test_a_barrier_killed_mid_step_keeps_each_step_in_one_trace(
+    broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGKILL after step 1 closed and its finalize committed, before release 2 went out:
+    the restarted barrier derives the same trace ids from its store."""
+    _, spans = run_traced(
+        broker,
+        tmp_path_factory.mktemp("barrier-crash"),
+        crash=("barrier", "barrier:before-release@2"),
+    )
+    for step in (1, 2):
+        chosen = spans_of_step(spans, step)
+        (root,) = [s for s in chosen if s.parent_id is None and s.name == "step"]
+        # Every participant's spans of the step are in the root's trace, the ones made
+        # before the crash (step 1) as well as after.
+        assert {s.trace_id for s in spans if s.step == step} == {root.trace_id}
+        for p in PARTICIPANTS:
+            assert _one(chosen, "train", p).trace_id == root.trace_id
+    # Step 2 began after the restart: complete, every parent in the trace.
+    step2 = spans_of_step(spans, 2)
+    ids = _by_id(step2)
+    assert all(s.parent_id in ids for s in step2 if s.parent_id is not None)
+    assert len([s for s in step2 if s.parent_id is None]) == 1
