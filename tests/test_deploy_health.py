@@ -3,6 +3,7 @@ that is then stopped (its own LocalBroker, not the session's), and `foldfed heal
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from foldfed.errors import ConfigError
-from foldfed.health import HealthSettings, check_store, probe_url
+from foldfed.health import Health, HealthServer, HealthSettings, check_store, probe_url
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
 FOLDFED = [sys.executable, "-m", "foldfed.cli"]
@@ -90,6 +91,49 @@ def test_probe_url() -> None:
     assert probe_url("http://x/readyz", None, True, {}) == "http://x/readyz"
     with pytest.raises(ConfigError, match="FOLDFED_HEALTH_PORT"):
         probe_url(None, None, True, {})
+
+
+async def _raw(port: int, request: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_http_server_answers_and_refuses(tmp_path: Path) -> None:
+    """The server alone (a store check, no broker configured): answers, HEAD, refusals."""
+    state = tmp_path / "state"
+    settings = HealthSettings("127.0.0.1", 0, 5.0, None, (("FOLDFED_STATE_DIR", state),))
+
+    async def scenario() -> None:
+        server = HealthServer(Health(settings))
+        await server.start()
+        try:
+            status, body = await _raw(server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status == 503
+            assert json.loads(body)["reasons"] == [
+                f"store:FOLDFED_STATE_DIR: {state} is not a folder (not created yet?)"
+            ]
+            state.mkdir()
+            status, body = await _raw(server.port, b"GET /readyz?x=1 HTTP/1.0\r\n\r\n")
+            assert status == 200 and json.loads(body)["status"] == "ok"
+            assert "broker" not in json.loads(body)["checks"]  # none configured
+            status, body = await _raw(server.port, b"HEAD /healthz HTTP/1.0\r\n\r\n")
+            assert (status, body) == (200, b"")
+            status, _ = await _raw(server.port, b"POST /readyz HTTP/1.0\r\n\r\n")
+            assert status == 405
+            status, _ = await _raw(server.port, b"nonsense\r\n\r\n")
+            assert status == 400
+            status, _ = await _raw(server.port, b"GET /x HTTP/1.0\r\n\r\n")
+            assert status == 404
+        finally:
+            await server.close()
+            await server.close()  # safe twice
+
+    asyncio.run(scenario())
 
 
 # ---------------------------------------------------------------- integration
