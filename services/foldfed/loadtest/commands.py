@@ -4,6 +4,7 @@ trainer the runner starts per participant). Nothing heavy is imported at module 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -65,6 +66,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         print(f"foldfed loadtest: {exc}", file=sys.stderr)
         return 2
+    # The runner's own event watcher reconnects through a broker restart on purpose; the
+    # AMQP libraries' tracebacks about it would drown the results.
+    for name in ("aio_pika", "aiormq"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     root = Path(args.out) if args.out else default_root() / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     names = tuple(sorted({n for s in scenarios for n in s.names}))
