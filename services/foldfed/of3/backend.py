@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from foldfed.config import _float, _get, _int
 from foldfed.errors import ConfigError
 from foldfed.of3.finetune import FinetuneMode, apply_mode
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from foldfed.of3.training import DistContext, Of3RoundResult, StopCheck
 
 State = dict[str, "torch.Tensor"]
+log = structlog.get_logger(__name__)
 EVAL_MODES = ("heldout", "both", "none")
 
 
@@ -219,7 +222,7 @@ class Of3Backend:
     ) -> Of3RoundResult:
         from foldfed.of3.training import train_round
 
-        return train_round(
+        result = train_round(
             self.built.model,
             self.built.loss_fn,
             self.trainable,
@@ -234,6 +237,15 @@ class Of3Backend:
             dist=self.dist,
             should_stop=should_stop,
         )
+        if self.dist.world_size > 1:
+            # Every rank must end on the same θ: each says which Δ it computed.
+            log.info(
+                "round trained",
+                rank=self.dist.rank,
+                round_step=step,
+                delta_digest=tensors_digest(result.delta, self.trainable),
+            )
+        return result
 
     def follow(self) -> None:
         """Ranks > 0: train the rounds rank 0 sends until it says stop."""
@@ -255,6 +267,15 @@ def _quiet_warnings() -> None:
     would bury the trainer's own log lines."""
     import warnings
 
-    warnings.filterwarnings("ignore", message="CPU Autocast only supports")
+    warnings.filterwarnings("ignore", message=r"(?s).*CPU [Aa]utocast")
     warnings.filterwarnings("ignore", message="Triton is not available")
-    warnings.filterwarnings("ignore", message=".*torch.cpu.amp.autocast.*")
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> str:
+    """blake3 (hex) of the tensors' bytes in `names` order: equal iff bitwise equal."""
+    import blake3
+
+    hasher = blake3.blake3()
+    for name in names:
+        hasher.update(tensors[name].detach().contiguous().numpy().tobytes())
+    return hasher.hexdigest()
