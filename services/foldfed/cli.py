@@ -155,6 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             steps=args.steps,
             workdir=Path(args.workdir),
             seed=args.seed,
+            model=args.model,
+            sample_dir=Path(args.sample_dir),
         )
     )
 
@@ -198,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=5, help="global steps (R)")
     demo.add_argument("--workdir", default="var/demo", help="logs, state and pictures")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "openfold3-tiny", "openfold3-full"],
+        help="mlp: the small CPU task; openfold3-*: OpenFold3 on the real sample",
+    )
+    demo.add_argument(
+        "--sample-dir", default="var/of3-sample", help="the OpenFold3 sample (made if missing)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     for name, func, text in (

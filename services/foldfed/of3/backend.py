@@ -11,11 +11,12 @@ Settings (environment, read by `Of3Settings.from_env`):
 | `FOLDFED_OF3_OVERRIDES` | optional JSON object of dotted config paths -> values |
 | `FOLDFED_OF3_LR`, `FOLDFED_OF3_WARMUP` | peak lr (1.8e-3) and warm-up steps (1000) |
 | `FOLDFED_OF3_COMPANY` | the site's name in the sample (default: `FOLDFED_PARTICIPANT`) |
-| `FOLDFED_OF3_EVAL` | `heldout` (default), `both` or `none`: see below |
+| `FOLDFED_OF3_EVAL` | `heldout` (default), `global`, `both` or `none`: see below |
 
 Evaluation (`FOLDFED_OF3_EVAL`): `heldout` scores the site's held-out split (`eval_*`
-metrics); `both` adds every site's held-out entries of the shared sample (`global_eval_*`,
-for demos and benchmarks on a public sample); `none` reports no metrics.
+metrics); `global` scores every site's held-out entries of the shared sample instead
+(`global_eval_*`: demos and benchmarks on a public sample); `both` does both; `none`
+reports no metrics.
 
 What is federated: the raw trainable weights (θ, Δ, updates hold exactly the trainable
 parameters; see finetune.py). OpenFold3's EMA is a local evaluation smoothing; here a round
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 State = dict[str, "torch.Tensor"]
 log = structlog.get_logger(__name__)
-EVAL_MODES = ("heldout", "both", "none")
+EVAL_MODES = ("heldout", "global", "both", "none")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class Of3Settings:
             raise ConfigError(f"FOLDFED_OF3_CHECKPOINT: {checkpoint} is not a file")
         eval_mode = env.get("FOLDFED_OF3_EVAL") or "heldout"
         if eval_mode not in EVAL_MODES:
-            raise ConfigError(f"FOLDFED_OF3_EVAL={eval_mode!r}: expected heldout, both or none")
+            raise ConfigError(
+                f"FOLDFED_OF3_EVAL={eval_mode!r}: expected one of {', '.join(EVAL_MODES)}"
+            )
         lr = _float(env, "FOLDFED_OF3_LR", 1.8e-3, 0.0)
         if lr == 0.0:
             raise ConfigError("FOLDFED_OF3_LR must be > 0")
@@ -185,11 +188,12 @@ class Of3Backend:
         """Aggregate metrics of θ on this site's held-out split (rank 0 alone)."""
         from foldfed.of3.training import evaluate, load_trainable
 
-        sets = {"eval": self.heldout}
-        if self.settings.eval_mode == "both":
+        mode = self.settings.eval_mode
+        sets = {}
+        if mode in ("heldout", "both"):
+            sets["eval"] = self.heldout
+        if mode in ("global", "both"):
             sets["global_eval"] = self.global_heldout
-        elif self.settings.eval_mode == "none":
-            sets = {}
         load_trainable(self.built.model, self.trainable, theta)
         out: dict[str, float] = {}
         for prefix, entries in sets.items():
