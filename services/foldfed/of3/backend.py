@@ -54,7 +54,7 @@ EVAL_MODES = ("heldout", "global", "both", "none")
 @dataclass(frozen=True)
 class Of3Settings:
     model: str
-    sample_dir: Path
+    sample_dir: Path | None  # required to train; not to build θ_0
     finetune: FinetuneMode = field(default_factory=FinetuneMode)
     checkpoint: Path | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -84,7 +84,7 @@ class Of3Settings:
             raise ConfigError("FOLDFED_OF3_LR must be > 0")
         return cls(
             model=model,
-            sample_dir=Path(_get(env, "FOLDFED_OF3_SAMPLE")),
+            sample_dir=Path(env["FOLDFED_OF3_SAMPLE"]) if env.get("FOLDFED_OF3_SAMPLE") else None,
             finetune=FinetuneMode.parse(env.get("FOLDFED_OF3_FINETUNE", "all")),
             checkpoint=Path(checkpoint) if checkpoint else None,
             overrides=parse_overrides(env.get("FOLDFED_OF3_OVERRIDES", "")),
@@ -169,6 +169,8 @@ class Of3Backend:
             lr=settings.lr,
             warmup_steps=settings.warmup_steps,
         )
+        if settings.sample_dir is None:
+            raise ConfigError("FOLDFED_OF3_SAMPLE is not set: the trainer needs its data")
         _quiet_warnings()
         self.built = build(settings, seed)
         sample = open_sample(settings.sample_dir)
