@@ -38,6 +38,13 @@ class BrokerHandle:
         )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _trace_files_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Services started by tests inherit this environment: their span files land in the
+    # session's temp folder, not the working tree (a test may still set its own).
+    os.environ.setdefault("FOLDFED_TRACE_DIR", str(tmp_path_factory.mktemp("traces")))
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
     ensure_rabbitmq_installed()
