@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,13 @@ from foldfed.of3.data.ccd import OfflineCcd
 from foldfed.of3.data.features import (
     FeatureSettings,
     FeaturizationError,
+    NoLigandError,
     build_features,
     cache_key,
     encode_feature_file,
     featurize_cached,
     load_batch,
+    load_features,
     pocket_crop,
     read_feature_info,
 )
@@ -66,17 +69,26 @@ def _entry(sample: Sample, entry_id: str):
     return next(e for e in sample.entries if e.entry_id == entry_id)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a machine shared by several jobs, two threads spinning on two
+    cores made a tiny step ~10x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _tiny_model() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The project's tiny OpenFold3 preset (~0.8 M parameters, no recycles)."""
     from openfold3.core.loss.loss_module import OpenFold3Loss
-    from openfold3.projects.of3_all_atom.model import OpenFold3
 
-    from foldfed.of3.data._testing import tiny_model_config
+    from foldfed.of3.presets import build_model, model_config
 
-    cfg = tiny_model_config()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = OpenFold3(cfg)
-    return model.train(), OpenFold3Loss(cfg.architecture.loss_module)
+    cfg = model_config("tiny")
+    return build_model(cfg, seed=0).train(), OpenFold3Loss(cfg.architecture.loss_module)
 
 
 # Loss terms that real ground truth must switch on. OpenFold3 zeroes every loss weight
@@ -96,7 +108,9 @@ EXPECTED_TERMS = (
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry_id", ["7bqu", "2hyy"])
-def test_tiny_openfold3_trains_on_a_real_complex(sample: Sample, entry_id: str) -> None:
+def test_tiny_openfold3_trains_on_a_real_complex(
+    sample: Sample, entry_id: str, one_thread: None
+) -> None:
     model, loss_fn = _tiny_model()
     batch = load_batch(_entry(sample, entry_id).features)
     assert batch["token_mask"].shape == (1, BUDGET)
@@ -161,6 +175,15 @@ def test_bad_entries_are_reported_and_skipped(sample: Sample) -> None:
     assert "brok" in table and NO_LIGAND in table
 
 
+def test_a_skip_is_remembered_by_key(sample: Sample, cifs: dict[str, Path]) -> None:
+    settings = FeatureSettings(token_budget=BUDGET, seed=0)
+    key = cache_key(cifs[NO_LIGAND].read_bytes(), settings)
+    notes = list((sample.root / "features").glob("*.skipped.json"))
+    assert [n.name for n in notes] == [f"{key}.skipped.json"]
+    with pytest.raises(NoLigandError, match="no non-solvent ligand"):
+        featurize_cached(cifs[NO_LIGAND], sample.root / "features", OfflineCcd(), settings)
+
+
 def test_a_truncated_file_raises_a_reason(sample: Sample, tmp_path: Path, ccd: OfflineCcd) -> None:
     cif = tmp_path / "cut.cif"
     cif.write_text("data_CUT\n#\nloop_\n_atom_site.group_PDB\n")
@@ -195,6 +218,7 @@ def test_features_are_deterministic_and_cached_by_content(
     cached = _entry(sample, "7bqu").features
     again = build_features(cifs["7bqu"], ccd, token_budget=BUDGET, seed=0)
     assert encode_feature_file(again) == cached.read_bytes()
+    _assert_same(again.features, load_features(cached), "features")
 
     settings = FeatureSettings(token_budget=BUDGET, seed=0)
     data = cifs["7bqu"].read_bytes()
@@ -208,6 +232,36 @@ def test_features_are_deterministic_and_cached_by_content(
     shutil.copy(cached, tmp_path / cached.name)
     hit = featurize_cached(cifs["7bqu"], tmp_path, ccd, settings)
     assert hit.hit and hit.path == tmp_path / cached.name
+
+
+def _assert_same(a: object, b: object, where: str) -> None:
+    """Exact equality of nested feature dicts (keys, dtypes, shapes, values)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(map(str, a)) == sorted(map(str, b)), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    else:
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
+        assert (a.dtype, a.shape) == (b.dtype, b.shape) and torch.equal(a, b), where
+
+
+def test_all_zero_tensors_are_declared_not_stored(sample: Sample, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _entry(sample, "3g32").features
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["foldfed"])
+        stored = set(f.keys())
+    assert "template_distogram" in header["zeros"] and "template_distogram" not in stored
+    assert load_features(path)["template_distogram"].shape == (4, BUDGET, BUDGET, 39)
+    assert path.stat().st_size < 1_500_000
+
+    bomb = tmp_path / "bomb.safetensors"
+    header["zeros"]["template_distogram"]["shape"] = [1 << 20, 1 << 20]
+    save_file({"x": torch.zeros(1)}, str(bomb), metadata={"foldfed": json.dumps(header)})
+    with pytest.raises(CodecError, match="too many"):
+        load_batch(bomb)
 
 
 def test_foreign_or_damaged_feature_files_are_refused(sample: Sample, tmp_path: Path) -> None:

@@ -27,9 +27,10 @@ cache:
 
 The example is stored unbatched in one safetensors file (`write_feature_file`): every
 tensor under its path in the nested feature dict (`ground_truth/atom_positions`), and
-everything else — the format version, the nesting, the entry's description — as JSON in
-the safetensors header metadata. `load_batch` reads it back and collates it with
-`openfold_batch_collator` into a batch of one. No pickle anywhere.
+everything else — the format version, the nesting, the all-zero tensors (declared by
+shape and dtype instead of stored: the empty template features), the entry's
+description — as JSON in the safetensors header metadata. `load_batch` reads it back
+and collates it with `openfold_batch_collator` into a batch of one. No pickle anywhere.
 
 The file's name is `cache_key(...)`: blake3 of the mmCIF bytes, the settings, and the
 versions of openfold3, biotite (the CCD), rdkit and this format, so a changed input or
@@ -62,6 +63,15 @@ SUFFIX = ".safetensors"
 # Nested feature dicts and the type of their keys ("str", or "int" for the ligand
 # permutation table, keyed by reference-space uid).
 _NESTED_KEY_TYPES = {"ground_truth": "str", "loss_weights": "str", "ref_space_uid_to_perm": "int"}
+
+# Tensors of at least this many elements that are all zero (e.g. the template features
+# when there are no templates) are declared in the header instead of stored.
+_MIN_ZEROS_NUMEL = 1024
+_MAX_ZEROS_NUMEL = 1 << 31
+_ZERO_DTYPES = frozenset(
+    {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8"}
+    | {"bool"}
+)
 
 # Components that never make a chain the primary ligand: AlphaFold3's ligand exclusion
 # list (SI Table 10) and crystallization aids, as OpenFold3 ships them, plus
@@ -634,8 +644,45 @@ def encode_feature_file(featurized: Featurized) -> bytes:
     from safetensors.torch import save
 
     tensors, nested = _flatten(featurized.features)
-    header = {"format": FORMAT, "nested": nested, "info": featurized.info.as_json()}
-    return save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+    zeros = {
+        name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for name, t in tensors.items()
+        if t.numel() >= _MIN_ZEROS_NUMEL and not bool(t.any())
+    }
+    stored = {name: t for name, t in tensors.items() if name not in zeros}
+    header = {
+        "format": FORMAT,
+        "nested": nested,
+        "zeros": zeros,
+        "info": featurized.info.as_json(),
+    }
+    return save(stored, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+
+
+def _zeros(path: Path, spec: Any) -> dict[str, torch.Tensor]:
+    """The all-zero tensors a header declares (validated: names, dtypes, sizes)."""
+    import torch
+
+    if not isinstance(spec, dict):
+        raise CodecError(f"{path}: 'zeros' is not an object")
+    out = {}
+    for name, value in spec.items():
+        try:
+            shape = [int(d) for d in value["shape"]]
+            dtype = str(value["dtype"])
+            if dtype not in _ZERO_DTYPES:
+                raise ValueError(f"dtype {dtype!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CodecError(f"{path}: zero tensor {name!r}: bad spec {value!r}") from exc
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise CodecError(f"{path}: zero tensor {name!r}: negative dimension")
+            numel *= d
+        if numel > _MAX_ZEROS_NUMEL:
+            raise CodecError(f"{path}: zero tensor {name!r}: {numel} elements is too many")
+        out[str(name)] = torch.zeros(shape, dtype=getattr(torch, dtype))
+    return out
 
 
 def write_feature_file(path: Path, featurized: Featurized) -> None:
@@ -686,6 +733,10 @@ def load_features(path: Path) -> dict[str, Any]:
         flat = load_file(str(path))
     except Exception as exc:
         raise CodecError(f"{path}: tensors unreadable ({exc})") from exc
+    zeros = _zeros(path, header.get("zeros", {}))
+    if set(zeros) & set(flat):
+        raise CodecError(f"{path}: tensors {sorted(set(zeros) & set(flat))} stored twice")
+    flat.update(zeros)
     features: dict[str, Any] = {name: {} for name in nested}
     for name, tensor in flat.items():
         top, sep, sub = name.partition("/")
@@ -738,6 +789,9 @@ def featurize_cached(
 
     A file that exists but does not read back (a foreign or damaged file under the
     expected name) is rebuilt. Raises FeaturizationError when the entry cannot be used.
+    An entry without a qualifying ligand is remembered as `<key>.skipped.json` (a pure
+    function of the key's inputs, like the features), so a rerun does not preprocess it
+    again; failures are not remembered (they may come from the machine, e.g. memory).
     """
     try:
         cif_bytes = Path(cif).read_bytes()
@@ -752,18 +806,42 @@ def featurize_cached(
             info = None
         if info is not None and info.key == key:
             return CachedFeatures(path=path, info=info, hit=True, timings_s={})
-    featurized = build_features(
-        Path(cif),
-        ccd,
-        token_budget=settings.token_budget,
-        seed=settings.seed,
-        min_ligand_heavy_atoms=settings.min_ligand_heavy_atoms,
-    )
+    skip_note = Path(cache_dir) / f"{key}.skipped.json"
+    reason = _read_skip_note(skip_note, key)
+    if reason is not None:
+        raise NoLigandError(reason)
+    try:
+        featurized = build_features(
+            Path(cif),
+            ccd,
+            token_budget=settings.token_budget,
+            seed=settings.seed,
+            min_ligand_heavy_atoms=settings.min_ligand_heavy_atoms,
+        )
+    except NoLigandError as exc:
+        from foldfed.durable import atomic_write
+
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        note = {"format": FORMAT, "key": key, "reason": str(exc)}
+        atomic_write(skip_note, json.dumps(note, sort_keys=True).encode())
+        raise
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     write_feature_file(path, featurized)
     return CachedFeatures(
         path=path, info=featurized.info, hit=False, timings_s=featurized.timings_s
     )
+
+
+def _read_skip_note(path: Path, key: str) -> str | None:
+    """The remembered reason an entry was skipped, or None (absent or unreadable)."""
+    try:
+        note = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(note, dict) or note.get("format") != FORMAT or note.get("key") != key:
+        return None
+    reason = note.get("reason")
+    return reason if isinstance(reason, str) and reason else None
 
 
 def _short(message: str, limit: int = 200) -> str:
