@@ -173,3 +173,42 @@ def test_initial_model_holds_exactly_the_trainable_parameters(
     state = load_delta(path)
     assert set(state) == set(build(settings, seed=5).trainable)
     assert all(n.startswith(("aux_heads.pde.", "aux_heads.plddt.")) for n in state)
+
+
+ROUND_SCRIPT = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+from pathlib import Path
+from foldfed.of3.backend import Of3Backend, Of3Settings, tensors_digest
+from foldfed.deltafile import load_delta
+settings = Of3Settings(model="openfold3-tiny", sample_dir=Path(sys.argv[1]), lr=1e-3,
+                       warmup_steps=0)
+backend = Of3Backend(settings, participant="company-c", participant_index=2, seed=5,
+                     local_steps=2, grad_accum=2)
+delta = backend.train(load_delta(Path(sys.argv[2])), 3, None).delta
+print(tensors_digest(delta, backend.trainable))
+"""
+
+
+def test_a_round_retrained_in_a_new_process_gives_the_same_bytes(
+    tmp_path: Path, sample_dir: Path
+) -> None:
+    """What makes a crashed trainer restart-safe: the same round, in two fresh processes
+    (as after a SIGKILL), produces the same delta bit for bit."""
+    import subprocess
+    import sys
+
+    theta0 = tmp_path / "theta0.safetensors"
+    write_initial_model(theta0, _settings(sample_dir), seed=5)
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", ROUND_SCRIPT, str(sample_dir), str(theta0)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout.split()[-1]
+        for _ in range(2)
+    }
+    assert len(digests) == 1
+    assert len(next(iter(digests))) == 64
