@@ -43,12 +43,14 @@ def test_mlp_initial_model_is_the_demos(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_openfold3_initial_model_is_deterministic(tmp_path: Path) -> None:
+def test_openfold3_initial_model(tmp_path: Path) -> None:
+    """FOLDFED_MODEL=openfold3-tiny: θ_0 is the tiny preset's trainable state (the backend's
+    own determinism is tested with the backend)."""
     pytest.importorskip("openfold3")
     env = {"FOLDFED_MODEL": "openfold3-tiny", "FOLDFED_OF3_SAMPLE": str(tmp_path)}
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    run(["initial-model", "--out", str(a), "--seed", "1"], **env)
-    run(["initial-model", "--out", str(b), "--seed", "1"], **env)
-    assert file_digest(a) == file_digest(b)
-    tensors = load_delta(a)
+    out = tmp_path / "initial.safetensors"
+    printed = run(["initial-model", "--out", str(out), "--seed", "1"], **env)
+    assert file_digest(out).hex() in printed
+    tensors = load_delta(out)
     assert len(tensors) > 100 and sum(t.numel() for t in tensors.values()) > 500_000
+    assert any(name.startswith("pairformer_stack.") for name in tensors), sorted(tensors)[:5]
