@@ -20,11 +20,13 @@ from test_deploy_localrun import (
     Processes,
     assert_cycle_complete,
     delete_queues,
+    demo_env_keys,
     dockerfile_entrypoint,
     dockerfile_env,
     free_port,
     import_definitions,
     monitor_available,
+    variables_the_code_reads,
     watch_cycle,
 )
 
@@ -179,6 +181,25 @@ def test_env_files_hold_placeholders_only() -> None:
     ignore = (REPO / "deploy/Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("**") + 1 :][:1] != [], "the image context is an allow-list"
     assert "!deploy/**" not in ignore
+
+
+def test_compose_env_is_the_demos(tmp_path: Path) -> None:
+    """12-factor, one vocabulary: compose sets only variables the code reads, and at least
+    what `foldfed demo` gives each kind of process (the trainer minus credentials)."""
+    services = load_compose()["services"]
+    known = variables_the_code_reads()
+    for name, service in services.items():
+        if service.get("image") == "foldfed:latest":
+            env = {**dockerfile_env(), **service_env(service)}
+            unknown = {k for k in env if k.startswith("FOLDFED_")} - known
+            assert not unknown, (name, unknown)
+    hub, participant = demo_env_keys(tmp_path)
+    for name in ("aggregator", "barrier", "monitor"):
+        assert hub <= set(service_env(services[name])), name
+    for company in ("company-a", "company-b"):
+        assert participant <= set(service_env(services[f"{company}-uploader"]))
+        trainer = set(service_env(services[f"{company}-trainer"]))
+        assert participant - {"FOLDFED_AMQP_URL"} <= trainer
 
 
 def test_rabbitmq_conf_is_shared_with_kubernetes() -> None:

@@ -21,10 +21,12 @@ from test_deploy_localrun import (
     Processes,
     assert_cycle_complete,
     delete_queues,
+    demo_env_keys,
     dockerfile_entrypoint,
     dockerfile_env,
     import_definitions,
     monitor_available,
+    variables_the_code_reads,
     watch_cycle,
 )
 
@@ -234,6 +236,31 @@ def test_hub_and_gateways_agree(rendered: dict[str, list[dict[str, Any]]]) -> No
         assert gateway["FOLDFED_SEED"] == hub["FOLDFED_SEED"]
         assert gateway["FOLDFED_INITIAL_MODEL"] == hub["FOLDFED_INITIAL_MODEL"]
     assert set(hub["FOLDFED_PARTICIPANTS"].split(",")) == {"company-a", "company-b"}
+
+
+@needs_kustomize
+def test_k8s_env_is_the_demos(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """The same vocabulary as compose and `foldfed demo` (see test_deploy_compose)."""
+    known = variables_the_code_reads()
+    hub, participant = demo_env_keys(tmp_path)
+    fake = {"foldfed-hub-amqp": {"url": "u"}, "foldfed-gateway-amqp": {"url": "u"}}
+    for overlay in OVERLAYS:
+        for pod, template in workloads(rendered[overlay]).items():
+            spec = template["spec"]
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                if not is_foldfed(c):
+                    continue
+                env = {**dockerfile_env(), **_container_env(rendered[overlay], c, fake)}
+                unknown = {k for k in env if k.startswith("FOLDFED_")} - known
+                assert not unknown, (overlay, pod, c["name"], unknown)
+                if c in spec.get("initContainers", []):
+                    continue
+                if overlay == "hub":
+                    assert hub <= set(env), (pod, hub - set(env))
+                elif c["name"] == "uploader":
+                    assert participant <= set(env), participant - set(env)
+                else:
+                    assert participant - {"FOLDFED_AMQP_URL"} <= set(env)
 
 
 # ---------------------------------------------------------------- the local run

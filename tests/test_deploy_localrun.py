@@ -62,6 +62,25 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
+def variables_the_code_reads() -> set[str]:
+    """Every FOLDFED_* name spelled in the package (settings are read by literal name)."""
+    names: set[str] = set()
+    for path in (REPO / "services" / "foldfed").rglob("*.py"):
+        names.update(re.findall(r"FOLDFED_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    return names
+
+
+def demo_env_keys(tmp: Path) -> tuple[set[str], set[str]]:
+    """The variables `foldfed demo` gives (hub process, participant process)."""
+    from foldfed.demo.cluster import FederationSpec, LocalFederation
+
+    spec = FederationSpec(("p-a", "p-b"), 2, tmp, common_env={"FOLDFED_SEED": "0"})
+    federation = LocalFederation(spec)
+    federation.admin_url = "amqp://admin:pw@127.0.0.1:5672/"
+    federation.passwords = {"p-a": "x", "p-b": "y"}
+    return set(federation.hub_env()), set(federation.participant_env("p-a"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
