@@ -32,7 +32,10 @@ from foldfed.monitor.store import MonitorStore
 log = structlog.get_logger(__name__)
 SERVICE = "monitor"
 # A monitor that is down must not let the broker fill up: past this many waiting messages
-# the oldest are dropped (events are small; this is hours of a large federation).
+# the oldest are dropped (events are small; this is hours of a large federation). The queue
+# has no dead-letter exchange on purpose: with one, overflow would move to foldfed.dead-letter,
+# which has no limit, and fill the broker all the same. Bad messages are still parked with
+# their reason, by Bus.dead_letter, which publishes them explicitly.
 QUEUE_MAX_LENGTH = 200_000
 
 
@@ -47,10 +50,7 @@ async def declare_monitor_queue(amqp_url: str) -> None:
         queue = await channel.declare_queue(
             topology.MONITOR_QUEUE,
             durable=True,
-            arguments={
-                "x-dead-letter-exchange": topology.DEAD_EXCHANGE,
-                "x-max-length": QUEUE_MAX_LENGTH,
-            },
+            arguments={"x-max-length": QUEUE_MAX_LENGTH},
         )
         await queue.bind(events, topology.MONITOR_BINDING)
     finally:
