@@ -99,6 +99,24 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
             f"| barrier idle charged to {name} | {_hms(measured_idle.get(name, 0) * S)} | "
             f"{_hms(plans.idle_s.get(name, 0.0))} |"
         )
+    if s.expect.straggler:
+        from foldfed.loadtest.runner import lead_over, straggler_ci
+
+        name = s.expect.straggler
+        plan0 = r.plans[0] if r.plans else None
+        others = [n for n in (plan0.done_s if plan0 else {}) if n != name]
+        if plan0 and others:
+            nxt = max(others, key=lambda n: plan0.done_s[n])
+            mean, se = lead_over(r, name, nxt)
+            out.append(
+                f"| {name}'s lead over {nxt} (signed, mean per step +/- s.e.) | "
+                f"{mean * S:.2f} +/- {se * S:.2f} s | "
+                f"{statistics.fmean(p.done_s[name] - p.done_s[nxt] for p in r.plans):.2f} s |"
+            )
+        out.append(
+            f"| 95% confidence interval of {name}'s summed idle | "
+            f"+/-{straggler_ci(r, name):.1%} | |"
+        )
     if r.monitor is not None:
         from foldfed.loadtest.runner import monitor_idle
 
@@ -114,7 +132,12 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
         f"how long the barrier waited on it alone (its delivery minus the next-to-last one's), "
         f"i.e. the wall time the step would have saved had it been as fast as the "
         f"next-slowest. At this time scale the overhead is "
-        f"{r.overhead_s * S / max(1e-9, predicted_wall / max(1, plans.steps)):.0%} of a step.",
+        f"{r.overhead_s * S / max(1e-9, predicted_wall / max(1, plans.steps)):.0%} of a step. "
+        f"The services' overhead is not compressed: the wall times above multiply it by S "
+        f"like everything else, while at real scale it stays about "
+        f"{r.overhead_s:.2f} s per step, so a real run of these steps would take about "
+        f"{_hms(measured_wall - r.overhead_s * (S - 1) * len(r.steps))}. Idle charged to a "
+        f"site is a difference of two deliveries, so this overhead cancels out of it.",
         "",
         "## Per participant (real time, mean per step)",
         "",
