@@ -173,6 +173,10 @@ class Of3Backend:
             raise ConfigError("FOLDFED_OF3_SAMPLE is not set: the trainer needs its data")
         _quiet_warnings()
         self.built = build(settings, seed)
+        # One GPU per rank when there are GPUs (LOCAL_RANK under torchrun), else the CPU.
+        if self.dist.device != "cpu":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic GEMMs
+            self.built.model.to(self.dist.device)
         sample = open_sample(settings.sample_dir)
         company = settings.company or participant
         self.train_set: list[Path] = [e.features for e in sample.of(company, "train")]
@@ -219,8 +223,8 @@ class Of3Backend:
         from foldfed.of3 import ddp
 
         if self.dist.world_size > 1:
-            ddp.send_round(step, theta, self.trainable)
-            should_stop = ddp.agreed_stop(should_stop)
+            ddp.send_round(self.dist, step, theta, self.trainable)
+            should_stop = ddp.agreed_stop(self.dist, should_stop)
         return self._round(theta, step, should_stop)
 
     def _round(
@@ -260,10 +264,10 @@ class Of3Backend:
 
         params = dict(self.built.model.named_parameters())
         shapes = {name: params[name].shape for name in self.trainable}
-        while (job := ddp.receive_round(shapes)) is not None:
+        while (job := ddp.receive_round(self.dist, shapes)) is not None:
             step, theta = job
             try:
-                self._round(theta, step, ddp.agreed_stop(None))
+                self._round(theta, step, ddp.agreed_stop(self.dist, None))
             except TrainingInterrupted:
                 continue  # rank 0 stopped mid-round; its next word is stop
 

@@ -35,50 +35,62 @@ _ROUND, _STOP = 1, 0
 def init_from_env(env: Mapping[str, str] = os.environ) -> DistContext:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     world = int(env.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(env.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local}" if cuda else "cpu"
     if world == 1:
-        return DistContext()
+        return DistContext(device=device)
+    if cuda:
+        torch.cuda.set_device(local)
     if not dist.is_initialized():
-        default = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=env.get("FOLDFED_DDP_BACKEND") or default)
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+        dist.init_process_group(backend=env.get("FOLDFED_DDP_BACKEND") or _backend(cuda))
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
-def send_round(step: int, theta: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+def _backend(cuda: bool) -> str:
+    return "nccl" if cuda else "gloo"
+
+
+def send_round(
+    ctx: DistContext, step: int, theta: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> None:
     """Rank 0: announce a round and share θ_t (in the trainable order every rank knows)."""
-    dist.broadcast(torch.tensor([_ROUND, step], dtype=torch.int64), src=0)
+    dist.broadcast(torch.tensor([_ROUND, step], dtype=torch.int64, device=ctx.device), src=0)
     for name in names:
-        dist.broadcast(theta[name].contiguous(), src=0)
+        dist.broadcast(theta[name].to(ctx.device).contiguous(), src=0)
 
 
-def send_stop() -> None:
+def send_stop(ctx: DistContext) -> None:
     """Rank 0: no more rounds."""
-    dist.broadcast(torch.tensor([_STOP, 0], dtype=torch.int64), src=0)
+    dist.broadcast(torch.tensor([_STOP, 0], dtype=torch.int64, device=ctx.device), src=0)
 
 
 def receive_round(
-    shapes: Mapping[str, torch.Size],
+    ctx: DistContext, shapes: Mapping[str, torch.Size]
 ) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """Ranks > 0: the next (step, θ_t), or None when rank 0 said stop. `shapes`: the
-    trainable parameters' shapes, in the order rank 0 sends them."""
-    header = torch.zeros(2, dtype=torch.int64)
+    """Ranks > 0: the next (step, θ_t) with θ_t on the CPU, or None when rank 0 said stop.
+    `shapes`: the trainable parameters' shapes, in the order rank 0 sends them."""
+    header = torch.zeros(2, dtype=torch.int64, device=ctx.device)
     dist.broadcast(header, src=0)
     kind, step = int(header[0]), int(header[1])
     if kind == _STOP:
         return None
     theta: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
-        tensor = torch.empty(shape, dtype=torch.float32)
+        tensor = torch.empty(shape, dtype=torch.float32, device=ctx.device)
         dist.broadcast(tensor, src=0)
-        theta[name] = tensor
+        theta[name] = tensor.cpu()
     return step, theta
 
 
-def agreed_stop(local: StopCheck | None) -> StopCheck:
+def agreed_stop(ctx: DistContext, local: StopCheck | None) -> StopCheck:
     """A stop check every rank calls at the same point: true on all ranks once any rank's
     own check (rank 0's stop event; None elsewhere) is true."""
 
     def check() -> bool:
-        flag = torch.tensor([1 if local is not None and local() else 0], dtype=torch.int64)
+        flag = torch.tensor(
+            [1 if local is not None and local() else 0], dtype=torch.int64, device=ctx.device
+        )
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -100,7 +112,7 @@ def main() -> int:
             try:
                 _run_service(lambda stop: run_trainer(settings, stop))
             finally:
-                send_stop()
+                send_stop(ctx)
         else:
             # torchrun sends SIGTERM to every rank; rank 0 decides when everyone stops.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

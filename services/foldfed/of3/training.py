@@ -108,6 +108,9 @@ class DistContext:
 
     rank: int = 0
     world_size: int = 1
+    # The rank's device: its model and the tensors of its collectives (cuda:LOCAL_RANK
+    # when there are GPUs, for nccl; else the CPU, for gloo).
+    device: str = "cpu"
 
     def runs(self, micro_batch: int) -> bool:
         return micro_batch % self.world_size == self.rank
@@ -160,6 +163,19 @@ def load_trainable(
 
 
 # --- batches -------------------------------------------------------------------------------
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch's tensors on `device` (nested dicts and lists followed)."""
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return batch
 
 
 def fresh(batch: Any) -> Any:
@@ -268,6 +284,7 @@ def train_round(
     )
     params = dict(model.named_parameters())
     chosen = [params[n] for n in trainable]
+    device = chosen[0].device
     with _torch_settings(config.threads):
         started = time.perf_counter()
         load_trainable(model, trainable, base)
@@ -290,7 +307,7 @@ def train_round(
                 if not dist.runs(g):
                     continue
                 entry = train[int(order[k, g])]
-                batch = load(entry)
+                batch = to_device(load(entry), device)
                 expected = active_terms(batch, confidence_only)
                 with seeded(seed, "of3-micro", participant_index, step, k, g):
                     batch, outputs = model(batch)
@@ -340,9 +357,11 @@ def _reduce_step(
         gathered: list[list[str]] = [[] for _ in range(dist.world_size)]
         tdist.all_gather_object(gathered, names)
         names = sorted({n for part in gathered for n in part})
-        values = torch.tensor([step_losses.get(n, 0.0) for n in names], dtype=torch.float64)
+        values = torch.tensor(
+            [step_losses.get(n, 0.0) for n in names], dtype=torch.float64, device=dist.device
+        )
         dist.all_reduce_([*acc, values])
-        step_losses = dict(zip(names, values.tolist(), strict=True))
+        step_losses = dict(zip(names, values.cpu().tolist(), strict=True))
     for name in names:
         totals[name] = totals.get(name, 0.0) + step_losses[name]
 
@@ -395,9 +414,10 @@ def evaluate(
     """
     terms: dict[str, list[float]] = {}
     found: dict[str, list[float]] = {"lddt": [], "ligand_rmsd": []}
+    device = next(model.parameters()).device
     with _torch_settings(threads), torch.no_grad():
         for index, entry in enumerate(entries):
-            batch = load(entry)
+            batch = to_device(load(entry), device)
             expected = active_terms(batch, confidence_only)
             with _loss_mode(model), seeded(seed, "of3-eval-loss", entry.name):
                 batch, outputs = model(batch)
@@ -407,7 +427,7 @@ def evaluate(
                 terms.setdefault(name, []).append(_scalar(value))
             model.eval()
             with seeded(seed, "of3-eval-fold", entry.name):
-                batch, outputs = model(load(entry))
+                batch, outputs = model(to_device(load(entry), device))
             for name, value in structure_scores(batch, outputs).items():
                 found[name].append(value)
             del index
@@ -429,11 +449,11 @@ def structure_scores(batch: Batch, outputs: Mapping[str, Any]) -> dict[str, floa
     per_token = batch["num_atoms_per_token"]
     is_protein = broadcast_token_feat_to_atoms(token_mask, per_token, batch["is_protein"])
     is_ligand = broadcast_token_feat_to_atoms(token_mask, per_token, batch["is_ligand"])
-    p = pred.reshape(-1, pred.shape[-2], 3)[0]
-    t = true.reshape(-1, true.shape[-2], 3)[0]
-    r = resolved.reshape(-1, resolved.shape[-1])[0].bool()
-    prot = is_protein.reshape(-1, is_protein.shape[-1])[0].bool()
-    lig = is_ligand.reshape(-1, is_ligand.shape[-1])[0].bool()
+    p = pred.reshape(-1, pred.shape[-2], 3)[0].cpu()
+    t = true.reshape(-1, true.shape[-2], 3)[0].cpu()
+    r = resolved.reshape(-1, resolved.shape[-1])[0].bool().cpu()
+    prot = is_protein.reshape(-1, is_protein.shape[-1])[0].bool().cpu()
+    lig = is_ligand.reshape(-1, is_ligand.shape[-1])[0].bool().cpu()
     out: dict[str, float] = {}
     score = structure.lddt(p, t, r)
     if score is not None:
