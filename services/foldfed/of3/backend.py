@@ -107,6 +107,7 @@ class Of3Model:
 
 def build(settings: Of3Settings, seed: int) -> Of3Model:
     """OpenFold3 from the preset, seeded, then the checkpoint (if any), then the mode."""
+    _quiet_warnings()  # before openfold3's first import, which warns about Triton
     from openfold3.core.loss.loss_module import OpenFold3Loss
 
     from foldfed.of3.checkpoint import load_into, read_checkpoint
