@@ -26,6 +26,7 @@ from foldfed.of3.data.ccd import OfflineCcd
 from foldfed.of3.data.features import (
     FeatureSettings,
     FeaturizationError,
+    LigandInfo,
     NoLigandError,
     build_features,
     cache_key,
@@ -35,6 +36,7 @@ from foldfed.of3.data.features import (
     load_features,
     pocket_crop,
     read_feature_info,
+    select_primary_ligand,
 )
 from foldfed.of3.data.sample import Sample, open_sample, prepare_sample, summary_table
 
@@ -361,3 +363,48 @@ def test_data_sample_command_reuses_the_cache(sample: Sample, tmp_path: Path) ->
         timeout=120,
     )
     assert summary.returncode == 0 and "total" in summary.stdout
+
+
+def test_primary_ligand_rule() -> None:
+    def lig(chain: str, heavy: int, ok: bool = True) -> LigandInfo:
+        return LigandInfo(chain, f"L{chain}", (f"L{chain}",), heavy, ok)
+
+    # the largest that fits in half the budget; ties to the first chain
+    assert select_primary_ligand([lig("1", 20), lig("2", 30), lig("3", 30)], 64).chain_id == "2"
+    assert select_primary_ligand([lig("1", 20), lig("2", 40)], 64).chain_id == "1"
+    # none fits: the smallest
+    assert select_primary_ligand([lig("1", 50), lig("2", 40)], 64).chain_id == "2"
+    # solvents and ions never count
+    assert select_primary_ligand([lig("1", 60, False), lig("2", 7)], 64).chain_id == "2"
+    with pytest.raises(FeaturizationError):
+        select_primary_ligand([lig("1", 9, False)], 64)
+
+
+def test_extract_entries_reads_only_entry_files(tmp_path: Path) -> None:
+    import gzip
+    import io
+    import tarfile
+
+    sdist = tmp_path / "plinder.tar.gz"
+    good = "plinder-0.2.27/tests/test_data/xx/pdb_00001abc/pdb_00001abc_xyz-enrich.cif.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, body in (
+            (good, b"data_1ABC\n"),
+            ("plinder-0.2.27/tests/test_data/xx/pdb_00001abc/../../../../x.cif.gz", b"no"),
+            ("plinder-0.2.27/README.md", b"readme"),
+        ):
+            data = gzip.compress(body)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(good.replace("1abc", "2abc"))
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    out = plinder.extract_entries(sdist, tmp_path / "cif")
+    assert out == {"1abc": tmp_path / "cif" / "1abc.cif"}
+    assert out["1abc"].read_bytes() == b"data_1ABC\n"
+    assert sorted(p.name for p in (tmp_path / "cif").iterdir()) == ["1abc.cif"]
+    (tmp_path / "bad.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(plinder.SourceError):
+        plinder.extract_entries(tmp_path / "bad.tar.gz", tmp_path / "cif2")
