@@ -114,3 +114,12 @@ def test_rmsd_and_summary() -> None:
         "lddt_count": 1.0,
     }
     assert all(math.isfinite(v) for v in out.values())
+
+
+def test_per_sample_clipping_scales_to_the_max_norm() -> None:
+    from foldfed.of3.training import clip_scale
+
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # global norm 5
+    assert clip_scale(grads, 10.0) == 1.0
+    assert clip_scale(grads, 2.5) == pytest.approx(0.5)
+    assert clip_scale([torch.zeros(3)], 1.0) == 1.0

@@ -317,9 +317,9 @@ def train_round(
                     p.grad = None
                 loss.backward()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chosen]
-                torch.nn.utils.clip_grad_norm_(grads, config.clip_norm, foreach=False)
+                scale = clip_scale(grads, config.clip_norm)
                 for a, grad in zip(acc, grads, strict=True):
-                    a.add_(grad)
+                    a.add_(grad, alpha=scale)
                 for name, value in breakdown.items():
                     step_losses[name] = step_losses.get(name, 0.0) + _scalar(value)
             _reduce_step(dist, acc, step_losses, totals)
@@ -339,6 +339,13 @@ def train_round(
     metrics["compute_s"] = compute_s
     delta = {name: local[name] - base[name] for name in trainable}
     return Of3RoundResult(delta=delta, weight=n, metrics=metrics)
+
+
+def clip_scale(grads: Sequence[torch.Tensor], max_norm: float) -> float:
+    """The factor that brings the gradients' global L2 norm down to `max_norm` (1.0 when it
+    is below): OpenFold3's per-sample clipping, applied to one micro-batch's gradient."""
+    total = math.sqrt(math.fsum(float(g.double().pow(2).sum()) for g in grads))
+    return max_norm / max(total, max_norm)
 
 
 def _reduce_step(
