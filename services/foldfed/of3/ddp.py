@@ -99,16 +99,21 @@ def agreed_stop(ctx: DistContext, local: StopCheck | None) -> StopCheck:
 
 def main() -> int:
     """Entry point of `torchrun -m foldfed.of3.ddp`."""
+    from foldfed.cli import _run_service
     from foldfed.logs import configure_logging
+    from foldfed.tracing import setup_tracing
     from foldfed.trainer.service import TrainerSettings, run_trainer
 
     settings = TrainerSettings.from_env(os.environ)
     ctx = init_from_env()
     configure_logging("trainer", settings.participant)
+    if ctx.world_size == 1:  # torchrun with one process: the plain trainer
+        setup_tracing("trainer", settings.participant)
+        _run_service(lambda stop: run_trainer(settings, stop))
+        return 0
     try:
         if ctx.rank == 0:
-            from foldfed.cli import _run_service
-
+            setup_tracing("trainer", settings.participant)
             try:
                 _run_service(lambda stop: run_trainer(settings, stop))
             finally:
