@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.foldfed-installed
 
-.PHONY: setup chromium demo test lint proto broker-start broker-stop clean bench
+.PHONY: setup chromium demo demo-of3 of3-sample test lint proto broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(VENV)/bin/foldfed demo
+
+# OpenFold3 (tiny) on the real plinder sample; prepares var/of3-sample on first use.
+demo-of3: setup
+	$(VENV)/bin/foldfed demo --model openfold3-tiny --steps 3
+
+of3-sample: setup
+	$(VENV)/bin/foldfed data sample --out var/of3-sample --companies 3
 
 test: setup
 	$(VENV)/bin/ruff check .
