@@ -681,3 +681,27 @@ def test_a_delivered_delta_may_ask_for_its_receipt_after_its_step_closed(
     other, other_ser = manifest_for(delta, participant="org-b")
     with pytest.raises(Reject, match="is closed"):
         ledger.on_manifest(other, other_ser)
+
+
+def test_a_configured_participant_outside_the_steps_cycle_is_refused(
+    tmp_path: Path, delta: Delta
+) -> None:
+    # org-b is configured at the hub but the release of step 1 names only org-a (org-b
+    # joins at the next cycle): its delta must not reach the running sum.
+    ledger = open_ledger(tmp_path / "hub")
+    try:
+        ledger.on_step_released(StepReleased(1, MODEL, ("org-a",)))
+        m, ser = manifest_for(delta, base=MODEL, participant="org-b")
+        with pytest.raises(Reject, match="not a member of the cycle"):
+            ledger.on_manifest(m, ser)
+        assert ledger.manifest(1, "org-b") is None
+        mine, mine_ser = manifest_for(delta, base=MODEL)
+        assert ledger.on_manifest(mine, mine_ser) == Effects()
+    finally:
+        ledger.close()
+    # The membership is durable: a restarted ingest still refuses org-b.
+    reopened = open_ledger(tmp_path / "hub")
+    try:
+        assert reopened.members == frozenset({"org-a"})
+    finally:
+        reopened.close()

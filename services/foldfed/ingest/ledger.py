@@ -125,6 +125,11 @@ class IngestLedger:
                 "INSERT OR IGNORE INTO hub_state VALUES ('open_step', ?)", (first_step,)
             )
             self._db.execute("INSERT OR IGNORE INTO hub_state VALUES ('model_digest', x'')")
+            # The open step's members, as its release named them ('' = every configured
+            # participant). A configured participant outside the cycle (a late joiner
+            # waiting for the next one) must not reach the running sum: finalize weights
+            # only members, so its delta would skew the average unseen.
+            self._db.execute("INSERT OR IGNORE INTO hub_state VALUES ('members', '')")
 
     def close(self) -> None:
         self._db.close()
@@ -151,7 +156,12 @@ class IngestLedger:
     def model_digest(self) -> bytes:
         return bytes(self._state("model_digest"))
 
-    def _state(self, key: str) -> int | bytes:
+    @property
+    def members(self) -> frozenset[str]:
+        named = str(self._state("members"))
+        return frozenset(named.split(",")) if named else self.participants
+
+    def _state(self, key: str) -> int | bytes | str:
         row = self._db.execute("SELECT value FROM hub_state WHERE key = ?", (key,)).fetchone()
         return row[0]
 
@@ -193,6 +203,11 @@ class IngestLedger:
             raise Reject(f"step {step} is closed (step {open_step} is open): replay?")
         if step > open_step:
             raise Reject(f"unknown step {step}: step {open_step} is open")
+        if participant not in self.members:
+            raise Reject(
+                f"{participant!r} is not a member of the cycle of step {open_step}: "
+                "a participant joins at a cycle boundary"
+            )
 
     # ---------------------------------------------------------------- handlers
 
@@ -207,6 +222,10 @@ class IngestLedger:
             self._db.execute("UPDATE hub_state SET value = ? WHERE key = 'open_step'", (msg.step,))
             self._db.execute(
                 "UPDATE hub_state SET value = ? WHERE key = 'model_digest'", (msg.model_digest,)
+            )
+            self._db.execute(
+                "UPDATE hub_state SET value = ? WHERE key = 'members'",
+                (",".join(sorted(msg.participants)),),
             )
         return Effects(released=[msg])
 
