@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.foldfed-installed
 
-.PHONY: setup chromium demo demo-of3 of3-sample test lint proto broker-start broker-stop clean bench
+.PHONY: setup chromium demo demo-of3 of3-sample loadtest test lint proto broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -30,6 +30,10 @@ demo: setup
 # OpenFold3 (tiny) on the real plinder sample; prepares var/of3-sample on first use.
 demo-of3: setup
 	$(VENV)/bin/foldfed demo --model openfold3-tiny --steps 3
+
+# Every load-test scenario against the real services (< 15 min); reports in var/loadtest/.
+loadtest: setup
+	$(VENV)/bin/foldfed loadtest all
 
 of3-sample: setup
 	$(VENV)/bin/foldfed data sample --out var/of3-sample --companies 3
