@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
-import aio_pika
 import pytest
 
-from foldfed import topology
+from foldfed import hubctl, topology
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
 PARTICIPANTS = ("org-a", "org-b", "org-c")
@@ -66,20 +65,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
 
 async def reset_topology(admin_url: str) -> None:
     """Delete every foldfed queue so each test starts from an empty broker state."""
-    connection = await aio_pika.connect(admin_url)
-    try:
-        for name in (
-            topology.INGEST_QUEUE,
-            topology.BARRIER_QUEUE,
-            topology.DEAD_QUEUE,
-            topology.MONITOR_QUEUE,
-            *(topology.participant_queue(p) for p in (*PARTICIPANTS, OUTSIDER)),
-        ):
-            channel = await connection.channel()
-            await channel.queue_delete(name)
-            await channel.close()
-    finally:
-        await connection.close()
+    await hubctl.delete_queues(admin_url, (*PARTICIPANTS, OUTSIDER))
 
 
 def hub_env(handle: BrokerHandle, state_dir: Path, **extra: str) -> dict[str, str]:

@@ -19,7 +19,6 @@ from test_deploy_localrun import (
     Container,
     Processes,
     assert_cycle_complete,
-    delete_queues,
     demo_env_keys,
     dockerfile_entrypoint,
     dockerfile_env,
@@ -32,6 +31,7 @@ from test_deploy_localrun import (
 
 from foldfed.demo.observer import RunRecord
 from foldfed.deploy.definitions import parse_env_file
+from foldfed.hubctl import delete_queues
 
 from conftest import BrokerHandle
 

@@ -24,13 +24,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
-
-from foldfed import topology
 from foldfed.demo.observer import Observer, RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,24 +220,6 @@ class Processes:
                 proc.kill()
                 codes[name] = proc.wait(10)
         return codes
-
-
-async def delete_queues(admin_url: str, participants: Iterable[str]) -> None:
-    """Start (and leave) the broker without any foldfed queue of this federation."""
-    connection = await aio_pika.connect(admin_url)
-    try:
-        for name in (
-            topology.INGEST_QUEUE,
-            topology.BARRIER_QUEUE,
-            topology.DEAD_QUEUE,
-            topology.MONITOR_QUEUE,
-            *(topology.participant_queue(p) for p in participants),
-        ):
-            channel = await connection.channel()
-            await channel.queue_delete(name)
-            await channel.close()
-    finally:
-        await connection.close()
 
 
 async def watch_cycle(
