@@ -21,7 +21,15 @@ from foldfed.loadtest.scenario import (
     parse_compute,
     parse_scenario,
 )
-from foldfed.loadtest.timeline import ParticipantObs, StepObs, goodput, idle_totals, measure
+from foldfed.loadtest.timeline import (
+    ParticipantObs,
+    StepObs,
+    goodput,
+    idle_totals,
+    measure,
+    path_skew,
+    straggler_real_idle,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "loadtest").glob("*.yaml"))
@@ -286,6 +294,57 @@ def test_measure_uses_the_barrier_clock_and_skips_open_steps() -> None:
     assert m[0].participants["a"].compute_s == 1.0
     assert m[0].participants["b"] == ParticipantObs()
     assert idle_totals(m) == {"a": 0.0, "b": pytest.approx(1.04)}
+
+
+def test_path_skew_compares_delivery_paths_and_counts_queued_uploads() -> None:
+    steps = [
+        # e's upload began at 1.10 s, after d's delivery (1.00 s): not queued.
+        StepObs(1, 1, 0, {"d": 1_000, "e": 1_150}, 1_150, 1_200),
+        # e's upload began at 2.04 s, before d's delivery (2.06 s): queued behind it.
+        StepObs(2, 1, 2_000, {"d": 2_060, "e": 2_120}, 2_120, 2_200),
+        StepObs(3, 1, 3_000, {"d": 3_050}, 3_050, 3_100),  # e missing: skipped
+    ]
+    metrics = {
+        (1, "d"): ParticipantObs(upload_s=0.04),
+        (1, "e"): ParticipantObs(upload_s=0.05),
+        (2, "d"): ParticipantObs(upload_s=0.04),
+        (2, "e"): ParticipantObs(upload_s=0.08),
+        (3, "d"): ParticipantObs(upload_s=0.04),
+    }
+    skew = path_skew(measure(steps, metrics), "e", "d")
+    assert skew.steps == 2 and skew.queued == 1
+    assert skew.mean_s == pytest.approx((0.01 + 0.04) / 2)
+    assert path_skew([], "e", "d").mean_s == 0.0
+
+
+def test_straggler_idle_converts_its_delivery_path_excess_at_1x() -> None:
+    steps = [
+        # e last by 0.12 s; its path 0.01 s longer than d's (queued behind it).
+        StepObs(1, 1, 0, {"c": 500, "d": 1_000, "e": 1_120}, 1_120, 1_200),
+        # e last by 0.10 s behind c (d was early); e's path 0.02 s shorter than c's.
+        StepObs(2, 1, 2_000, {"c": 2_900, "d": 2_400, "e": 3_000}, 3_000, 3_100),
+        # d last: nothing charged to e.
+        StepObs(3, 1, 4_000, {"c": 4_100, "d": 4_900, "e": 4_800}, 4_900, 5_000),
+    ]
+    metrics = {
+        (1, "d"): ParticipantObs(upload_s=0.05),
+        (1, "e"): ParticipantObs(upload_s=0.06),
+        (2, "c"): ParticipantObs(upload_s=0.07),
+        (2, "e"): ParticipantObs(upload_s=0.05),
+    }
+    m = measure(steps, metrics)
+    got = straggler_real_idle(m, "e", 100.0, {})
+    assert got == [
+        pytest.approx(100 * 0.12 - 99 * 0.01),
+        pytest.approx(100 * 0.10 + 99 * 0.02),
+        0.0,
+    ]
+    # Transfer time the token bucket imposes is compressed: it is not taken out.
+    slow_e = straggler_real_idle(m, "e", 100.0, {"e": 0.01})
+    assert slow_e[0] == pytest.approx(100 * 0.12)
+    # At S = 1 nothing changes; without metrics a step keeps S x lead.
+    assert straggler_real_idle(m, "e", 1.0, {}) == [pytest.approx(0.12), pytest.approx(0.10), 0]
+    assert straggler_real_idle(measure(steps, {}), "e", 100.0, {})[0] == pytest.approx(12.0)
 
 
 def test_goodput_against_what_the_token_bucket_allowed() -> None:

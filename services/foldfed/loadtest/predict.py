@@ -37,15 +37,19 @@ def attribute_idle(done_at: Mapping[str, float]) -> dict[str, float]:
     return charged
 
 
+def transfer_run_seconds(p: Participant, scenario: Scenario) -> float:
+    """Run seconds p's token bucket holds the run's delta back (its one chunk of burst is
+    full when an upload starts, since the link idles during compute)."""
+    if p.bandwidth_bps <= 0:
+        return 0.0
+    burst = scenario.chunk_mib * MIB
+    return max(0.0, scenario.delta_bytes_run - burst) / p.bandwidth_bps
+
+
 def upload_seconds(p: Participant, scenario: Scenario) -> float:
-    """Real seconds p's upload takes: the run's delta over p's token bucket (whose one
-    chunk of burst is full when an upload starts, since the link idles during compute),
-    times the time scale, plus two round trips of real latency."""
-    transfer = 0.0
-    if p.bandwidth_bps > 0:
-        burst = scenario.chunk_mib * MIB
-        transfer = max(0.0, scenario.delta_bytes_run - burst) / p.bandwidth_bps
-    return transfer * scenario.time_scale + 2 * p.latency_ms / 1000.0
+    """Real seconds p's upload takes: the run's delta over p's token bucket, times the
+    time scale, plus two round trips of real latency."""
+    return transfer_run_seconds(p, scenario) * scenario.time_scale + 2 * p.latency_ms / 1000.0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from foldfed.loadtest.predict import totals
 from foldfed.loadtest.runner import RunResult
 from foldfed.loadtest.scenario import MIB, Compute, Scenario
-from foldfed.loadtest.timeline import idle_totals
+from foldfed.loadtest.timeline import idle_totals, path_skew
 
 TIMELINE_STEPS = 30
 
@@ -100,7 +100,7 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
             f"{_hms(plans.idle_s.get(name, 0.0))} |"
         )
     if s.expect.straggler:
-        from foldfed.loadtest.runner import lead_over, straggler_ci
+        from foldfed.loadtest.runner import lead_over, straggler_ci, straggler_idle
 
         name = s.expect.straggler
         plan0 = r.plans[0] if r.plans else None
@@ -112,6 +112,20 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
                 f"| {name}'s lead over {nxt} (signed, mean per step +/- s.e.) | "
                 f"{mean * S:.2f} +/- {se * S:.2f} s | "
                 f"{statistics.fmean(p.done_s[name] - p.done_s[nxt] for p in r.plans):.2f} s |"
+            )
+            skew = path_skew(r.steps, name, nxt)
+            out.append(
+                f"| {name}'s delivery path (upload start → receipt, not compressed) minus "
+                f"{nxt}'s, mean per step, run time | {skew.mean_s * 1000:+.1f} ms "
+                f"({skew.mean_s * S:+.2f} s of the lead once x S); {name}'s upload began "
+                f"before {nxt}'s delivery was recorded in {skew.queued} of {skew.steps} steps "
+                f"| 0 |"
+            )
+            converted = sum(straggler_idle(r, name))
+            out.append(
+                f"| barrier idle charged to {name}, its delivery path's excess over the "
+                f"next-to-last one's converted at 1x, not x S (the check's measure) | "
+                f"{_hms(converted)} | {_hms(plans.idle_s.get(name, 0.0))} |"
             )
         out.append(
             f"| 95% confidence interval of {name}'s summed idle | "
@@ -137,7 +151,11 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
         f"like everything else, while at real scale it stays about "
         f"{r.overhead_s:.2f} s per step, so a real run of these steps would take about "
         f"{_hms(measured_wall - r.overhead_s * (S - 1) * len(r.steps))}. Idle charged to a "
-        f"site is a difference of two deliveries, so this overhead cancels out of it.",
+        f"site is a difference of two deliveries, so this overhead cancels out of it as long "
+        f"as both deliveries take the same path time: if the straggler's upload starts while "
+        f"the next-slowest's is still being processed at the hub, it queues, and the "
+        f"compression multiplies that wait by S (the delivery-path row above says how much "
+        f"of the lead that was).",
         "",
         "## Per participant (real time, mean per step)",
         "",

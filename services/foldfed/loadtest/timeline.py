@@ -126,3 +126,60 @@ def goodput(uploads: Iterable[ParticipantObs], rate_bps: float, burst_bytes: flo
         rate_bps=rate_bps,
         burst_bytes=burst_bytes * len(uploads),
     )
+
+
+@dataclass(frozen=True)
+class PathSkew:
+    """How much longer `name`'s delivery path (upload start → receipt, service time that a
+    time scale does not compress) took than `other`'s, and in how many steps `name`'s
+    upload began before `other`'s delivery was recorded at the hub (queued behind it)."""
+
+    mean_s: float
+    steps: int
+    queued: int
+
+
+def path_skew(steps: Iterable[MeasuredStep], name: str, other: str) -> PathSkew:
+    diffs: list[float] = []
+    queued = 0
+    for s in steps:
+        a, b = s.participants.get(name), s.participants.get(other)
+        if a is None or b is None or not (a.upload_s > 0 and b.upload_s > 0):
+            continue
+        diffs.append(a.upload_s - b.upload_s)
+        if name in s.arrive_s and other in s.arrive_s:
+            queued += s.arrive_s[name] - a.upload_s < s.arrive_s[other]
+    return PathSkew(statistics.fmean(diffs) if diffs else 0.0, len(diffs), queued)
+
+
+def straggler_real_idle(
+    steps: Iterable[MeasuredStep], name: str, scale: float, transfer_s: Mapping[str, float]
+) -> list[float]:
+    """Per step, the idle charged to `name` converted to REAL seconds, with the services'
+    uncompressed time converted at 1x instead of S.
+
+    The barrier's wait on `name` (its lead over the next-to-last delivery, run seconds) is
+    compressed compute and transfer, plus how much longer `name`'s delivery path took than
+    the other's. That path (upload start → receipt: manifest, chunks, ingest, receipt) is
+    service time apart from the rate-limited transfer (`transfer_s`, run seconds per
+    participant), and a time scale does not compress it: in a compressed run the
+    straggler's upload may start while the next-slowest's is still at the hub, queue
+    behind it, and that queueing — which real sites, seconds apart, never see — would be
+    multiplied by S with the rest. So: S x lead - (S - 1) x (path skew net of transfer).
+    Steps without both uploads' metrics keep S x lead."""
+    out: list[float] = []
+    for s in steps:
+        idle = s.idle_s.get(name, 0.0)
+        if idle <= 0:
+            out.append(0.0)
+            continue
+        ordered = sorted(s.arrive_s.items(), key=lambda kv: (kv[1], kv[0]))
+        other = ordered[-2][0]
+        a, b = s.participants.get(name), s.participants.get(other)
+        skew = 0.0
+        if a is not None and b is not None and a.upload_s > 0 and b.upload_s > 0:
+            skew = (a.upload_s - transfer_s.get(name, 0.0)) - (
+                b.upload_s - transfer_s.get(other, 0.0)
+            )
+        out.append(max(0.0, scale * idle - (scale - 1) * skew))
+    return out
