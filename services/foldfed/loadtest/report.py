@@ -153,7 +153,7 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
         f"{_hms(measured_wall - r.overhead_s * (S - 1) * len(r.steps))}. Idle charged to a "
         f"site is a difference of two deliveries, so this overhead cancels out of it as long "
         f"as both deliveries take the same path time: if the straggler's upload starts while "
-        f"the next-slowest's is still being processed at the hub, it queues, and the "
+        f"the next-slowest's is still being processed, it queues or shares the CPUs, and the "
         f"compression multiplies that wait by S (the delivery-path row above says how much "
         f"of the lead that was).",
         "",

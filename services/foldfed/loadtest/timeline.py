@@ -164,9 +164,9 @@ def straggler_real_idle(
     service time apart from the rate-limited transfer (`transfer_s`, run seconds per
     participant), and a time scale does not compress it: in a compressed run the
     straggler's upload may start while the next-slowest's is still at the hub, queue
-    behind it, and that queueing — which real sites, seconds apart, never see — would be
-    multiplied by S with the rest. So: S x lead - (S - 1) x (path skew net of transfer).
-    Steps without both uploads' metrics keep S x lead."""
+    behind it or share the CPUs with it, and that wait (which real sites, seconds apart,
+    never see) would be multiplied by S with the rest. So: S x lead - (S - 1) x (path
+    skew net of transfer). Steps without both uploads' metrics keep S x lead."""
     out: list[float] = []
     for s in steps:
         idle = s.idle_s.get(name, 0.0)
