@@ -3,7 +3,8 @@ held-out structures:
 
     nice -n 19 .venv/bin/python bench/federation_payoff.py --sample var/of3-sample \\
         [--rounds 10] [--local-steps 8] [--grad-accum 1] [--lr 1e-3] [--warmup -1]
-        [--companies company-a,company-b,...] [--checkpointing] [--seed 0]
+        [--companies company-a,company-b,...] [--pooled-grad-accum G_p]
+        [--arms alone,federation,pooled] [--checkpointing] [--seed 0]
 
 alone       each company trains only on its own training split: R rounds of K optimizer
             steps from θ_0, each round starting where its last ended;
@@ -11,7 +12,9 @@ federation  every round each company trains K steps from the shared θ_t on its 
             and θ_{t+1} = θ_t + the mean of their deltas (equal weights, as FedAvg with
             K·G structures each) — the arithmetic the hub does, in-process;
 pooled      one trainer on the union of the training splits: R rounds of K steps (what
-            sharing the data would give, which the companies will not do).
+            sharing the data would give, which the companies will not do);
+            `--pooled-grad-accum N·G` makes it see per step as many structures as the
+            federation's N companies do per round, the same-compute baseline.
 
 Every arm takes R·K optimizer steps of G structures in sequence (the federation spends N x
 the compute in parallel, one share per company) under the same lr schedule: OpenFold3's
@@ -29,6 +32,8 @@ scored on its own with foldfed.of3.training.evaluate (fixed noise per structure)
 arms are compared structure by structure as well as on the mean. Reported per arm: the
 held-out loss, its diffusion (mse) and distogram terms, LDDT and pocket-aligned ligand RMSD;
 for "alone" per company, their mean and their spread; the last round's training loss.
+`--arms` runs a subset (each arm is deterministic given the seed and the options, so a
+rerun with other pooled options need not repeat the others).
 
 Activation checkpointing is off by default (`--checkpointing` keeps OpenFold3's): it only
 recomputes the forward in the backward pass, and the deltas are bit-identical without it
@@ -43,11 +48,13 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import benchkit
 
+ARMS = ("alone", "federation", "pooled")
 TERMS = ("eval_loss", "eval_mse_loss", "eval_distogram_loss")
 STRUCTURE = ("eval_lddt_mean", "eval_ligand_rmsd_mean")
 KEYS = (*TERMS, "eval_lddt_mean", "eval_ligand_rmsd_mean", "eval_ligand_rmsd_success")
@@ -121,6 +128,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     train = {c: [e.features for e in sample.of(c, "train")] for c in companies}
     heldout = sample.heldout()  # every company's, also those left out of --companies
     warmup = warmup_steps(args)
+    arms = {a.strip() for a in args.arms.split(",") if a.strip()}
+    if not arms or arms - set(ARMS):
+        raise benchkit.BenchError(f"--arms {args.arms!r}: expected a subset of {ARMS}")
+    pooled_g = args.pooled_grad_accum or args.grad_accum
     overrides = {} if args.checkpointing else NO_CHECKPOINTING
     settings = Of3Settings(
         model="openfold3-tiny",
@@ -145,9 +156,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             out[entry.entry_id] = {k: found[k] for k in KEYS if k in found}
         return out
 
-    def step(theta: dict, files: list[Path], index: int, t: int) -> tuple[dict, float]:
+    def step(
+        theta: dict, files: list[Path], index: int, t: int, cfg: Any = config
+    ) -> tuple[dict, float]:
         result = train_round(
-            built.model, built.loss_fn, built.trainable, theta, files, load, config,
+            built.model, built.loss_fn, built.trainable, theta, files, load, cfg,
             seed=args.seed, participant_index=index, step=t,
         )  # fmt: skip
         return result.delta, result.metrics["train_loss"]
@@ -162,7 +175,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         f"({', '.join(str(len(train[c])) for c in companies)}), {len(heldout)} held-out; "
         f"R={args.rounds}, K={args.local_steps}, G={args.grad_accum}: {steps} optimizer "
         f"steps per arm; lr {args.lr:g}, linear warm-up over {warmup} steps "
-        f"({100 * warmup / steps:.0f} %); activation checkpointing "
+        f"({100 * warmup / steps:.0f} %); pooled G={pooled_g}; activation checkpointing "
         f"{'on' if args.checkpointing else 'off'}",
         flush=True,
     )
@@ -173,6 +186,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "local_steps": args.local_steps,
         "grad_accum": args.grad_accum,
+        "pooled_grad_accum": pooled_g,
         "lr": args.lr,
         "warmup_steps": warmup,
         "checkpointing": args.checkpointing,
@@ -184,7 +198,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     train_loss: dict[str, list[float]] = {}
     progress("initial model scored")
 
-    for index, company in enumerate(companies):
+    for index, company in enumerate(companies if "alone" in arms else []):
         theta = dict(theta0)
         losses = []
         for t in range(1, args.rounds + 1):
@@ -197,26 +211,29 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     theta = dict(theta0)
     losses = []
-    for t in range(1, args.rounds + 1):
+    for t in range(1, args.rounds + 1 if "federation" in arms else 1):
         rounds = [step(theta, train[c], i, t) for i, c in enumerate(companies)]
         theta = {n: theta[n] + sum(d[n] for d, _ in rounds) / len(rounds) for n in theta}
         losses.append(math.fsum(loss for _, loss in rounds) / len(rounds))
         if t % max(1, args.rounds // 4) == 0:
             progress(f"federation round {t}/{args.rounds}")
-    per_structure["federation"] = score(theta)
-    train_loss["federation"] = losses
-    progress("federation done")
+    if "federation" in arms:
+        per_structure["federation"] = score(theta)
+        train_loss["federation"] = losses
+        progress("federation done")
 
     pooled_files = [f for c in companies for f in train[c]]
+    pooled_config = replace(config, grad_accum=pooled_g)
     theta = dict(theta0)
     losses = []
-    for t in range(1, args.rounds + 1):
-        delta, loss = step(theta, pooled_files, len(companies), t)
+    for t in range(1, args.rounds + 1 if "pooled" in arms else 1):
+        delta, loss = step(theta, pooled_files, len(companies), t, pooled_config)
         theta = {n: theta[n] + delta[n] for n in theta}
         losses.append(loss)
-    per_structure["pooled"] = score(theta)
-    train_loss["pooled"] = losses
-    progress("pooled done")
+    if "pooled" in arms:
+        per_structure["pooled"] = score(theta)
+        train_loss["pooled"] = losses
+        progress("pooled done")
 
     result["per_structure"] = per_structure
     result["arms"] = {arm: aggregate(values) for arm, values in per_structure.items()}
@@ -253,14 +270,26 @@ def render(result: dict[str, Any]) -> str:
     rows.append(row("initial", arms["initial"], None))
     for arm in alone:
         rows.append(row(arm, arms[arm], last(arm)))
-    mean = {k: sum(arms[a][k] for a in alone) / len(alone) for k in keys}
-    spread = {k: max(arms[a][k] for a in alone) - min(arms[a][k] for a in alone) for k in keys}
-    rows.append(row("alone (mean)", mean, None))
-    rows.append(row("alone (max - min)", spread, None))
-    rows.append(row("federation", arms["federation"], last("federation")))
-    rows.append(row("pooled", arms["pooled"], last("pooled")))
-
+    if alone:
+        mean = {k: sum(arms[a][k] for a in alone) / len(alone) for k in keys}
+        spread = {k: max(arms[a][k] for a in alone) - min(arms[a][k] for a in alone) for k in keys}
+        rows.append(row("alone (mean)", mean, None))
+        rows.append(row("alone (max - min)", spread, None))
+    for arm in ("federation", "pooled"):
+        if arm in arms:
+            rows.append(row(arm, arms[arm], last(arm)))
     loss = "eval_loss"
+    per = result["per_structure"]
+    entries = list(per["initial"])
+    rows.append("\nheld-out loss per structure (company that holds it):")
+    rows.append(f"{'':22}" + "".join(f"{e:>11}" for e in entries))
+    rows.append(f"{'':22}" + "".join(f"{result['heldout'][e][-9:]:>11}" for e in entries))
+    for arm in per:
+        rows.append(f"{arm:22}" + "".join(_fmt(per[arm][e].get(loss)) for e in entries))
+    if not alone or "federation" not in arms or "pooled" not in arms:
+        rows.append(f"({result['seconds']:.0f} s)")
+        return "\n".join(rows)
+
     fed = arms["federation"][loss]
     best = min(arms[a][loss] for a in alone)
     rows.append(
@@ -270,13 +299,6 @@ def render(result: dict[str, Any]) -> str:
         f"(alone spread {spread[loss]:.4f}); federation beats every alone: "
         f"{'yes' if fed < best else 'no'}"
     )
-    per = result["per_structure"]
-    entries = list(per["initial"])
-    rows.append("\nheld-out loss per structure (company that holds it):")
-    rows.append(f"{'':22}" + "".join(f"{e:>11}" for e in entries))
-    rows.append(f"{'':22}" + "".join(f"{result['heldout'][e][-9:]:>11}" for e in entries))
-    for arm in per:
-        rows.append(f"{arm:22}" + "".join(_fmt(per[arm][e].get(loss)) for e in entries))
     for arm in alone:
         wins = sum(per["federation"][e][loss] < per[arm][e][loss] for e in entries)
         rows.append(f"federation below {arm}: {wins}/{len(entries)} structures")
@@ -297,12 +319,18 @@ def main() -> int:
     parser.add_argument(
         "--checkpointing", action="store_true", help="keep activation checkpointing"
     )
+    parser.add_argument(
+        "--pooled-grad-accum", type=int, default=0, help="pooled arm's G (0: --grad-accum)"
+    )
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset")
     parser.add_argument("--sample", default="", help="a prepared sample folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for name in ("rounds", "local_steps", "grad_accum"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.pooled_grad_accum < 0:
+        parser.error("--pooled-grad-accum must be >= 0")
     if args.warmup > args.rounds * args.local_steps:
         print("note: the warm-up is longer than the run; the lr never reaches its peak")
     return benchkit.run_bench(
