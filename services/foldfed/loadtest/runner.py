@@ -558,7 +558,7 @@ def check_run(result: RunResult) -> list[Check]:
                 f"measured {measured:,.0f} s, predicted {predicted:,.0f} s (real), "
                 f"error {err:.1%}; the run's 95% confidence interval is +/-{ci:.1%} "
                 f"(the barrier's idle x S is {raw:,.0f} s; the difference, "
-                f"{raw - measured:+,.0f} s, is {name}'s delivery path taking longer than the "
+                f"{raw - measured:+,.0f} s, is {name}'s delivery path time beyond the "
                 f"next-slowest's, service time converted at 1x instead of x S: see the report)",
             )
         )
