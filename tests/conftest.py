@@ -15,7 +15,7 @@ from urllib.parse import quote, urlparse
 
 import pytest
 
-from foldfed import hubctl, topology
+from foldfed import hubctl
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
 PARTICIPANTS = ("org-a", "org-b", "org-c")
@@ -51,12 +51,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
     admin_url = local.start()
     passwords = {}
     for user in (*PARTICIPANTS, OUTSIDER):
-        perms = topology.participant_permissions(user)
         passwords[user] = f"pw-{user}-{os.getpid()}"
-        local.add_user(
-            user, passwords[user], configure=perms.configure, write=perms.write, read=perms.read
-        )
-        topology.grant_event_topics(local.rabbitmqctl, user, perms)
+        local.add_participant(user, passwords[user])
     try:
         yield BrokerHandle(local, admin_url, passwords)
     finally:

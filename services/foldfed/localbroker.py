@@ -58,6 +58,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from foldfed import topology
 from foldfed.errors import BrokerError
 
 __all__ = [
@@ -800,6 +801,13 @@ class LocalBroker:
         if state is None or self._beam_pid() is None or not self._epmd_alive():
             raise BrokerError(f"broker in {self._dir} is not running")
         return self._ctl(self._env(state), state, list(args), timeout)
+
+    def add_participant(self, name: str, password: str) -> None:
+        """A participant's broker user with exactly its least-privilege permissions and
+        event-topic grants (`topology`), as every deployment must give it."""
+        perms = topology.participant_permissions(name)
+        self.add_user(name, password, configure=perms.configure, write=perms.write, read=perms.read)
+        topology.grant_event_topics(self.rabbitmqctl, name, perms)
 
     def add_user(
         self,

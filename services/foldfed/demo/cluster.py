@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
-from foldfed import topology
 from foldfed.errors import FoldfedError
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
@@ -88,15 +87,7 @@ class LocalFederation:
             if participant in self.passwords:
                 continue
             self.passwords[participant] = secrets.token_urlsafe(18)
-            perms = topology.participant_permissions(participant)
-            self.broker.add_user(
-                participant,
-                self.passwords[participant],
-                configure=perms.configure,
-                write=perms.write,
-                read=perms.read,
-            )
-            topology.grant_event_topics(self.broker.rabbitmqctl, participant, perms)
+            self.broker.add_participant(participant, self.passwords[participant])
         return self.admin_url
 
     def url_for(self, participant: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from foldfed import hubctl, topology
+from foldfed import hubctl
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.observer import Observer, RunRecord
 from foldfed.errors import FoldfedError
@@ -107,15 +107,7 @@ class SharedBroker:
         self.admin_url = self.broker.start()
         for name in self.names:
             self.passwords[name] = secrets.token_hex(16)
-            perms = topology.participant_permissions(name)
-            self.broker.add_user(
-                name,
-                self.passwords[name],
-                configure=perms.configure,
-                write=perms.write,
-                read=perms.read,
-            )
-            topology.grant_event_topics(self.broker.rabbitmqctl, name, perms)
+            self.broker.add_participant(name, self.passwords[name])
 
     def stop(self) -> None:
         if self._own:
