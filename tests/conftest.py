@@ -16,6 +16,7 @@ from urllib.parse import quote, urlparse
 import pytest
 
 from foldfed import hubctl
+from foldfed.credentials import new_password
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
 PARTICIPANTS = ("org-a", "org-b", "org-c")
@@ -51,7 +52,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
     admin_url = local.start()
     passwords = {}
     for user in (*PARTICIPANTS, OUTSIDER):
-        passwords[user] = f"pw-{user}-{os.getpid()}"
+        passwords[user] = new_password()
         local.add_participant(user, passwords[user])
     try:
         yield BrokerHandle(local, admin_url, passwords)

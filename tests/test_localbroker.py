@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aio_pika
 import aiormq.exceptions
@@ -289,6 +290,37 @@ async def test_restricted_user_permissions(broker: LocalBroker) -> None:
             # queue.
             await refused(lambda c: _consume(c, "other.q"))
             await refused(lambda c: _bind(c, "fed.q", "fed.ex"))
+
+
+async def test_option_like_names_and_passwords_log_in(broker: LocalBroker) -> None:
+    """Issue 18: a password (or a name) that begins with '-' is no option to rabbitmqctl.
+    Created, changed, and used over AMQP on a real broker."""
+    port = broker.status().port
+    perms = {"configure": "^$", "write": "^$", "read": "^$"}
+
+    def url(name: str, password: str) -> str:
+        return f"amqp://{quote(name, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}/"
+
+    broker.add_user("dash-pw", "-first-starts-with-a-dash", **perms)
+    broker.add_user("dash-pw", "--help", **perms)  # an existing user: change_password
+    with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
+        await _connect(url("dash-pw", "-first-starts-with-a-dash"))
+    async with await _connect(url("dash-pw", "--help")):
+        pass
+
+    broker.add_user("-dash-name", "-n", **perms)
+    async with await _connect(url("-dash-name", "-n")):
+        pass
+
+    # The demo's path: a participant's user with its grants.
+    broker.add_participant("org-dash", "-p-a-participant-password")
+    async with await _connect(url("org-dash", "-p-a-participant-password")):
+        pass
+
+    # What rabbitmqctl cannot read unchanged is refused, naming the reason.
+    with pytest.raises(BrokerError, match="whitespace"):
+        broker.add_user("spaced", " padded ", **perms)
+    assert "spaced" not in broker.rabbitmqctl("list_users", "--quiet")
 
 
 async def _consume(channel: AbstractChannel, queue: str) -> None:

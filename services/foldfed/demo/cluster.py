@@ -8,7 +8,6 @@ the same FOLDFED_* variables, so the three cannot drift apart.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
+from foldfed.credentials import new_password
 from foldfed.errors import FoldfedError
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
@@ -86,7 +86,7 @@ class LocalFederation:
         for participant in self.spec.participants:
             if participant in self.passwords:
                 continue
-            self.passwords[participant] = secrets.token_urlsafe(18)
+            self.passwords[participant] = new_password()
             self.broker.add_participant(participant, self.passwords[participant])
         return self.admin_url
 
