@@ -7,13 +7,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.foldfed-installed
 
-.PHONY: setup chromium demo demo-of3 of3-sample loadtest test lint proto broker-start broker-stop clean bench
+.PHONY: setup chromium chromium-for-tests demo demo-of3 of3-sample loadtest test lint proto broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
+
+# Debian's headless chromium, for the tests only: the monitor dashboard's test drives a real
+# browser. Not part of `setup`, so `make demo` installs nothing the demo does not use.
+chromium-for-tests:
 	@command -v chromium >/dev/null || $(MAKE) --no-print-directory chromium
 
-# Debian's headless chromium: the monitor dashboard's test drives a real browser.
 chromium:
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
@@ -38,7 +41,7 @@ loadtest: setup
 of3-sample: setup
 	$(VENV)/bin/foldfed data sample --out var/of3-sample --companies 3
 
-test: setup
+test: setup chromium-for-tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
