@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.foldfed-installed
+# Extras, each installed only by the targets that use it: the demo needs neither.
+STAMP_OF3 := $(VENV)/.foldfed-of3
+STAMP_DEV := $(VENV)/.foldfed-dev
 
 .PHONY: setup chromium chromium-for-tests demo demo-of3 of3-sample loadtest test lint proto broker-start broker-stop clean bench
 
@@ -24,35 +27,45 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,of3]'
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+# OpenFold3 and its featurization stack (~1.9 GB): the OpenFold3 demo, sample and tests.
+$(STAMP_OF3): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[of3]'
+	touch $@
+
+# Test, lint and deployment-check tools.
+$(STAMP_DEV): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: setup
 	$(VENV)/bin/foldfed demo
 
 # OpenFold3 (tiny) on the real plinder sample; prepares var/of3-sample on first use.
-demo-of3: setup
+demo-of3: setup $(STAMP_OF3)
 	$(VENV)/bin/foldfed demo --model openfold3-tiny --steps 3
 
 # Every load-test scenario against the real services (< 15 min); reports in var/loadtest/.
 loadtest: setup
 	$(VENV)/bin/foldfed loadtest all
 
-of3-sample: setup
+of3-sample: setup $(STAMP_OF3)
 	$(VENV)/bin/foldfed data sample --out var/of3-sample --companies 3
 
-test: setup chromium-for-tests
+test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
 
-lint: setup
+lint: setup $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 # Regenerate services/foldfed/v1 from proto/ with the pinned generator (grpcio-tools in
 # the dev extra); tests/test_contract.py fails when the committed code drifts.
-proto: $(STAMP)
+proto: $(STAMP_DEV)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=services --pyi_out=services \
 		proto/foldfed/v1/*.proto
 
