@@ -13,7 +13,9 @@ from foldfed.domain import AnyMessage, DeliveryReceipt, Event, Heartbeat, ModelR
 from foldfed.messages import decode, encode
 from foldfed.monitor import metrics, render
 from foldfed.monitor.attribution import StragglerRule
-from foldfed.monitor.model import MonitorConfig, MonitorModel, check_sender
+from foldfed.monitor.model import MonitorModel
+from foldfed.monitor.senders import check_sender
+from foldfed.monitor.state import MonitorConfig
 from foldfed.monitor.store import MonitorStore
 
 NAMES = ("org-a", "org-b", "org-c")
