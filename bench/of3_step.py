@@ -13,7 +13,8 @@ step      what the trainer does (foldfed.of3.training.train_round): G micro-batc
           optimizer step and per micro-batch, and as a multiple of the forward pass.
 
 `--full` adds one optimizer step of the full-size model (368 M parameters, G = 1) with its
-build time: tens of seconds and several GB on a CPU (FIELD_NOTES: 43 s, 7.5 GB).
+build time: tens of seconds and several GB on a CPU (one step on 27 tokens took 43 s and
+7.5 GB: docs/of3_training.md, "Facts this code relies on").
 One thread per process, as the trainer runs; the first micro-batch of each role is a
 warm-up and is not counted.
 """

@@ -111,6 +111,9 @@ PURE_MODULES = (
     "foldfed/uploader/ratelimit.py",
     "foldfed/monitor/attribution.py",
     "foldfed/monitor/model.py",
+    "foldfed/monitor/senders.py",
+    "foldfed/monitor/snapshot.py",
+    "foldfed/monitor/state.py",
     "foldfed/monitor/render.py",
 )
 

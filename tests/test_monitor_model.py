@@ -3,6 +3,7 @@ with a participant 4 s slower each step, fed as the wire messages the services s
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from foldfed.domain import AnyMessage, DeliveryReceipt, Event, Heartbeat, ModelR
 from foldfed.messages import decode, encode
 from foldfed.monitor import metrics, render
 from foldfed.monitor.attribution import StragglerRule
-from foldfed.monitor.model import MonitorConfig, MonitorModel, check_sender
+from foldfed.monitor.model import MonitorModel
+from foldfed.monitor.senders import check_sender
+from foldfed.monitor.state import MonitorConfig
 from foldfed.monitor.store import MonitorStore
 
 NAMES = ("org-a", "org-b", "org-c")
@@ -136,6 +139,18 @@ def test_open_step_shows_who_delivered_and_the_bytes_still_to_come() -> None:
     assert snap["open"]["bytes_to_come"] == 1e6
     assert snap["open"]["elapsed_s"] == pytest.approx(3.0)
     assert snap["eta_s"] is None  # no step measured yet
+
+
+def test_a_snapshot_only_reads_the_state() -> None:
+    model = MonitorModel(config(), started_ms=T0)
+    # org-c sent nothing at all for step 1: the state holds no record of it.
+    feed(model, [m for m in step_messages(1) if getattr(m[0], "participant", "") != "org-c"])
+    before = copy.deepcopy(model.steps)
+    assert "org-c" not in before[1].participants
+    snap = model.snapshot(released(1) + 3_000)
+    assert snap["open"]["waiting"] == ["org-c"]
+    assert snap["open"]["bytes_to_come_known"] is False  # nothing known of org-c
+    assert model.steps == before
 
 
 def _about(msg: AnyMessage, p: str, after_start: bool) -> bool:

@@ -22,22 +22,23 @@ import torch
 
 from foldfed.errors import CodecError, ConfigError, StoreError
 from foldfed.of3.data import plinder
+from foldfed.of3.data.cache import featurize_cached
+from foldfed.of3.data.cachekey import cache_key
 from foldfed.of3.data.ccd import OfflineCcd
-from foldfed.of3.data.features import (
+from foldfed.of3.data.example import (
     FeatureSettings,
     FeaturizationError,
     LigandInfo,
     NoLigandError,
-    build_features,
-    cache_key,
+)
+from foldfed.of3.data.features import (
     encode_feature_file,
-    featurize_cached,
     load_batch,
     load_features,
-    pocket_crop,
     read_feature_info,
-    select_primary_ligand,
 )
+from foldfed.of3.data.featurize import build_features
+from foldfed.of3.data.pocket import pocket_crop, select_primary_ligand
 from foldfed.of3.data.sample import Sample, open_sample, prepare_sample, summary_table
 
 BUDGET = 48

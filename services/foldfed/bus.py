@@ -3,6 +3,10 @@ timeout, manual acks, and the hub's idempotent topology declaration.
 
 Everything that crosses the broker goes through here; the services above see domain
 messages (foldfed.messages), never aio-pika objects except the delivery handle they ack.
+One concept, foldfed's AMQP client, in one module of over 400 lines: publishing (with its
+window of unconfirmed publishes), consuming and declaring share one connection's life and
+one set of reconnect rules. The RabbitMQ behaviour it relies on (confirm window vs
+throughput, quorum queues, silent alarms, heartbeats) is in docs/amqp_client.md.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class Incoming:
 
 class PublishWindow:
     """At most `size` confirmed publishes in flight: awaiting each confirm one by one
-    halves small-chunk throughput (FIELD_NOTES), an unbounded number costs memory.
+    halves small-chunk throughput (docs/amqp_client.md §1), an unbounded number costs memory.
 
         async with PublishWindow(8) as window:
             for ...:
@@ -165,7 +169,8 @@ class Bus:
                     settings.amqp_url,
                     client_properties={"connection_name": name},
                     # Deltas are big: keep the heartbeat generous but present, so a dead
-                    # peer is noticed; the loop never blocks long (hashing runs in threads).
+                    # peer is noticed; the loop never blocks long (hashing runs in threads):
+                    # a loop blocked for ~2 heartbeats loses the connection (docs/amqp_client.md).
                     heartbeat=30,
                 ),
                 timeout,
@@ -227,9 +232,10 @@ class Bus:
         """Publish and wait for the broker's confirm.
 
         A confirm that does not come within publish_timeout_s raises BrokerBlocked: a
-        RabbitMQ memory or disk alarm blocks publishers without any error. A lost
-        connection is retried after the robust connection is back. `mandatory=False` is
-        for events, which may have no listener yet; everything else must be routable.
+        RabbitMQ memory or disk alarm blocks publishers without any error
+        (docs/amqp_client.md §3). A lost connection is retried after the robust connection
+        is back. `mandatory=False` is for events, which may have no listener yet;
+        everything else must be routable.
         """
         message = aio_pika.Message(
             body,
@@ -378,7 +384,7 @@ class Bus:
         """Declare every exchange, queue and binding. Idempotent: run at each hub start.
 
         Classic durable queues, not quorum: on RabbitMQ 3.10 a quorum queue declared
-        moments before a broker crash can lose confirmed messages (FIELD_NOTES).
+        moments before a broker crash can lose confirmed messages (docs/amqp_client.md §2).
         """
         ch = await self._connection.channel()
         try:

@@ -45,6 +45,10 @@ Rules:
 - Releases are applied in step order: release t's update applies to θ_{t-1}.
 
 Everything here blocks (disk, fsync): async callers run it in a worker thread.
+
+One concept, the spool protocol, in one module of over 400 lines: the layout, the records
+above and their checks (the field validators at the end) are the protocol's two sides, and
+keeping them together keeps every rule next to the code that enforces it.
 """
 
 from __future__ import annotations

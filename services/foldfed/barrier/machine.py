@@ -28,6 +28,10 @@ Time comes in through the events (`at_ms`), never from a clock: the machine reco
 each step opened, who delivered when, when it closed and when its update was released.
 
 No I/O here: no asyncio, sqlite3, broker or wire code (a test checks the imports).
+
+One concept, the barrier's state machine, in one module of over 400 lines: its events,
+state, effects and transitions are read together (each transition names the events it
+takes and the effects it emits); persistence is barrier/store.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ see); `time_scale` S says how much faster the run goes:
   takes 1/S of its real duration. Reports multiply measured times by S.
 - latency: not emulated on the wire (loopback); the prediction adds two round trips per
   upload (manifest + have-request, receipt), so it stays visible in the report.
+
+One concept, the scenario schema, in one module of over 400 lines: the dataclasses and the
+parser that validates each of their fields; drawing times from a scenario is
+`distributions`, running one is `runner`.
 """
 
 from __future__ import annotations

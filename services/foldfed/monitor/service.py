@@ -2,7 +2,7 @@
 
 It consumes every message on foldfed.events from its own durable queue
 (`foldfed.hub.monitor`, bound with "#"), believes only what the right identity says
-(`model.check_sender`), keeps every believed message in SQLite before acking it, and folds
+(`senders.check_sender`), keeps every believed message in SQLite before acking it, and folds
 it into the model. Alerts (STRAGGLER, SILENT) go out as events on foldfed.events
 (`monitor.straggler`, `monitor.silent`) and as log lines. HTTP: `/` the dashboard,
 `/metrics` for Prometheus, `/api/state` the snapshot as JSON. On start it replays its store,
@@ -25,8 +25,10 @@ from foldfed.domain import Event, Heartbeat
 from foldfed.errors import DecodeError
 from foldfed.messages import decode, now_ms
 from foldfed.monitor import metrics, render
-from foldfed.monitor.model import Alert, MonitorModel, check_sender
+from foldfed.monitor.model import MonitorModel
+from foldfed.monitor.senders import check_sender
 from foldfed.monitor.settings import MonitorSettings
+from foldfed.monitor.state import Alert
 from foldfed.monitor.store import MonitorStore
 
 log = structlog.get_logger(__name__)

@@ -10,7 +10,7 @@ from pathlib import Path
 from foldfed.config import BusSettings, _float, _get, _int, _participants
 from foldfed.errors import ConfigError
 from foldfed.monitor.attribution import StragglerRule
-from foldfed.monitor.model import MonitorConfig
+from foldfed.monitor.state import MonitorConfig
 
 DEFAULT_PORT = 8090
 

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-# Complexes OpenFold3's preprocessing accepts, each with a drug-like ligand (FIELD_NOTES).
+# Complexes OpenFold3's preprocessing accepts, each with a drug-like ligand (among the 27
+# of plinder's 37 entries that featurize: docs/of3_data.md, "The real sample").
 TEST_ENTRIES = (
     "1ppc", "1qz5", "2gdo", "2hyy", "2p1q", "3g32",
     "4jvn", "4qyf", "4tz4", "6m92", "6ntj", "7bqu",

@@ -28,6 +28,10 @@ A loss guard: OpenFold3 silently zeroes every loss weight when it cannot align t
 truth (permutation alignment), and a batch whose ground truth is malformed then trains on a
 loss of 0. Every micro-batch and every evaluated structure must keep each loss term that its
 weights switch on; a missing term raises LossGuardError naming the structure.
+
+One concept, OpenFold3's training recipe on one site, in one module of over 400 lines: the
+round and the local evaluation share its batches, seeding, loss modes and loss guard, so
+they stay together; the trainer backend around it is of3/backend.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,11 @@ chemical-components dictionary from biotite; a deterministic crop around the lig
 OpenFold3's featurization; one safetensors file per example, named by a content hash.
 See docs/of3_data.md.
 
-Modules: `ccd` (offline CCD), `features` (build, cache, `load_batch`), `partition` (the
-held-out and company rule, pure), `plinder` (the real sample's source files), `sample`
+Modules: `ccd` (offline CCD); one example: `example` (its settings, description and
+errors), `preprocess` (OpenFold3's structure cleanup, the ligand census), `pocket` (the
+primary ligand and the crop around it), `featurize` (`build_features`: the whole pipeline),
+`pipeline_context` (seeded, quiet), `features` (the feature file, `load_batch`),
+`cachekey` (its name), `cache` (`featurize_cached`); `partition` (the held-out and
+company rule, pure), `plinder` (the real sample's source files), `sample`
 (`prepare_sample`, `open_sample`), `commands` (`foldfed data ...`).
 """

@@ -176,13 +176,9 @@ def prepare_sample(
     """
     from foldfed.durable import atomic_write
     from foldfed.of3.data import plinder
+    from foldfed.of3.data.cache import featurize_cached
     from foldfed.of3.data.ccd import OfflineCcd
-    from foldfed.of3.data.features import (
-        FeatureSettings,
-        FeaturizationError,
-        NoLigandError,
-        featurize_cached,
-    )
+    from foldfed.of3.data.example import FeatureSettings, FeaturizationError, NoLigandError
 
     settings = FeatureSettings(token_budget=token_budget, seed=seed)
     partition.company_names(companies)  # validate early
