@@ -39,15 +39,10 @@ from foldfed.aggregation import (
     weight_total,
 )
 from foldfed.aggregation.dtypes import add_in_dtype, from_float64
-from foldfed.deltafile import (
-    MIN_CHUNK_SIZE,
-    TensorSpan,
-    chunk_count,
-    read_chunk,
-    read_layout,
-    write_delta,
-)
+from foldfed.deltafile import write_delta
 from foldfed.errors import Reject, StoreError
+from foldfed.format import MIN_CHUNK_SIZE, TensorSpan, chunk_count
+from foldfed.payloadfile import read_chunk, read_layout
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
 SHAPES: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {

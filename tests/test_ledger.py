@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from foldfed.deltafile import MAX_CHUNK_SIZE, ChunkPlan, plan_chunks, read_chunk, write_delta
+from foldfed.deltafile import write_delta
 from foldfed.digests import digest_of
 from foldfed.errors import Reject
+from foldfed.format import MAX_CHUNK_SIZE, ChunkPlan
 from foldfed.ingest.ledger import Effects, IngestLedger
 from foldfed.messages import (
     CODEC_SAFETENSORS,
@@ -27,6 +28,7 @@ from foldfed.messages import (
     id_of,
     manifest_to_proto,
 )
+from foldfed.payloadfile import plan_chunks, read_chunk
 from foldfed.v1 import delta_pb2
 
 MiB = 1 << 20

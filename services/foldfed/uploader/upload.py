@@ -20,7 +20,6 @@ from tqdm import tqdm
 from foldfed import topology, tracing
 from foldfed.bus import Bus, PublishWindow
 from foldfed.config import UploaderSettings
-from foldfed.deltafile import plan_chunks, read_chunk
 from foldfed.domain import manifest_of
 from foldfed.errors import FoldfedError
 from foldfed.faults import crash_point
@@ -36,6 +35,7 @@ from foldfed.messages import (
     encode,
     manifest_id,
 )
+from foldfed.payloadfile import plan_chunks, read_chunk
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.journal import UploadJournal
 from foldfed.uploader.ratelimit import TokenBucket
