@@ -15,7 +15,8 @@ from foldfed.deltafile import write_delta
 from foldfed.digests import digest_of
 from foldfed.errors import Reject
 from foldfed.format import MAX_CHUNK_SIZE, ChunkPlan
-from foldfed.ingest.ledger import Effects, IngestLedger
+from foldfed.ingest.ledger import IngestLedger
+from foldfed.ingest.rules import Effects
 from foldfed.messages import (
     CODEC_SAFETENSORS,
     Chunk,

@@ -34,7 +34,8 @@ from foldfed.domain import (
 from foldfed.errors import Reject
 from foldfed.faults import crash_point
 from foldfed.format import ChunkPlan
-from foldfed.ingest.ledger import Effects, IngestLedger
+from foldfed.ingest.ledger import IngestLedger
+from foldfed.ingest.rules import Effects
 from foldfed.ingest.service import IngestService
 from foldfed.messages import encode, now_ms
 from foldfed.payloadfile import plan_chunks, read_chunk
