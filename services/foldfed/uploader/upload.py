@@ -187,7 +187,8 @@ class Uploader:
             type_name="foldfed.v1.DeltaManifest",
         )
         missing = await self._ask_missing(manifest.step, mid)
-        plan = plan_round(manifest, missing, journal.confirmed(), trust_journal=trust_journal)
+        confirmed = journal.confirmed() if trust_journal else frozenset[int]()
+        plan = plan_round(manifest, missing, confirmed, trust_journal=trust_journal)
         tally.skipped_hub += plan.held_by_hub
         tally.skipped_journal += plan.journaled
         await self._send_chunks(manifest, delta_path, plan, journal)
