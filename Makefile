@@ -57,6 +57,7 @@ of3-sample: setup $(STAMP_OF3)
 test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest -q
 
 lint: setup $(STAMP_DEV)

@@ -111,7 +111,8 @@ def run_streaming(workdir: Path, chunk_size: int, optimizer: str) -> dict[str, A
         quantize_chunk,
         weight_total,
     )
-    from foldfed.deltafile import chunk_count, read_chunk, read_layout
+    from foldfed.format import chunk_count
+    from foldfed.payloadfile import read_chunk, read_layout
 
     floor = _proc_status("VmRSS")
     paths = sorted(workdir.glob("delta-*.safetensors"))

@@ -91,7 +91,7 @@ from benchkit import (
 )
 
 from foldfed import topology
-from foldfed.deltafile import plan_chunks, validate_chunk_size, write_delta
+from foldfed.deltafile import write_delta
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.digests import file_digest, short
 from foldfed.domain import (
@@ -103,7 +103,9 @@ from foldfed.domain import (
     StepReleased,
 )
 from foldfed.errors import DecodeError
+from foldfed.format import validate_chunk_size
 from foldfed.messages import AnyMessage, decode
+from foldfed.payloadfile import plan_chunks
 
 MIB = 1 << 20
 COLS = 1024  # every weight matrix has 1024 float32 columns: 4 KiB rows

@@ -390,7 +390,7 @@ def write_bench_delta(path: Path, size_mib: int, seed: int) -> int:
 
 
 def time_plan_chunks(path: Path, chunk_size: int) -> float:
-    from foldfed.deltafile import plan_chunks
+    from foldfed.payloadfile import plan_chunks
 
     started = time.perf_counter()
     plan_chunks(path, chunk_size)
@@ -783,7 +783,7 @@ def machine_line(broker_version: str) -> str:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from foldfed.deltafile import validate_chunk_size
+    from foldfed.format import validate_chunk_size
     from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
     validate_chunk_size(args.chunk_mib * MIB)

@@ -6,7 +6,6 @@ test_aggregation_finalize.py.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import math
 import random
@@ -39,15 +38,10 @@ from foldfed.aggregation import (
     weight_total,
 )
 from foldfed.aggregation.dtypes import add_in_dtype, from_float64
-from foldfed.deltafile import (
-    MIN_CHUNK_SIZE,
-    TensorSpan,
-    chunk_count,
-    read_chunk,
-    read_layout,
-    write_delta,
-)
+from foldfed.deltafile import write_delta
 from foldfed.errors import Reject, StoreError
+from foldfed.format import MIN_CHUNK_SIZE, TensorSpan, chunk_count
+from foldfed.payloadfile import read_chunk, read_layout
 
 SERVICES = Path(__file__).resolve().parents[1] / "services"
 SHAPES: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
@@ -474,30 +468,3 @@ def test_chunk_additions_commute_and_associate(
         other = total_of(Path(tmp) / "b", _ELEMENTS, [[p] for p in split if p[1].size])
     assert one.tolist() == exact
     assert other.tolist() == exact
-
-
-# ------------------------------------------------------------------------ purity
-
-_PURE = ("errors.py", "dtypes.py", "fixedpoint.py", "layout.py", "server_opt.py")
-_NUMPY_ONLY = ("dtypes.py", "fixedpoint.py", "server_opt.py")
-_BANNED = ("asyncio", "aio_pika", "aiormq", "sqlite3", "opentelemetry", "foldfed.v1")
-
-
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
-
-
-@pytest.mark.parametrize("module", _PURE)
-def test_the_arithmetic_imports_no_io_framework(module: str) -> None:
-    names = _imports(SERVICES / "foldfed" / "aggregation" / module)
-    assert not {n for n in names for b in _BANNED if n == b or n.startswith(b + ".")}
-    if module in _NUMPY_ONLY:
-        allowed = {"__future__", "math", "numbers", "collections.abc", "dataclasses", "typing"}
-        extra = names - allowed - {"numpy"}
-        assert all(n.startswith("foldfed.aggregation.") or n == "foldfed.errors" for n in extra)

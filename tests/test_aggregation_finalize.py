@@ -29,16 +29,11 @@ from foldfed.aggregation import (
 )
 from foldfed.aggregation.dtypes import from_float64
 from foldfed.aggregation.state import generations
-from foldfed.deltafile import (
-    MIN_CHUNK_SIZE,
-    chunk_count,
-    load_delta,
-    read_chunk,
-    read_layout,
-    write_delta,
-)
+from foldfed.deltafile import load_delta, write_delta
 from foldfed.digests import digest_of
 from foldfed.errors import StoreError
+from foldfed.format import MIN_CHUNK_SIZE, chunk_count
+from foldfed.payloadfile import read_chunk, read_layout
 
 SHAPES: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
     "trunk.weight": (torch.float32, (300, 500)),

@@ -14,12 +14,13 @@ import torch
 
 from foldfed.aggregation import ServerOptimizer, finalize_step, weight_total
 from foldfed.aggregator.sink import AggregationSink
-from foldfed.deltafile import plan_chunks, read_chunk, write_delta
+from foldfed.deltafile import write_delta
 from foldfed.digests import file_digest
 from foldfed.domain import CODEC_SAFETENSORS, Chunk, Manifest
 from foldfed.errors import Reject
 from foldfed.ingest.ledger import IngestLedger
 from foldfed.messages import encode
+from foldfed.payloadfile import plan_chunks, read_chunk
 
 PARTICIPANTS = ("org-a", "org-b", "org-c")
 CHUNK = 1 << 20

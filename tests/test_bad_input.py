@@ -14,9 +14,10 @@ import pytest
 from foldfed import topology
 from foldfed.bus import Bus
 from foldfed.config import BusSettings
-from foldfed.deltafile import MAX_CHUNK_SIZE, plan_chunks, read_chunk
 from foldfed.digests import digest_of
+from foldfed.format import MAX_CHUNK_SIZE
 from foldfed.messages import CODEC_SAFETENSORS, Chunk, Manifest, encode
+from foldfed.payloadfile import plan_chunks, read_chunk
 
 from conftest import OUTSIDER, PARTICIPANTS, BrokerHandle, participant_env
 from test_transfer import make_delta, report_of, stored_payload, upload

@@ -1,9 +1,9 @@
-"""Contracts no single module can keep on its own: generated code matches the protos, the
-pure core stays pure, and the wire schema documents itself."""
+"""Contracts no single module can keep on its own: generated code matches the protos and
+the wire schema documents itself. (The pure core's imports are checked by import-linter:
+pyproject.toml [tool.importlinter], run by tests/test_architecture.py.)"""
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata
 import re
 import subprocess
@@ -98,123 +98,7 @@ def test_the_protobuf_runtime_is_at_least_the_generators() -> None:
     assert _version(minimum.group(1)) >= generator
 
 
-# ------------------------------------------------------------------------ (b) import purity
-
-BANNED = ("asyncio", "aio_pika", "aiormq", "sqlite3", "opentelemetry", "foldfed.v1")
-PURE_MODULES = (
-    "foldfed/deltafile.py",
-    "foldfed/chunkstore.py",
-    "foldfed/digests.py",
-    "foldfed/errors.py",
-    "foldfed/topology.py",
-    "foldfed/ingest/checks.py",
-    "foldfed/uploader/ratelimit.py",
-    "foldfed/monitor/attribution.py",
-    "foldfed/monitor/model.py",
-    "foldfed/monitor/senders.py",
-    "foldfed/monitor/snapshot.py",
-    "foldfed/monitor/state.py",
-    "foldfed/monitor/render.py",
-)
-
-
-def _module_name(relpath: str) -> str:
-    return relpath.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-
-
-def imported_names(source: str, module: str, is_package: bool = False) -> set[str]:
-    """Every module `source` imports, absolute; `from a import b` yields a and a.b (b may
-    be a submodule). Imports inside functions and TYPE_CHECKING blocks count too."""
-    package = module if is_package else module.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                parent = ".".join([*base, *([node.module] if node.module else [])])
-            else:
-                parent = node.module or ""
-            names.add(parent)
-            names.update(f"{parent}.{alias.name}" for alias in node.names)
-    return names
-
-
-def banned_in(names: set[str]) -> set[str]:
-    return {n for n in names for b in BANNED if n == b or n.startswith(f"{b}.")}
-
-
-@pytest.mark.parametrize(
-    "source",
-    [
-        "import asyncio",
-        "import asyncio.subprocess as sp",
-        "import os, sqlite3",
-        "from aio_pika import connect",
-        "import aiormq.abc",
-        "from opentelemetry import trace",
-        "from foldfed.v1 import delta_pb2",
-        "from foldfed import v1",
-        "from .v1 import delta_pb2",
-        "from . import v1",
-        "def f():\n    import asyncio\n",
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sqlite3\n",
-    ],
-)
-def test_the_import_checker_sees_banned_imports(source: str) -> None:
-    assert banned_in(imported_names(source, "foldfed.example"))
-
-
-@pytest.mark.parametrize(
-    "source",
-    ["import os", "from foldfed.errors import Reject", "from . import digests", "import asyncioo"],
-)
-def test_the_import_checker_lets_other_imports_pass(source: str) -> None:
-    assert not banned_in(imported_names(source, "foldfed.example"))
-
-
-def test_relative_imports_resolve_against_the_package() -> None:
-    names = imported_names("from ..messages import Manifest", "foldfed.ingest.checks")
-    assert "foldfed.messages" in names
-
-
-@pytest.mark.parametrize("relpath", PURE_MODULES)
-def test_the_pure_core_imports_no_io_framework_and_no_generated_code(relpath: str) -> None:
-    path = SERVICES / relpath
-    names = imported_names(path.read_text(), _module_name(relpath))
-    assert names, f"{relpath} imports nothing? the parser is broken"
-    assert banned_in(names) == set()
-
-
-def _foldfed_closure(relpath: str) -> dict[str, set[str]]:
-    """Imports of `relpath` and of every foldfed module it reaches, by module."""
-    seen: dict[str, set[str]] = {}
-    todo = [_module_name(relpath)]
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        path = SERVICES / (module.replace(".", "/") + ".py")
-        package = SERVICES / module.replace(".", "/") / "__init__.py"
-        if package.is_file():
-            path = package
-        if not path.is_file():
-            continue  # `from foldfed.x import name`: name is not a module
-        seen[module] = imported_names(path.read_text(), module, path.name == "__init__.py")
-        todo.extend(n for n in seen[module] if n.startswith("foldfed.") and n not in seen)
-    return seen
-
-
-@pytest.mark.parametrize("relpath", PURE_MODULES)
-def test_the_pure_core_reaches_no_io_framework_through_foldfed_modules(relpath: str) -> None:
-    closure = _foldfed_closure(relpath)
-    offenders = {m: banned_in(names) for m, names in closure.items() if banned_in(names)}
-    assert offenders == {}
-
-
-# ------------------------------------------------------------------------ (c) comments
+# ------------------------------------------------------------------------ (b) comments
 
 _FIELD = re.compile(
     r"^(?:(?:optional|repeated)\s+)?(?:map\s*<\s*\w+\s*,\s*[\w.]+\s*>|[\w.]+)\s+\w+\s*=\s*\d+"

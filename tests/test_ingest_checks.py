@@ -10,18 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from foldfed.deltafile import (
-    DTYPE_SIZES,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
-    TensorSpan,
-    plan_chunks,
-    write_delta,
-)
+from foldfed.deltafile import write_delta
 from foldfed.digests import digest_of
 from foldfed.domain import CODEC_SAFETENSORS, Manifest
 from foldfed.errors import Reject
+from foldfed.format import DTYPE_SIZES, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TensorSpan
 from foldfed.ingest.checks import check_body_size, check_chunk_body, check_manifest
+from foldfed.payloadfile import plan_chunks
 
 MiB = 1 << 20
 MAX_PAYLOAD = 64 * MiB

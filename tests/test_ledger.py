@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from foldfed.deltafile import MAX_CHUNK_SIZE, ChunkPlan, plan_chunks, read_chunk, write_delta
+from foldfed.deltafile import write_delta
 from foldfed.digests import digest_of
 from foldfed.errors import Reject
-from foldfed.ingest.ledger import Effects, IngestLedger
+from foldfed.format import MAX_CHUNK_SIZE, ChunkPlan
+from foldfed.ingest.ledger import IngestLedger
+from foldfed.ingest.rules import Effects
 from foldfed.messages import (
     CODEC_SAFETENSORS,
     Chunk,
@@ -27,6 +29,7 @@ from foldfed.messages import (
     id_of,
     manifest_to_proto,
 )
+from foldfed.payloadfile import plan_chunks, read_chunk
 from foldfed.v1 import delta_pb2
 
 MiB = 1 << 20

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from foldfed import domain
-from foldfed.deltafile import TensorSpan
 from foldfed.digests import DIGEST_SIZE, digest_of
 from foldfed.errors import DecodeError
+from foldfed.format import TensorSpan
 from foldfed.messages import (
     CODEC_SAFETENSORS,
     Chunk,

@@ -4,7 +4,6 @@ tree behind `foldfed trace`."""
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 from collections.abc import Iterator
@@ -401,17 +400,6 @@ def test_bad_lines_are_skipped_and_told() -> None:
         "f.jsonl:3: trace_id must be 32 hex digits, got 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA'",
         "f.jsonl:5: not a JSON object",
     ]
-
-
-def test_the_tree_module_imports_no_opentelemetry() -> None:
-    source = (Path(tracing.__file__).parent / "tree.py").read_text()
-    imported = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "")
-    assert not {n for n in imported if n.startswith(("opentelemetry", "asyncio", "aio_pika"))}
 
 
 # ------------------------------------------------------------------------------- exporters

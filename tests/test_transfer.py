@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from foldfed.chunkstore import ChunkStore
-from foldfed.deltafile import load_delta, plan_chunks, write_delta
+from foldfed.deltafile import load_delta, write_delta
 from foldfed.digests import digest_of
 from foldfed.messages import Manifest, decode
+from foldfed.payloadfile import plan_chunks
 
 from conftest import (
     FOLDFED,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
-from foldfed.deltafile import DEFAULT_CHUNK_SIZE, validate_chunk_size
 from foldfed.errors import CodecError, ConfigError
+from foldfed.format import DEFAULT_CHUNK_SIZE, validate_chunk_size
 from foldfed.topology import is_valid_participant_id
 
 AMQP_URL = "FOLDFED_AMQP_URL"

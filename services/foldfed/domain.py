@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from foldfed.deltafile import ChunkPlan, TensorSpan
+from foldfed.format import ChunkPlan, TensorSpan
 
 CODEC_SAFETENSORS = "safetensors"
 
@@ -30,7 +30,7 @@ class Manifest:
 def manifest_of(
     plan: ChunkPlan, *, step: int, participant: str, weight: float, base_model_digest: bytes
 ) -> Manifest:
-    """The manifest announcing a payload cut by deltafile.plan_chunks."""
+    """The manifest announcing a payload cut by payloadfile.plan_chunks."""
     return Manifest(
         step=step,
         participant=participant,

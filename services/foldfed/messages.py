@@ -14,7 +14,6 @@ import time
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message as ProtobufMessage
 
-from foldfed.deltafile import TensorSpan
 from foldfed.digests import DIGEST_SIZE, digest_of
 from foldfed.domain import (
     CODEC_SAFETENSORS,
@@ -33,6 +32,7 @@ from foldfed.domain import (
     StepReleased,
 )
 from foldfed.errors import DecodeError
+from foldfed.format import TensorSpan
 from foldfed.v1 import delta_pb2, events_pb2, step_pb2, transfer_pb2
 
 MANIFEST_FORMAT_VERSION = 1

@@ -11,12 +11,14 @@ and appends the update and θ_t+1 to their files. Memory is O(slice) whatever th
 size; every operation is elementwise and correctly rounded, so the bytes do not depend on
 the slice size or the machine.
 
-Both outputs are canonical safetensors files: byte-identical to what
+Both outputs are canonical payloads (foldfed.format): byte-identical to what
 `deltafile.write_delta(path, tensors)` writes for the same tensors (same header bytes,
-tensors in its order), whatever the order or metadata of θ_t's file. The update has the
-model's names, dtypes and shapes. Each file is written to a temporary name, fsynced and
-renamed, and its blake3 digest (foldfed.digests) is computed while writing. Finalizing
-again with the same inputs writes the same bytes (see state.py for the optimizer state).
+tensors in its order), whatever the order or metadata of θ_t's file. The header comes
+from the format's own encoder, fed names, dtypes and shapes: the hub never loads torch.
+The update has the model's names, dtypes and shapes. Each file is written to a temporary
+name, fsynced and renamed, and its blake3 digest (foldfed.digests) is computed while
+writing. Finalizing again with the same inputs writes the same bytes (see state.py for the
+optimizer state).
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ from pathlib import Path
 
 import blake3
 import numpy as np
-import torch
 
-from foldfed import deltafile
 from foldfed.aggregation.accumulator import Accumulator
 from foldfed.aggregation.dtypes import STORAGE, add_in_dtype, count_nonfinite, from_float64
 from foldfed.aggregation.errors import FinalizeError
@@ -39,8 +39,10 @@ from foldfed.aggregation.fixedpoint import check_weight, dequantize_mean
 from foldfed.aggregation.layout import ModelLayout, TensorSlot
 from foldfed.aggregation.server_opt import ServerOptimizer
 from foldfed.aggregation.state import OptimizerState
-from foldfed.deltafile import DTYPE_SIZES, TensorSpan, _torch_dtypes
 from foldfed.errors import StoreError
+from foldfed.format import TensorSpan, TensorSpec, encode_header
+from foldfed.format import canonical_order as canonical_spec_order
+from foldfed.payloadfile import read_layout
 
 # 64 Ki elements: a slice's float64 temporaries (512 KiB each) stay in cache from one step
 # of the pipeline to the next, and its reads and writes are still big enough for syscalls
@@ -58,21 +60,22 @@ class FinalizeResult:
 
 
 def canonical_order(layout: ModelLayout) -> list[TensorSlot]:
-    """The tensors in the order `deltafile.write_delta` lays them out."""
-    return sorted(layout.slots, key=lambda s: (-DTYPE_SIZES[s.dtype], s.name))
+    """The tensors in the order `deltafile.write_delta` lays them out (format.canonical_order)."""
+    slots = {slot.name: slot for slot in layout.slots}
+    return [slots[spec.name] for spec in canonical_spec_order(_specs(layout))]
 
 
 def canonical_header(layout: ModelLayout) -> bytes:
     """The length prefix and header `deltafile.write_delta` writes for the model's tensors.
 
-    Reuses deltafile's own encoder on data-less (meta) tensors rather than a second copy of
-    the format: identical bytes are what make the digests agree (a test pins it).
+    The same encoder the writer uses (format.encode_header), fed names, dtypes and shapes:
+    identical bytes are what make the digests agree (a test pins it).
     """
-    ordered = [
-        (s.name, torch.empty(s.shape, dtype=_torch_dtypes()[s.dtype], device="meta"))
-        for s in canonical_order(layout)
-    ]
-    return deltafile._encode_header(ordered, {})
+    return encode_header(_specs(layout))
+
+
+def _specs(layout: ModelLayout) -> list[TensorSpec]:
+    return [TensorSpec(slot.name, slot.dtype, slot.shape) for slot in layout.slots]
 
 
 def finalize_step(
@@ -209,7 +212,7 @@ def _check_finite(slot: TensorSlot, what: str, stored: np.ndarray) -> None:
 
 def _read_header(path: Path) -> tuple[Sequence[TensorSpan], bytes]:
     """θ_t's layout and its raw header bytes (length prefix included)."""
-    spans = deltafile.read_layout(path)
+    spans = read_layout(path)
     data_start = spans[0].begin if spans else os.path.getsize(path)
     with open(path, "rb") as f:
         return spans, f.read(data_start)

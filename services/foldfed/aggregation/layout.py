@@ -22,8 +22,8 @@ from foldfed.aggregation.fixedpoint import (
     check_weight,
     quantize,
 )
-from foldfed.deltafile import TensorSpan, chunk_range, spans_in_chunk
 from foldfed.errors import CodecError
+from foldfed.format import TensorSpan, chunk_range, spans_in_chunk
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def chunk_contributions(
     """Every tensor piece in chunk `chunk_index` of a payload, as float64, with its offset.
 
     `spans` are the payload's (its manifest's) and must have passed `check_compatible`.
-    Elements never straddle chunks (see foldfed.deltafile), so each piece decodes alone.
+    Elements never straddle chunks (see foldfed.format), so each piece decodes alone.
     """
     return [
         Contribution(offset, values.astype(np.float64), name)

@@ -22,7 +22,6 @@ from foldfed.aggregation.state import generations
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.bus import Bus, Incoming, PublishWindow
 from foldfed.config import AggregatorSettings
-from foldfed.deltafile import ChunkPlan, plan_chunks, read_chunk
 from foldfed.digests import file_digest, short
 from foldfed.domain import (
     Chunk,
@@ -34,9 +33,12 @@ from foldfed.domain import (
 )
 from foldfed.errors import Reject
 from foldfed.faults import crash_point
-from foldfed.ingest.ledger import Effects, IngestLedger
+from foldfed.format import ChunkPlan
+from foldfed.ingest.ledger import IngestLedger
+from foldfed.ingest.rules import Effects
 from foldfed.ingest.service import IngestService
 from foldfed.messages import encode, now_ms
+from foldfed.payloadfile import plan_chunks, read_chunk
 
 log = structlog.get_logger(__name__)
 SERVICE = "aggregator"

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from foldfed.aggregation import Accumulator, ModelLayout, quantize_chunk
-from foldfed.deltafile import read_layout
 from foldfed.domain import Manifest
+from foldfed.payloadfile import read_layout
 
 Pieces = list[tuple[int, np.ndarray]]
 

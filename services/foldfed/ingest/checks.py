@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from foldfed.deltafile import (
+from foldfed.domain import Manifest
+from foldfed.errors import CodecError, Reject
+from foldfed.format import (
     DTYPE_SIZES,
     MAX_CHUNK_SIZE,
     chunk_count,
     validate_chunk_size,
 )
-from foldfed.domain import Manifest
-from foldfed.errors import CodecError, Reject
 
 
 def check_manifest(m: Manifest, max_payload_bytes: int) -> None:

@@ -17,7 +17,8 @@ from foldfed import topology, tracing
 from foldfed.bus import Bus, Incoming
 from foldfed.config import IngestSettings
 from foldfed.errors import FoldfedError, Reject
-from foldfed.ingest.ledger import Effects, IngestLedger
+from foldfed.ingest.ledger import IngestLedger
+from foldfed.ingest.rules import Effects
 from foldfed.messages import (
     Chunk,
     Event,

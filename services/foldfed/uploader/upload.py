@@ -20,7 +20,6 @@ from tqdm import tqdm
 from foldfed import topology, tracing
 from foldfed.bus import Bus, PublishWindow
 from foldfed.config import UploaderSettings
-from foldfed.deltafile import plan_chunks, read_chunk
 from foldfed.domain import manifest_of
 from foldfed.errors import FoldfedError
 from foldfed.faults import crash_point
@@ -36,8 +35,10 @@ from foldfed.messages import (
     encode,
     manifest_id,
 )
+from foldfed.payloadfile import plan_chunks, read_chunk
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.journal import UploadJournal
+from foldfed.uploader.planning import RoundPlan, journal_trusted, plan_round, resumes
 from foldfed.uploader.ratelimit import TokenBucket
 
 log = structlog.get_logger(__name__)
@@ -138,10 +139,7 @@ class Uploader:
             tally = _Tally()
             receipt: DeliveryReceipt | None = None
             for round_ in range(1, MAX_ROUNDS + 1):
-                # After a round without a receipt, something the journal called confirmed
-                # never arrived (a broker that lost it, a dead-lettered chunk): trust only
-                # the hub from then on.
-                trust_journal = round_ == 1
+                trust_journal = journal_trusted(round_)
                 receipt = await self._round(
                     manifest, serialized, mid, delta_path, journal, trust_journal, tally
                 )
@@ -189,13 +187,13 @@ class Uploader:
             type_name="foldfed.v1.DeltaManifest",
         )
         missing = await self._ask_missing(manifest.step, mid)
-        confirmed = journal.confirmed() if trust_journal else set()
-        todo = [i for i in missing if i not in confirmed]
-        tally.skipped_hub += len(manifest.chunk_digests) - len(missing)
-        tally.skipped_journal += len(missing) - len(todo)
-        sent, sent_bytes = await self._send_chunks(manifest, delta_path, todo, journal)
-        tally.sent += sent
-        tally.sent_bytes += sent_bytes
+        confirmed = journal.confirmed() if trust_journal else frozenset[int]()
+        plan = plan_round(manifest, missing, confirmed, trust_journal=trust_journal)
+        tally.skipped_hub += plan.held_by_hub
+        tally.skipped_journal += plan.journaled
+        await self._send_chunks(manifest, delta_path, plan, journal)
+        tally.sent += len(plan.send)
+        tally.sent_bytes += plan.send_bytes
         return await self._await_receipt(receipt_future, manifest.step, mid)
 
     async def _manifest(
@@ -210,14 +208,15 @@ class Uploader:
         if journaled is not None:
             decoded = decode("foldfed.v1.DeltaManifest", journaled)
             assert isinstance(decoded, Manifest)
-            same_delivery = (
-                decoded.step == step
-                and decoded.participant == self.settings.participant
-                and decoded.weight == weight
-                and decoded.base_model_digest == base_model_digest
-                and encode(decoded)[1] == journaled  # written by this version's encoder
+            same_delivery = resumes(
+                decoded,
+                step=step,
+                participant=self.settings.participant,
+                weight=weight,
+                base_model_digest=base_model_digest,
             )
-            if same_delivery:
+            # ... and written by this version's encoder.
+            if same_delivery and encode(decoded)[1] == journaled:
                 return decoded, journaled, True
         # Hashing a GB-sized file takes a fraction of a second per GB, but never on the loop.
         with tracing.span("encode", step=step, chunk_size=self.settings.chunk_size):
@@ -281,13 +280,12 @@ class Uploader:
         return got
 
     async def _send_chunks(
-        self, manifest: Manifest, delta_path: Path, todo: list[int], journal: UploadJournal
-    ) -> tuple[int, int]:
-        """Publish `todo` with at most `inflight_window` unconfirmed at once; journal each
-        index as its confirm arrives. Memory: window x chunk size."""
-        sent_bytes = 0
+        self, manifest: Manifest, delta_path: Path, plan: RoundPlan, journal: UploadJournal
+    ) -> None:
+        """Publish the plan's chunks with at most `inflight_window` unconfirmed at once;
+        journal each index as its confirm arrives. Memory: window x chunk size."""
         progress = tqdm(
-            total=sum(_chunk_len(manifest, i) for i in todo),
+            total=plan.send_bytes,
             unit="B",
             unit_scale=True,
             desc=f"step {manifest.step} upload",
@@ -304,7 +302,7 @@ class Uploader:
 
         try:
             async with PublishWindow(self.settings.bus.inflight_window) as window:
-                for index in todo:
+                for index in plan.send:
                     body = await asyncio.to_thread(
                         read_chunk, delta_path, manifest.chunk_size, index
                     )
@@ -320,20 +318,14 @@ class Uploader:
                         topology.HUB_EXCHANGE, topology.INGEST_ROUTING_KEY, chunk
                     )
                     await window.submit(publish, on_confirm=confirmed(index, len(body)))
-                    sent_bytes += len(body)
         finally:
             progress.close()
-        return len(todo), sent_bytes
 
     async def _throttle(self, nbytes: int) -> None:
         if self._bucket is not None:
             delay = self._bucket.delay_for(nbytes, time.monotonic())
             if delay > 0:
                 await asyncio.sleep(delay)
-
-
-def _chunk_len(manifest: Manifest, index: int) -> int:
-    return min(manifest.chunk_size, manifest.payload_size - index * manifest.chunk_size)
 
 
 def _receipt_for(step: int, mid: bytes):
