@@ -4,7 +4,7 @@
 wins), with pydantic-settings' own environment and dotenv sources. Values come only from
 what is passed in, so a test passes a plain dict. Every variable is checked, not only the
 ones the caller uses: a typo in a shared environment stops every service at start, not one
-of them an hour later. Empty means unset (`FOLDFED_X=` gives the default), as it always
+of them an hour later. Empty means unset (`FOLDFED_STEPS=` gives the default), as it always
 has. `env_for(**typed)` is the way back, checked by the same parser.
 """
 
@@ -53,7 +53,7 @@ def load(env: Mapping[str, str] | None = None, env_file: Path | None = None) -> 
 
 
 def _message(error: Any, values: Mapping[str, Any]) -> str:
-    """One pydantic error as `FOLDFED_X='abc' is not an integer`."""
+    """One pydantic error as `FOLDFED_STEPS='abc' is not an integer`."""
     name = str(error["loc"][0])
     said = f"{name}={values.get(name, error['input'])!r}"
     kind, ctx = error["type"], error.get("ctx", {})
