@@ -122,7 +122,6 @@ def test_a_hub_process_runs_to_the_broker_without_importing_torch(
         "FOLDFED_STATE_DIR": str(tmp_path / "hub"),
         "FOLDFED_INITIAL_MODEL": str(_initial_model(tmp_path / "model.safetensors")),
         "FOLDFED_MONITOR_PORT": "0",
-        "FOLDFED_LOG_FORMAT": "json",
     }
     env.pop("FOLDFED_HEALTH_PORT", None)
     result = subprocess.run(

@@ -1,7 +1,10 @@
-"""Settings from environment variables (12-factor), validated at start-up.
+"""The per-service settings objects, built from the settings registry (foldfed.settings).
 
 Every service reads the same variables, so the demo, compose and Kubernetes cannot drift
-apart. A bad value raises ConfigError naming the variable.
+apart. Each class here takes the fields its service needs from one parsed, validated
+`foldfed.settings.Settings`, demands the variables only its role needs, and adds the
+checks that look at more than one value or at the file system. A bad value raises
+ConfigError naming the variable.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
-from foldfed.errors import CodecError, ConfigError
-from foldfed.format import DEFAULT_CHUNK_SIZE, validate_chunk_size
+from foldfed.errors import ConfigError
+from foldfed.settings import Settings, load, required, variable
 from foldfed.topology import is_valid_participant_id
 
-AMQP_URL = "FOLDFED_AMQP_URL"
+# ---------------------------------------------------------------------------------------
+# Deprecated, for removal: the hand-written parsers that foldfed.settings replaces. Kept
+# only for the modules not yet moved to the registry (trainer/service.py, of3/backend.py,
+# loadtest/simtrainer.py, uploader/service.py, deploy/commands.py); delete with them.
 
 
 def _get(env: Mapping[str, str], key: str, default: str | None = None) -> str:
@@ -63,13 +69,20 @@ def _participants(env: Mapping[str, str], key: str) -> tuple[str, ...]:
     return names
 
 
-def _chunk_size(env: Mapping[str, str]) -> int:
-    chunk_size = _int(env, "FOLDFED_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, 1)
-    try:
-        validate_chunk_size(chunk_size)
-    except CodecError as exc:
-        raise ConfigError(f"FOLDFED_CHUNK_SIZE: {exc}") from None
-    return chunk_size
+# ---------------------------------------------------------------------------------------
+
+
+def existing_initial_model(settings: Settings) -> Path:
+    """FOLDFED_INITIAL_MODEL, which must name an existing file."""
+    initial = required(settings.initial_model, "initial_model")
+    if not initial.is_file():
+        raise ConfigError(f"{variable('initial_model')}={str(initial)!r} is not a file")
+    return initial
+
+
+def spool_dir_of(settings: Settings, participant: str) -> Path:
+    """FOLDFED_SPOOL_DIR, by default var/spool/<participant>."""
+    return settings.spool_dir or Path(f"var/spool/{participant}")
 
 
 def amqp_user(url: str) -> str:
@@ -87,10 +100,14 @@ class BusSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> BusSettings:
+        return cls.from_settings(load(env))
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> BusSettings:
         return cls(
-            amqp_url=_get(env, AMQP_URL),
-            publish_timeout_s=_float(env, "FOLDFED_PUBLISH_TIMEOUT_S", 30.0, 0.1),
-            inflight_window=_int(env, "FOLDFED_INFLIGHT_WINDOW", 8, 1),
+            amqp_url=required(s.amqp_url, "amqp_url"),
+            publish_timeout_s=s.publish_timeout_s,
+            inflight_window=s.inflight_window,
         )
 
 
@@ -111,19 +128,17 @@ class UploaderSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> UploaderSettings:
-        participant = _get(env, "FOLDFED_PARTICIPANT")
-        if not is_valid_participant_id(participant):
-            raise ConfigError(f"FOLDFED_PARTICIPANT: {participant!r} is not a valid id")
-        chunk_size = _chunk_size(env)
+        s = load(env)
+        participant = required(s.participant, "participant")
         return cls(
-            bus=BusSettings.from_env(env),
+            bus=BusSettings.from_settings(s),
             participant=participant,
-            spool_dir=Path(_get(env, "FOLDFED_SPOOL_DIR", f"var/spool/{participant}")),
-            chunk_size=chunk_size,
-            rate_limit_bps=_int(env, "FOLDFED_RATE_LIMIT_BPS", 0, 0),
-            reply_timeout_s=_float(env, "FOLDFED_REPLY_TIMEOUT_S", 30.0, 0.1),
-            receipt_timeout_s=_float(env, "FOLDFED_RECEIPT_TIMEOUT_S", 120.0, 0.1),
-            poll_s=_float(env, "FOLDFED_POLL_S", 0.2, 0.001),
+            spool_dir=spool_dir_of(s, participant),
+            chunk_size=s.chunk_size,
+            rate_limit_bps=s.rate_limit_bps,
+            reply_timeout_s=s.reply_timeout_s,
+            receipt_timeout_s=s.receipt_timeout_s,
+            poll_s=s.poll_s,
         )
 
 
@@ -143,14 +158,18 @@ class IngestSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IngestSettings:
+        return cls.from_settings(load(env))
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> IngestSettings:
         return cls(
-            bus=BusSettings.from_env(env),
-            participants=_participants(env, "FOLDFED_PARTICIPANTS"),
-            state_dir=Path(_get(env, "FOLDFED_STATE_DIR", "var/hub")),
-            first_step=_int(env, "FOLDFED_FIRST_STEP", 1, 0),
-            max_payload_bytes=_int(env, "FOLDFED_MAX_PAYLOAD_BYTES", 8 << 30, 1),
-            require_sender_identity=env.get("FOLDFED_REQUIRE_SENDER_IDENTITY", "1") != "0",
-            prefetch=_int(env, "FOLDFED_PREFETCH", 8, 1),
+            bus=BusSettings.from_settings(s),
+            participants=required(s.participants, "participants"),
+            state_dir=s.state_dir,
+            first_step=s.first_step,
+            max_payload_bytes=s.max_payload_bytes,
+            require_sender_identity=s.require_sender_identity,
+            prefetch=s.prefetch,
         )
 
 
@@ -163,16 +182,15 @@ class ServerOptimizerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerOptimizerSettings:
-        kind = env.get("FOLDFED_SERVER_OPTIMIZER", "fedavg")
-        if kind not in ("fedavg", "fedavgm", "fedadam"):
-            raise ConfigError(
-                f"FOLDFED_SERVER_OPTIMIZER={kind!r}: expected fedavg, fedavgm or fedadam"
-            )
-        default_lr = 1e-3 if kind == "fedadam" else 1.0  # as aggregation.server_opt
+        return cls.from_settings(load(env))
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ServerOptimizerSettings:
+        default_lr = 1e-3 if s.server_optimizer == "fedadam" else 1.0  # as aggregation.server_opt
         return cls(
-            kind=kind,
-            lr=_float(env, "FOLDFED_SERVER_LR", default_lr, 0.0),
-            momentum=_float(env, "FOLDFED_SERVER_MOMENTUM", 0.9, 0.0),
+            kind=s.server_optimizer,
+            lr=default_lr if s.server_lr is None else s.server_lr,
+            momentum=s.server_momentum,
         )
 
 
@@ -188,14 +206,13 @@ class AggregatorSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AggregatorSettings:
-        initial = Path(_get(env, "FOLDFED_INITIAL_MODEL"))
-        if not initial.is_file():
-            raise ConfigError(f"FOLDFED_INITIAL_MODEL={str(initial)!r} is not a file")
+        s = load(env)
+        initial = existing_initial_model(s)
         return cls(
-            ingest=IngestSettings.from_env(env),
+            ingest=IngestSettings.from_settings(s),
             initial_model=initial,
-            optimizer=ServerOptimizerSettings.from_env(env),
-            update_chunk_size=_chunk_size(env),
+            optimizer=ServerOptimizerSettings.from_settings(s),
+            update_chunk_size=s.chunk_size,
         )
 
 
@@ -212,15 +229,14 @@ class BarrierSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> BarrierSettings:
-        initial = Path(_get(env, "FOLDFED_INITIAL_MODEL"))
-        if not initial.is_file():
-            raise ConfigError(f"FOLDFED_INITIAL_MODEL={str(initial)!r} is not a file")
+        s = load(env)
+        initial = existing_initial_model(s)
         return cls(
-            bus=BusSettings.from_env(env),
-            participants=_participants(env, "FOLDFED_PARTICIPANTS"),
-            state_dir=Path(_get(env, "FOLDFED_STATE_DIR", "var/hub")),
+            bus=BusSettings.from_settings(s),
+            participants=required(s.participants, "participants"),
+            state_dir=s.state_dir,
             initial_model=initial,
-            steps=_int(env, "FOLDFED_STEPS", 5, 1),
-            first_step=_int(env, "FOLDFED_FIRST_STEP", 1, 0),
-            cycle=_int(env, "FOLDFED_CYCLE", 1, 1),
+            steps=s.steps,
+            first_step=s.first_step,
+            cycle=s.cycle,
         )

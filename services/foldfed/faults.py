@@ -14,14 +14,16 @@ import signal
 
 import structlog
 
+from foldfed.settings import load, variable
+
 log = structlog.get_logger(__name__)
-CRASH_AT = "FOLDFED_CRASH_AT"
+CRASH_AT = variable("crash_at")
 
 
 def crash_point(service: str, point: str, step: int | None = None) -> None:
-    wanted = os.environ.get(CRASH_AT)
-    if not wanted:
+    if not os.environ.get(CRASH_AT):  # the cheap check, in production every time
         return
+    wanted = load().crash_at
     here = f"{service}:{point}"
     if wanted == here or (step is not None and wanted == f"{here}@{step}"):
         log.warning("crash point reached: SIGKILL", point=wanted)

@@ -18,18 +18,17 @@ import structlog
 
 from foldfed import topology
 from foldfed.bus import Bus
-from foldfed.config import _float
 from foldfed.domain import Heartbeat
 from foldfed.errors import FoldfedError
 from foldfed.messages import now_ms
+from foldfed.settings import load
 
 log = structlog.get_logger(__name__)
-DEFAULT_INTERVAL_S = 5.0
 
 
 def heartbeat_interval(env: Mapping[str, str] = os.environ) -> float:
     """FOLDFED_HEARTBEAT_S: seconds between heartbeats (default 5)."""
-    return _float(env, "FOLDFED_HEARTBEAT_S", DEFAULT_INTERVAL_S, 0.05)
+    return load(env).heartbeat_s
 
 
 async def run_heartbeats(

@@ -1,4 +1,4 @@
-"""The monitor's settings, from FOLDFED_* environment variables (validated at start)."""
+"""The monitor's settings, from the settings registry (validated at start)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from foldfed.config import BusSettings, _float, _get, _int, _participants
+from foldfed.config import BusSettings
 from foldfed.errors import ConfigError
 from foldfed.monitor.attribution import StragglerRule
 from foldfed.monitor.state import MonitorConfig
-
-DEFAULT_PORT = 8090
+from foldfed.settings import Settings, load, required, variable
 
 
 @dataclass(frozen=True)
@@ -30,34 +29,36 @@ class MonitorSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MonitorSettings:
-        try:
-            rule = StragglerRule(
-                margin=_float(env, "FOLDFED_MONITOR_STRAGGLER_MARGIN", 0.2),
-                min_excess_s=_float(env, "FOLDFED_MONITOR_STRAGGLER_MIN_S", 1.0),
-                window=_int(env, "FOLDFED_MONITOR_WINDOW", 5, 1),
-                needed=_int(env, "FOLDFED_MONITOR_STRAGGLER_STEPS", 3, 1),
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                f"FOLDFED_MONITOR_STRAGGLER_STEPS / FOLDFED_MONITOR_WINDOW: {exc}"
-            ) from None
+        s = load(env)
+        rule = _straggler_rule(s)
         model = MonitorConfig(
-            participants=_participants(env, "FOLDFED_PARTICIPANTS"),
-            steps=_int(env, "FOLDFED_STEPS", 5, 1),
-            first_step=_int(env, "FOLDFED_FIRST_STEP", 1, 0),
+            participants=required(s.participants, "participants"),
+            steps=s.steps,
+            first_step=s.first_step,
             rule=rule,
             window=rule.window,
-            silent_after_s=_float(env, "FOLDFED_MONITOR_SILENT_S", 30.0, 0.1),
+            silent_after_s=s.monitor_silent_s,
         )
-        port = _int(env, "FOLDFED_MONITOR_PORT", DEFAULT_PORT, 0)
-        if port > 65535:
-            raise ConfigError(f"FOLDFED_MONITOR_PORT={port} is not a TCP port")
         return cls(
-            bus=BusSettings.from_env(env),
+            bus=BusSettings.from_settings(s),
             model=model,
-            state_dir=Path(_get(env, "FOLDFED_STATE_DIR", "var/hub")),
-            host=env.get("FOLDFED_MONITOR_HOST") or "0.0.0.0",
-            port=port,
-            tick_s=_float(env, "FOLDFED_MONITOR_TICK_S", 1.0, 0.05),
-            refresh_s=_int(env, "FOLDFED_MONITOR_REFRESH_S", 5, 1),
+            state_dir=s.state_dir,
+            host=s.monitor_host,
+            port=s.monitor_port,
+            tick_s=s.monitor_tick_s,
+            refresh_s=s.monitor_refresh_s,
         )
+
+
+def _straggler_rule(s: Settings) -> StragglerRule:
+    # The rule checks what involves two variables (M of the last W steps needs M <= W).
+    try:
+        return StragglerRule(
+            margin=s.monitor_straggler_margin,
+            min_excess_s=s.monitor_straggler_min_s,
+            window=s.monitor_window,
+            needed=s.monitor_straggler_steps,
+        )
+    except ValueError as exc:
+        names = f"{variable('monitor_straggler_steps')} / {variable('monitor_window')}"
+        raise ConfigError(f"{names}: {exc}") from None

@@ -31,7 +31,7 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from foldfed.digests import digest_of
-from foldfed.errors import ConfigError
+from foldfed.settings import load
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -46,8 +46,6 @@ STEP = "foldfed.step"
 PARTICIPANT = "foldfed.participant"
 SERVICE = "foldfed.service"
 BYTES = "bytes"
-
-DEFAULT_TRACE_DIR = "var/traces"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 CURRENT: Any = object()  # parent=CURRENT: the span current in this context
@@ -79,16 +77,11 @@ class TracingSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TracingSettings:
-        switch = (env.get("FOLDFED_TRACING") or "on").strip().lower()
-        if switch not in ("on", "off", "1", "0", "true", "false"):
-            raise ConfigError(f"FOLDFED_TRACING={switch!r} must be on or off")
+        s = load(env)
         return cls(
-            enabled=switch in ("on", "1", "true"),
-            trace_dir=Path(env.get("FOLDFED_TRACE_DIR") or DEFAULT_TRACE_DIR),
-            otlp=bool(
-                env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            ),
+            enabled=s.tracing,
+            trace_dir=s.trace_dir,
+            otlp=bool(s.otlp_endpoint or s.otlp_traces_endpoint),
         )
 
 

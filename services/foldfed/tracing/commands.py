@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -14,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("step", type=int, help="the global step")
     parser.add_argument(
         "--dir",
-        default=os.environ.get("FOLDFED_TRACE_DIR") or "var/traces",
+        default=None,
         help="folder of the services' *.jsonl trace files (default: FOLDFED_TRACE_DIR "
         "or var/traces; the demo's is <run folder>/traces)",
     )
@@ -30,9 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_trace(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from foldfed.settings import load
     from foldfed.tracing.tree import read_folder, render, spans_of_step
 
-    spans, problems = read_folder(Path(args.dir))
+    # Resolved here, not when the parser is built: a bad environment fails this command
+    # alone, with the variable named, never `foldfed --help`.
+    folder = Path(args.dir) if args.dir else load().trace_dir
+    spans, problems = read_folder(folder)
     for problem in problems[:5]:
         print(f"foldfed trace: skipped a bad line: {problem}", file=sys.stderr)
     if len(problems) > 5:
