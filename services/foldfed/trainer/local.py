@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +39,8 @@ from foldfed.localround import (
     derive_seed,
     deterministic_torch,
 )
+from foldfed.trainer.backend import OPTIMIZERS, Optimizer
 
-Optimizer = Literal["adamw", "sgd"]
-OPTIMIZERS: tuple[Optimizer, ...] = ("adamw", "sgd")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _EVAL_BATCH = 4096
