@@ -1,7 +1,7 @@
 """Liveness and readiness over HTTP for every service (container and Kubernetes probes).
 
-`FOLDFED_HEALTH_PORT` set: the service also serves, on `FOLDFED_HEALTH_HOST` (default
-0.0.0.0) and that port,
+`FOLDFED_HEALTH_PORT` set: the service also serves (aiohttp, in the service's own event
+loop; runtime.py starts it), on `FOLDFED_HEALTH_HOST` (default 0.0.0.0) and that port,
 
 - `GET /healthz`: 200 while the process's event loop runs (an answer at all proves it);
 - `GET /readyz`: 200 when every check passes, else 503; both with a JSON body
