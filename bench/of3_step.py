@@ -38,6 +38,7 @@ def role(args: argparse.Namespace) -> dict[str, Any]:
     """Runs inside the subprocess: build, warm up, measure; returns numbers."""
     import torch
 
+    from foldfed.localround import deterministic_torch
     from foldfed.of3.backend import Of3Settings, build
     from foldfed.of3.data.features import load_batch
     from foldfed.of3.data.sample import open_sample
@@ -50,7 +51,6 @@ def role(args: argparse.Namespace) -> dict[str, Any]:
         train_round,
         trainable_state,
     )
-    from foldfed.trainer.local import _torch_settings
 
     sample = prepared_sample()
     files = [e.features for e in open_sample(sample).entries if e.split == "train"]
@@ -63,7 +63,7 @@ def role(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"size": args.size, "parameters": params, "build_s": build_s}
     if args.role == "forward":
         timings = []
-        with _torch_settings(1), torch.no_grad(), _loss_mode(built.model):
+        with deterministic_torch(1), torch.no_grad(), _loss_mode(built.model):
             for i in range(args.steps * args.grad_accum + 1):
                 batch = load(files[i % len(files)])
                 t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """Load tests, CI smoke: every shipped scenario runs briefly against the real broker, the
-real hub services and the real uploaders (only the trainer is simulated), with its real
+real hub services, the real uploaders and the real trainer processes (whose model family,
+`sim`, only simulates training), with its real
 faults (SIGKILL of an uploader mid-upload, a broker stop/start, a site that comes up
 mid-cycle), and holds its invariants. The timing claims (the straggler's cost within 5 %
 of the prediction over 100 and 500 steps) need the full runs: `foldfed loadtest all`."""
@@ -13,9 +14,10 @@ import pytest
 
 from foldfed.loadtest.commands import SMOKE, scenario_paths
 from foldfed.loadtest.report import write_index, write_report
-from foldfed.loadtest.runner import SharedBroker, monitor_idle, run_scenario
+from foldfed.loadtest.runner import SharedBroker, run_scenario
 from foldfed.loadtest.scenario import load_scenario
 from foldfed.loadtest.timeline import idle_totals
+from foldfed.loadtest.verdicts import monitor_idle
 
 from conftest import BrokerHandle
 

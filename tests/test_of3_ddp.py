@@ -75,7 +75,7 @@ def test_two_ranks_train_one_round_like_one_process(tmp_path: Path) -> None:
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(_free_port()),
-        "-m", "foldfed.of3.ddp",
+        "-m", "foldfed.trainer.ddp_entry",
     ]  # fmt: skip
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("FOLDFED_")}
     child_env.update(env, OMP_NUM_THREADS="1")

@@ -12,12 +12,11 @@ import torch
 
 from foldfed.deltafile import load_delta, write_delta
 from foldfed.errors import CodecError
+from foldfed.localround import RoundResult, TrainingInterrupted
 from foldfed.trainer import task
 from foldfed.trainer.local import (
     LocalConfig,
-    RoundResult,
     Split,
-    TrainingInterrupted,
     apply_update,
     model_digest,
     state_of,

@@ -19,8 +19,10 @@ from foldfed.deltafile import load_delta, write_delta
 from foldfed.errors import ConfigError, StoreError
 from foldfed.spool import Spool
 from foldfed.trainer import task
+from foldfed.trainer.backend import TrainerSettings
+from foldfed.trainer.backends.mlp import MlpBackend, local_config
 from foldfed.trainer.local import apply_update, model_digest, train_round
-from foldfed.trainer.service import Trainer, TrainerSettings, run_trainer
+from foldfed.trainer.service import run_trainer
 
 SEED = 3
 ROUNDS = 5
@@ -100,7 +102,7 @@ def test_settings_from_env_with_every_key() -> None:
     assert s.participant_index == 2 and s.spool_dir == Path("/spool")
     assert (s.local_steps, s.grad_accum, s.micro_batch, s.lr, s.seed) == (4, 2, 16, 0.05, 11)
     assert (s.optimizer, s.samples, s.poll_s) == ("sgd", 512, 0.5)
-    assert s.local.samples_per_round == 4 * 2 * 16
+    assert local_config(s).samples_per_round == 4 * 2 * 16
 
 
 @pytest.mark.parametrize(
@@ -141,7 +143,7 @@ async def test_trainer_answers_releases_and_resumes_without_redoing(tmp_path: Pa
     (delta1,) = spool.pending_deltas()
     (report1,) = spool.pending_model_reports()
     assert report1.model_digest == digest0 == delta1.base_model_digest
-    assert delta1.weight == settings.local.samples_per_round == 10 * 8 * 32
+    assert delta1.weight == local_config(settings).samples_per_round == 10 * 8 * 32
     assert set(delta1.metrics) == {"train_loss", "eval_loss", "global_eval_loss", "compute_s"}
     assert set(report1.metrics) == {"eval_loss", "global_eval_loss"}
 
@@ -244,15 +246,15 @@ def weighted_mean(deltas: list[State], weights: list[float]) -> State:
 
 def alone(settings: TrainerSettings, rounds: int) -> float:
     """A participant's global test loss after training by itself for `rounds` rounds."""
-    trainer = Trainer(settings, Spool(settings.spool_dir))
+    backend = MlpBackend(settings)
     theta = load_delta(settings.initial_model)
     for step in range(1, rounds + 1):
         result = train_round(
-            trainer.model,
+            backend.model,
             theta,
-            trainer.train,
-            trainer.evals,
-            settings.local,
+            backend.train_split,
+            backend.evals,
+            local_config(settings),
             seed=settings.seed,
             participant_index=settings.participant_index,
             step=step,

@@ -1,7 +1,8 @@
 """The one command line: `foldfed <service|tool> ...`.
 
 Each service's `main` builds its settings from the environment, its broker connection and
-its stores, and runs until SIGTERM/SIGINT, then shuts down gracefully.
+its stores, and runs until SIGTERM/SIGINT, then shuts down gracefully (runtime.py). This
+module is the console entry point only: nothing imports it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import asyncio
 import importlib
 import json
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from foldfed.errors import FoldfedError
@@ -30,28 +29,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.loadtest.commands",
     "foldfed.of3.data.commands",
 )
-
-
-def _run_service(body: Callable[[asyncio.Event], Awaitable[object]]) -> object:
-    """Run `body(stop)` with SIGTERM/SIGINT setting `stop` (graceful shutdown), and the
-    /healthz + /readyz server around it when FOLDFED_HEALTH_PORT is set (health.py)."""
-    from foldfed.health import HealthSettings, serve_health
-
-    health_settings = HealthSettings.from_env()  # a bad value fails before anything starts
-
-    async def main() -> object:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        health = await serve_health(health_settings)
-        try:
-            return await body(stop)
-        finally:
-            if health is not None:
-                await health.close()
-
-    return asyncio.run(main())
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -85,64 +62,54 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from foldfed.config import IngestSettings
     from foldfed.ingest.service import run_ingest
-    from foldfed.logs import configure_logging
-    from foldfed.tracing import setup_tracing
+    from foldfed.runtime import run_service
 
-    configure_logging("ingest")
-    setup_tracing("ingest")
     settings = IngestSettings.from_env()
-    _run_service(lambda stop: run_ingest(settings, stop))
+    run_service("ingest", lambda stop: run_ingest(settings, stop))
     return 0
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from foldfed.aggregator.service import run_aggregator
     from foldfed.config import AggregatorSettings
-    from foldfed.logs import configure_logging
-    from foldfed.tracing import setup_tracing
+    from foldfed.runtime import run_service
 
-    configure_logging("aggregator")
-    setup_tracing("aggregator")
     settings = AggregatorSettings.from_env()
-    _run_service(lambda stop: run_aggregator(settings, stop))
+    run_service("aggregator", lambda stop: run_aggregator(settings, stop))
     return 0
 
 
 def cmd_barrier(args: argparse.Namespace) -> int:
     from foldfed.barrier.service import run_barrier
     from foldfed.config import BarrierSettings
-    from foldfed.logs import configure_logging
-    from foldfed.tracing import setup_tracing
+    from foldfed.runtime import run_service
 
-    configure_logging("barrier")
-    setup_tracing("barrier")
     settings = BarrierSettings.from_env()
-    _run_service(lambda stop: run_barrier(settings, stop))
+    run_service("barrier", lambda stop: run_barrier(settings, stop))
     return 0
 
 
 def cmd_uploader(args: argparse.Namespace) -> int:
     from foldfed.config import UploaderSettings
-    from foldfed.logs import configure_logging
-    from foldfed.tracing import setup_tracing
+    from foldfed.runtime import run_service
     from foldfed.uploader.service import run_uploader
 
     settings = UploaderSettings.from_env()
-    configure_logging("uploader", settings.participant)
-    setup_tracing("uploader", settings.participant)
-    _run_service(lambda stop: run_uploader(settings, stop))
+    run_service(
+        "uploader", lambda stop: run_uploader(settings, stop), participant=settings.participant
+    )
     return 0
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
-    from foldfed.logs import configure_logging
-    from foldfed.tracing import setup_tracing
-    from foldfed.trainer.service import TrainerSettings, run_trainer
+    from foldfed.runtime import run_service
+    from foldfed.trainer.backend import TrainerSettings
+    from foldfed.trainer.service import run_trainer
 
     settings = TrainerSettings.from_env(os.environ)
-    configure_logging("trainer", settings.participant)
-    setup_tracing("trainer", settings.participant)
-    _run_service(lambda stop: run_trainer(settings, stop))
+    run_service(
+        "trainer", lambda stop: run_trainer(settings, stop), participant=settings.participant
+    )
     return 0
 
 
@@ -186,6 +153,9 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The registry names its families without importing any (no torch for `--help`).
+    from foldfed.trainer.backend import DEFAULT_MODEL, demo_families
+
     parser = argparse.ArgumentParser(prog="foldfed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -202,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--model",
-        default="mlp",
-        choices=["mlp", "openfold3-tiny", "openfold3-full"],
+        default=DEFAULT_MODEL,
+        choices=demo_families(),
         help="mlp: the small CPU task; openfold3-*: OpenFold3 on the real sample",
     )
     demo.add_argument(

@@ -1,7 +1,7 @@
 """Liveness and readiness over HTTP for every service (container and Kubernetes probes).
 
-`FOLDFED_HEALTH_PORT` set: the service also serves, on `FOLDFED_HEALTH_HOST` (default
-0.0.0.0) and that port,
+`FOLDFED_HEALTH_PORT` set: the service also serves (aiohttp, in the service's own event
+loop; runtime.py starts it), on `FOLDFED_HEALTH_HOST` (default 0.0.0.0) and that port,
 
 - `GET /healthz`: 200 while the process's event loop runs (an answer at all proves it);
 - `GET /readyz`: 200 when every check passes, else 503; both with a JSON body
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from aiohttp import web
 
 from foldfed.errors import ConfigError
 
@@ -51,7 +52,6 @@ CACHE_VAR = "FOLDFED_HEALTH_CACHE_S"
 STORE_VARS = ("FOLDFED_STATE_DIR", "FOLDFED_SPOOL_DIR")
 # A probe gets its answer within this; a check that takes longer fails with a timeout.
 CHECK_TIMEOUT_S = 5.0
-_MAX_REQUEST_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -212,70 +212,62 @@ class Health:
 
 # ---------------------------------------------------------------- the HTTP server
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-_REASONS[503] = "Service Unavailable"
-
 
 class HealthServer:
-    """A tiny HTTP/1.0 server (GET and HEAD, one request per connection)."""
+    """/healthz and /readyz on an aiohttp server; any other path is 404, any method but
+    GET and HEAD 405, each with a JSON body. One request per connection (probes do not
+    reuse connections, and an idle keep-alive would only hold a socket)."""
 
     def __init__(self, health: Health) -> None:
         self.health = health
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._port = 0
 
     @property
     def port(self) -> int:
-        assert self._server is not None and self._server.sockets
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._runner is not None, "not started"
+        return self._port
 
     async def start(self) -> None:
         settings = self.health.settings
-        self._server = await asyncio.start_server(self._serve, settings.host, settings.port)
-        log.info("health server listening", host=settings.host, port=self.port)
+        app = web.Application()
+        # One catch-all route: the refusals (404, 405) answer in JSON like the checks do.
+        app.router.add_route("*", "/{path:.*}", self._answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        self._runner = runner
+        self._port = _bound_port(runner, settings.port)
+        log.info("health server listening", host=settings.host, port=self._port)
 
     async def close(self) -> None:
         """Safe to call twice."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            status, body, head = await self._answer(reader)
-            payload = json.dumps(body, sort_keys=True).encode() + b"\n"
-            writer.write(
-                (
-                    f"HTTP/1.0 {status} {_REASONS.get(status, 'Error')}\r\n"
-                    "Content-Type: application/json\r\n"
-                    f"Content-Length: {len(payload)}\r\n"
-                    "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
-                ).encode()
-                + (b"" if head else payload)
-            )
-            await writer.drain()
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass  # the prober went away: nothing to answer
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _answer(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            status, body = 405, {"status": f"method {request.method} not allowed"}
+        else:
+            status, body = await self.health.respond(request.path)
+        response = web.Response(
+            status=status,
+            body=json.dumps(body, sort_keys=True).encode() + b"\n",
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+        response.force_close()
+        return response
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, object], bool]:
-        try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CHECK_TIMEOUT_S)
-        except asyncio.LimitOverrunError:
-            return 400, {"status": "request too large"}, False
-        if len(raw) > _MAX_REQUEST_BYTES:
-            return 400, {"status": "request too large"}, False
-        parts = raw.split(b"\r\n", 1)[0].decode("latin-1").split()
-        if len(parts) != 3:
-            return 400, {"status": "malformed request line"}, False
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return 405, {"status": f"method {method} not allowed"}, False
-        status, body = await self.health.respond(target.split("?", 1)[0])
-        return status, body, method == "HEAD"
+
+def _bound_port(runner: web.AppRunner, configured: int) -> int:
+    """The port actually bound (port 0 asks for any free one)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return configured
 
 
 async def serve_health(settings: HealthSettings | None) -> HealthServer | None:

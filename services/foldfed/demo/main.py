@@ -16,6 +16,7 @@ from foldfed.demo.observer import Observer, RunRecord
 from foldfed.demo.report import save_loss_curve, save_timeline, summary_text
 from foldfed.domain import DeliveryReceipt, Event
 from foldfed.errors import FoldfedError
+from foldfed.trainer.backend import load_family
 
 # No event for this long while a step is open: say who the barrier is waiting for.
 STALL_NOTICE_S = 30.0
@@ -28,20 +29,10 @@ class DemoOptions:
     workdir: Path = Path("var/demo")
     seed: int = 0
     timeout_s: float = 1800.0
-    # "mlp" (the small CPU task) or "openfold3-tiny" / "openfold3-full" on the real sample.
+    # A family of trainer/backend.py: "mlp" (the small CPU task) or "openfold3-tiny" /
+    # "openfold3-full" on the real sample (prepared in `sample_dir` if missing).
     model: str = "mlp"
     sample_dir: Path = Path("var/of3-sample")
-
-
-# OpenFold3 on CPUs: short rounds (K=2 optimizer steps of G=2 structures), no warm-up, so
-# the held-out loss moves within a few global steps; the recipe's lr otherwise.
-OF3_DEMO_ENV = {
-    "FOLDFED_LOCAL_STEPS": "2",
-    "FOLDFED_GRAD_ACCUM": "2",
-    "FOLDFED_OF3_WARMUP": "0",
-    "FOLDFED_OF3_LR": "1e-3",
-    "FOLDFED_OF3_EVAL": "global",
-}
 
 
 def participant_names(n: int) -> tuple[str, ...]:
@@ -50,11 +41,15 @@ def participant_names(n: int) -> tuple[str, ...]:
 
 def run_demo(options: DemoOptions) -> int:
     workdir = options.workdir / time.strftime("%Y%m%d-%H%M%S")
-    common_env = {"FOLDFED_SEED": str(options.seed)}
-    if options.model != "mlp":
-        common_env.update(_of3_env(options))
+    family = load_family(options.model)  # a bad name fails before anything starts
+    names = participant_names(options.participants)
+    common_env = {
+        "FOLDFED_SEED": str(options.seed),
+        "FOLDFED_MODEL": options.model,
+        **family.demo_env(names, options.sample_dir),
+    }
     spec = FederationSpec(
-        participants=participant_names(options.participants),
+        participants=names,
         steps=options.steps,
         workdir=workdir,
         common_env=common_env,
@@ -69,7 +64,7 @@ def run_demo(options: DemoOptions) -> int:
     try:
         print("  starting a private RabbitMQ ...", flush=True)
         federation.start_broker()
-        _write_initial_model(federation.initial_model, options, common_env)
+        family.write_initial_model(federation.initial_model, common_env, options.seed)
         record = RunRecord(spec.participants, spec.steps)
         asyncio.run(_watch(federation, record, options.timeout_s))
     except KeyboardInterrupt:
@@ -83,38 +78,6 @@ def run_demo(options: DemoOptions) -> int:
     print(f"\npictures: {curve}  {timeline}")
     print(f"traces: foldfed trace STEP --dir {federation.trace_dir}  (one trace per step)")
     return 0 if not record.mismatches else 1
-
-
-def _of3_env(options: DemoOptions) -> dict[str, str]:
-    """Settings of an OpenFold3 run; prepares the real sample first if it is missing."""
-    from foldfed.of3.data.sample import open_sample, prepare_sample
-    from foldfed.of3.presets import size_of_model
-
-    size_of_model(options.model)  # a bad name fails before anything starts
-    names = participant_names(options.participants)
-    try:
-        ready = tuple(open_sample(options.sample_dir).companies) == names
-    except FoldfedError:
-        ready = False
-    if not ready:
-        print(f"  preparing the real sample in {options.sample_dir} (minutes, once) ...")
-        prepare_sample(options.sample_dir, options.participants)
-    return {
-        **OF3_DEMO_ENV,
-        "FOLDFED_MODEL": options.model,
-        "FOLDFED_OF3_SAMPLE": str(options.sample_dir.resolve()),
-    }
-
-
-def _write_initial_model(path: Path, options: DemoOptions, env: dict[str, str]) -> None:
-    if options.model == "mlp":
-        from foldfed.trainer.task import initial_model
-
-        initial_model(path, options.seed)
-        return
-    from foldfed.of3.backend import Of3Settings, write_initial_model
-
-    write_initial_model(path, Of3Settings.from_env(env), options.seed)
 
 
 async def _watch(federation: LocalFederation, record: RunRecord, timeout_s: float) -> None:

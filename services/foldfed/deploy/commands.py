@@ -69,15 +69,12 @@ def cmd_initial_model(args: argparse.Namespace) -> int:
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed is not None else _seed_from_env()
-    model = os.environ.get("FOLDFED_MODEL") or "mlp"
-    if model == "mlp":
-        from foldfed.trainer.task import initial_model
+    from foldfed.trainer.backend import load_family, model_of
 
-        digest = initial_model(out, seed)
-    else:  # OpenFold3 (the of3 extra): the seeded preset, or FOLDFED_OF3_CHECKPOINT
-        from foldfed.of3.backend import Of3Settings, write_initial_model
-
-        digest = write_initial_model(out, Of3Settings.from_env(os.environ), seed)
+    # mlp: the seeded demo task; OpenFold3 (the of3 extra): the seeded preset, or
+    # FOLDFED_OF3_CHECKPOINT; any family: what its `write_initial_model` writes.
+    family = load_family(model_of(os.environ))
+    digest = family.write_initial_model(out, os.environ, seed)
     print(f"wrote {out}: model digest {digest.hex()}", flush=True)
     return 0
 

@@ -1,11 +1,10 @@
-"""`foldfed loadtest SCENARIO|all [--smoke]` and `foldfed sim-trainer` (the simulated
-trainer the runner starts per participant). Nothing heavy is imported at module level."""
+"""`foldfed loadtest SCENARIO|all [--smoke]`. The runner starts the real `foldfed trainer`
+with the `sim` model family per participant. Nothing heavy is imported at module level."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps of each (CI)")
     p.add_argument("--out", default="", help="folder for the run (default var/loadtest/<time>)")
     p.set_defaults(func=cmd_loadtest)
-    sim = sub.add_parser("sim-trainer", help="load tests: a trainer that sleeps its compute time")
-    sim.set_defaults(func=cmd_sim_trainer)
 
 
 # The smoke set leaves out seed-straggler-500: it is seed-straggler at another scale, and
@@ -53,8 +50,9 @@ def scenario_paths(arg: str, smoke: bool = False) -> list[Path]:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from foldfed.errors import FoldfedError
     from foldfed.loadtest.report import write_index, write_report
-    from foldfed.loadtest.runner import RunResult, SharedBroker, default_root, run_scenario
+    from foldfed.loadtest.runner import SharedBroker, default_root, run_scenario
     from foldfed.loadtest.scenario import ScenarioError, load_scenario
+    from foldfed.loadtest.verdicts import RunResult
 
     try:
         scenarios = []
@@ -98,14 +96,3 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     print(f"\n{len(results)} scenario(s) in {total:.0f} s; summary: {index}")
     ok = not failed and all(r.ok for r in results)
     return 0 if ok else 1
-
-
-def cmd_sim_trainer(args: argparse.Namespace) -> int:
-    from foldfed.cli import _run_service
-    from foldfed.loadtest.simtrainer import SimSettings, run_sim_trainer
-    from foldfed.logs import configure_logging
-
-    settings = SimSettings.from_env(os.environ)
-    configure_logging("sim-trainer", settings.participant)
-    _run_service(lambda stop: run_sim_trainer(settings, stop))
-    return 0

@@ -7,9 +7,15 @@ import statistics
 from pathlib import Path
 
 from foldfed.loadtest.predict import totals
-from foldfed.loadtest.runner import RunResult
 from foldfed.loadtest.scenario import MIB, Compute, Scenario
 from foldfed.loadtest.timeline import idle_totals, path_skew
+from foldfed.loadtest.verdicts import (
+    RunResult,
+    lead_over,
+    monitor_idle,
+    straggler_ci,
+    straggler_idle,
+)
 
 TIMELINE_STEPS = 30
 
@@ -100,8 +106,6 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
             f"{_hms(plans.idle_s.get(name, 0.0))} |"
         )
     if s.expect.straggler:
-        from foldfed.loadtest.runner import lead_over, straggler_ci, straggler_idle
-
         name = s.expect.straggler
         plan0 = r.plans[0] if r.plans else None
         others = [n for n in (plan0.done_s if plan0 else {}) if n != name]
@@ -132,8 +136,6 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
             f"+/-{straggler_ci(r, name):.1%} | |"
         )
     if r.monitor is not None:
-        from foldfed.loadtest.runner import monitor_idle
-
         for name, value in sorted(monitor_idle(r).items()):
             out.append(f"| idle charged to {name} by the monitor service | {_hms(value * S)} | |")
     hub = statistics.median([m.hub_s for m in r.steps]) if r.steps else 0.0

@@ -1,26 +1,29 @@
-"""Runs a scenario against the real broker, the real hub services and the real uploaders;
-only the trainer is simulated (`simtrainer`). Faults are real: SIGKILL of an uploader in
-the middle of its upload, a broker stop/start, a site whose gateway comes up mid-cycle.
+"""Runs a scenario against the real broker, the real hub services, the real uploaders and
+the real trainer processes (`foldfed trainer` with the `sim` model family: training is a
+wait of the scenario's compute time, everything else is the real trainer's spool path).
+Faults are real: SIGKILL of an uploader in the middle of its upload, a broker stop/start, a
+site whose gateway comes up mid-cycle.
 
-One broker serves a whole `foldfed loadtest all` (each run starts from deleted queues and
-fresh state folders); each run's processes come from `demo.cluster.LocalFederation`.
-The measurements come from the barrier's own store (when each step opened, who delivered
+Orchestration only: which processes start when, the faults, and the measurements. One
+broker serves a whole `foldfed loadtest all` (each run starts from deleted queues and
+fresh state folders); each run's processes come from `demo.cluster.LocalFederation`. The
+measurements come from the barrier's own store (when each step opened, who delivered
 when, when it closed and was released: hub clock) and from the participants' events
-(compute, upload, wait, bytes), watched like the demo does (`demo.observer`).
+(compute, upload, wait, bytes), watched like the demo does (`demo.observer`). Whether the
+run holds the scenario's expectations is verdicts.py's to say.
+
+One concept, running a scenario, in more than 400 lines: the cycle boundary and the
+faults are steps of the same run and share its processes and clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shutil
-import sqlite3
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -29,62 +32,18 @@ from foldfed import hubctl
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.observer import Observer, RunRecord
 from foldfed.errors import FoldfedError
-from foldfed.loadtest.predict import (
-    StepPlan,
-    plan_run,
-    relative_error,
-    totals,
-    transfer_run_seconds,
-)
+from foldfed.loadtest.barrierlog import barrier_state, step_history
+from foldfed.loadtest.distributions import compute_seconds
+from foldfed.loadtest.predict import plan_run
 from foldfed.loadtest.scenario import MIB, Scenario
-from foldfed.loadtest.simtrainer import sim_json, write_initial_model
-from foldfed.loadtest.timeline import (
-    Goodput,
-    MeasuredStep,
-    ParticipantObs,
-    StepObs,
-    goodput,
-    idle_totals,
-    measure,
-    overhead_s,
-    straggler_real_idle,
-)
+from foldfed.loadtest.timeline import ParticipantObs, goodput, measure, overhead_s
+from foldfed.loadtest.verdicts import RunResult, check_run
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 
 log = structlog.get_logger(__name__)
-# Spool polling of the uploader and the simulated trainer: fine enough not to blur steps.
+# Spool polling of the uploader and the trainer: fine enough not to blur steps.
 POLL_S = 0.01
 Say = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class RunResult:
-    scenario: Scenario
-    workdir: Path
-    wall_s: float  # run seconds, first release to the last cycle's end
-    steps: list[MeasuredStep]
-    plans: list[StepPlan]
-    overhead_s: float  # run seconds per step the services add (median)
-    final_digest: str
-    participant_digests: dict[str, str]
-    cycles: dict[int, tuple[str, ...]]  # cycle → its participants, from the releases
-    checks: list[Check] = field(default_factory=list)
-    goodput: Goodput | None = None
-    notes: list[str] = field(default_factory=list)
-    reference_digest: str = ""
-    # The monitor service's /api/state at the end of the run (straggler scenarios).
-    monitor: dict[str, object] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
 
 
 class SharedBroker:
@@ -118,50 +77,6 @@ class SharedBroker:
     async def reset(self) -> None:
         """Delete every foldfed queue: each run starts from an empty broker state."""
         await hubctl.delete_queues(self.admin_url, self.names)
-
-
-# ------------------------------------------------------------------ barrier store, read-only
-
-
-def _barrier_db(hub_dir: Path) -> Path:
-    return hub_dir / "barrier.sqlite3"
-
-
-def barrier_state(hub_dir: Path) -> dict[str, object] | None:
-    """The barrier's current state as stored (JSON), read without writing anything."""
-    path = _barrier_db(hub_dir)
-    if not path.exists():
-        return None
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            row = db.execute("SELECT body FROM state WHERE id = 1").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    if row is None:
-        return None
-    body = json.loads(row[0])
-    return body if isinstance(body, dict) else None
-
-
-def step_history(hub_dir: Path) -> list[StepObs]:
-    from foldfed.barrier.store import BarrierStore
-
-    with BarrierStore(_barrier_db(hub_dir)) as store:
-        records = store.step_history()
-    return [
-        StepObs(
-            step=r.step,
-            cycle=r.cycle,
-            opened_ms=r.opened_ms,
-            delivered_ms=r.delivered_ms,
-            closed_ms=r.closed_ms,
-            released_ms=r.released_ms,
-        )
-        for r in records
-    ]
 
 
 # ------------------------------------------------------------------ the run
@@ -214,7 +129,7 @@ class Run:
     def participant_env(self, name: str) -> dict[str, str]:
         p = self.s.participant(name)
         env = self.fed.participant_env(name)
-        env[SIM_ENV] = sim_json(self.s.seed, self.s.time_scale, self.s.weight, p.compute)
+        env.update(sim_env(self.s, name))
         if p.bandwidth_bps > 0:
             env["FOLDFED_RATE_LIMIT_BPS"] = str(max(1, round(p.bandwidth_bps)))
         if name in self.s.late_joiners:
@@ -264,12 +179,12 @@ class Run:
         self.fed.start(f"{name}-uploader", ["uploader"], self.participant_env(name))
 
     def start_trainer(self, name: str) -> None:
-        self.fed.start(f"{name}-trainer", ["sim-trainer"], self.participant_env(name))
+        self.fed.start(f"{name}-trainer", ["trainer"], self.participant_env(name))
 
     def wait_ready(self, names: tuple[str, ...]) -> None:
         for name in names:
             self.fed.wait_for_log(f"{name}-uploader", "uploader ready")
-            self.fed.wait_for_log(f"{name}-trainer", "sim trainer ready")
+            self.fed.wait_for_log(f"{name}-trainer", "trainer ready")
 
     def check_alive(self) -> None:
         for process in self.fed.dead():
@@ -285,7 +200,7 @@ class Run:
         self.workdir.mkdir(parents=True, exist_ok=True)
         asyncio.run(self.shared.reset())
         self.fed.start_broker()  # the shared broker: finds it running, users exist
-        write_initial_model(self.fed.initial_model, self.s.delta_elements, self.s.seed)
+        _write_initial_model(self.fed.initial_model, self.s)
         try:
             started, ended = asyncio.run(self._drive(timeout_s))
         finally:
@@ -484,7 +399,29 @@ class Run:
         return result
 
 
-SIM_ENV = "FOLDFED_LOADTEST_SIM"
+def sim_env(scenario: Scenario, name: str) -> dict[str, str]:
+    """A participant's trainer settings for the `sim` family: its compute time of every step
+    the scenario can release (drawn from its distribution, in run seconds), the delta's
+    weight and the model's size."""
+    from foldfed.trainer.backends.sim import SIM_VAR, SimSettings
+
+    compute = scenario.participant(name).compute
+    # Cycle 1's steps, its final release, then cycle 2's steps and final release.
+    last = scenario.total_steps + 2
+    draws = {
+        step: compute_seconds(compute, scenario.seed, name, step) / scenario.time_scale
+        for step in range(1, last + 1)
+    }
+    sim = SimSettings(weight=scenario.weight, elements=scenario.delta_elements, compute_s=draws)
+    return {"FOLDFED_MODEL": "sim", SIM_VAR: sim.to_json()}
+
+
+def _write_initial_model(path: Path, scenario: Scenario) -> None:
+    """θ_0 of the scenario's size, as `foldfed initial-model` writes it for the sim family."""
+    from foldfed.trainer.backend import load_family
+
+    env = sim_env(scenario, scenario.names[0])
+    load_family("sim").write_initial_model(path, env, scenario.seed)
 
 
 def _free_port() -> int:
@@ -493,178 +430,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-# ------------------------------------------------------------------ checks
-
-
-def check_run(result: RunResult) -> list[Check]:
-    """The invariants every scenario must hold, and what its `expect` asks for."""
-    s = result.scenario
-    checks: list[Check] = []
-    expected_steps = s.total_steps
-    checks.append(
-        Check(
-            "every step completed",
-            len(result.steps) == expected_steps,
-            f"{len(result.steps)} of {expected_steps} steps released",
-        )
-    )
-    digests = set(result.participant_digests.values())
-    checks.append(
-        Check(
-            "every participant holds the hub's final model",
-            digests == {result.final_digest} and bool(result.final_digest),
-            f"hub {result.final_digest[:12]}; participants "
-            + ", ".join(f"{n} {d[:12]}" for n, d in sorted(result.participant_digests.items())),
-        )
-    )
-    if s.expect.straggler:
-        name = s.expect.straggler
-        raw = idle_totals(result.steps).get(name, 0.0) * s.time_scale
-        measured = sum(straggler_idle(result, name))
-        predicted = totals(result.plans).idle_s.get(name, 0.0)
-        err = relative_error(measured, predicted)
-        ci = straggler_ci(result, name)
-        # The bound is the issue's tolerance, never widened. The run's own noise (95 %
-        # confidence interval of the sum, from the per-step spread) is reported beside it:
-        # when it is wider than the tolerance, a failure says "run longer", not "wrong".
-        checks.append(
-            Check(
-                f"extra wall time due to {name} matches the prediction within "
-                f"{s.expect.tolerance:.0%}",
-                err <= s.expect.tolerance,
-                f"measured {measured:,.0f} s, predicted {predicted:,.0f} s (real), "
-                f"error {err:.1%}; the run's 95% confidence interval is +/-{ci:.1%} "
-                f"(the barrier's idle x S is {raw:,.0f} s; the difference, "
-                f"{raw - measured:+,.0f} s, is {name}'s delivery path time beyond the "
-                f"next-slowest's, service time converted at 1x instead of x S: see the report)",
-            )
-        )
-        charged = idle_totals(result.steps)
-        top = max(charged.items(), key=lambda kv: kv[1])[0] if charged else ""
-        checks.append(
-            Check(
-                f"the barrier's idle time is attributed to {name}",
-                top == name,
-                "idle charged (real s): "
-                + ", ".join(f"{n} {v * s.time_scale:,.0f}" for n, v in sorted(charged.items())),
-            )
-        )
-    if s.expect.straggler:
-        checks.append(monitor_check(result, s.expect.straggler))
-    if s.expect.goodput_participant and result.goodput is not None:
-        g = result.goodput
-        checks.append(
-            Check(
-                f"goodput on {s.expect.goodput_participant}'s emulated link >= "
-                f"{s.expect.goodput_min:.0%} of its bandwidth",
-                g.link_share >= s.expect.goodput_min,
-                f"{g.bytes_sent / MIB:.1f} MiB in {g.seconds:.2f} s: {g.bytes_per_s / 1e6:.3f} "
-                f"MB/s on a {g.rate_bps / 1e6:.3f} MB/s link; share of what the link "
-                f"allowed {g.link_share:.1%}",
-            )
-        )
-    if s.expect.same_digest_as_undisturbed:
-        checks.append(
-            Check(
-                "same final model as an undisturbed run with the same seeds",
-                bool(result.reference_digest) and result.reference_digest == result.final_digest,
-                f"disturbed {result.final_digest[:16]}, undisturbed "
-                f"{result.reference_digest[:16] or '(not run)'}",
-            )
-        )
-    for late in s.late_joiners:
-        cycle1 = [m for m in result.steps if m.cycle == 1]
-        cycle2 = [m for m in result.steps if m.cycle == 2]
-        in1 = [m.step for m in cycle1 if late in m.arrive_s]
-        checks.append(
-            Check(
-                f"{late} is not part of cycle 1 and the barrier never waited for it",
-                not in1 and late not in result.cycles.get(1, ()) and len(cycle1) == s.steps,
-                f"cycle 1: {len(cycle1)} steps closed with {', '.join(result.cycles.get(1, ()))}"
-                + (f"; {late} delivered in {in1}" if in1 else ""),
-            )
-        )
-        first2 = s.steps + 2
-        joined = sorted(m.step for m in cycle2 if late in m.arrive_s)
-        checks.append(
-            Check(
-                f"{late} is admitted at the cycle boundary (cycle 2, step {first2})",
-                bool(joined) and joined[0] == first2 and len(joined) == s.next_cycle_steps,
-                f"{late} delivered in steps {joined}",
-            )
-        )
-    return checks
-
-
-def straggler_idle(result: RunResult, name: str) -> list[float]:
-    """Per step, the idle charged to the straggler in real seconds, its delivery path's
-    excess over the next-to-last one's converted at 1x (`timeline.straggler_real_idle`)."""
-    s = result.scenario
-    transfer = {p.name: transfer_run_seconds(p, s) for p in s.participants}
-    return straggler_real_idle(result.steps, name, s.time_scale, transfer)
-
-
-def straggler_ci(result: RunResult, name: str) -> float:
-    """Half-width of the 95 % confidence interval of the straggler's summed idle (real,
-    `straggler_idle`), relative to the prediction: 1.96 x the per-step standard deviation
-    x sqrt(steps) (sum of independent steps)."""
-    values = straggler_idle(result, name)
-    predicted = totals(result.plans).idle_s.get(name, 0.0)
-    if len(values) < 2 or predicted <= 0:
-        return 0.0
-    spread = statistics.stdev(values) * math.sqrt(len(values))
-    return 1.96 * spread / predicted
-
-
-def lead_over(result: RunResult, name: str, other: str) -> tuple[float, float]:
-    """Mean and standard error of `name`'s delivery minus `other`'s per step (run seconds,
-    signed: noise averages out instead of being clipped at the barrier)."""
-    leads = [
-        m.arrive_s[name] - m.arrive_s[other]
-        for m in result.steps
-        if name in m.arrive_s and other in m.arrive_s
-    ]
-    if len(leads) < 2:
-        return (leads[0] if leads else 0.0), 0.0
-    return statistics.fmean(leads), statistics.stdev(leads) / math.sqrt(len(leads))
-
-
-def monitor_idle(result: RunResult) -> dict[str, float]:
-    """Barrier idle per participant as the monitor service attributed it (run seconds)."""
-    table = (result.monitor or {}).get("table") or []
-    return {
-        str(row["participant"]): float(row.get("idle_s") or 0.0)
-        for row in table  # type: ignore[union-attr]
-        if isinstance(row, dict)
-    }
-
-
-def monitor_check(result: RunResult, name: str) -> Check:
-    # Only the idle attribution singles one site out; the monitor's straggler flag compares
-    # each site with the median of the others, so a site slower than most (site-d next to
-    # the staggered fast sites) may be flagged beside the straggler.
-    what = f"the monitor service attributes the idle time to {name} and flags it"
-    if result.monitor is None:
-        return Check(what, False, "the monitor's /api/state was not read")
-    idle = monitor_idle(result)
-    flagged = sorted(
-        str(row["participant"])
-        for row in result.monitor.get("table") or []  # type: ignore[union-attr]
-        if isinstance(row, dict) and row.get("straggler")
-    )
-    top = max(idle.items(), key=lambda kv: kv[1])[0] if idle else ""
-    S = result.scenario.time_scale
-    ours = idle_totals(result.steps).get(name, 0.0)
-    return Check(
-        what,
-        top == name and name in flagged,
-        "monitor idle (real s): "
-        + ", ".join(f"{n} {v * S:,.0f}" for n, v in sorted(idle.items()))
-        + f"; stragglers flagged: {flagged or 'none'}; the report's own measure for {name}: "
-        f"{ours * S:,.0f} s",
-    )
 
 
 def run_scenario(

@@ -11,14 +11,13 @@ import urllib.request
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from foldfed.cli import _run_service
-    from foldfed.logs import configure_logging
     from foldfed.monitor.service import run_monitor
     from foldfed.monitor.settings import MonitorSettings
+    from foldfed.runtime import run_service
 
-    configure_logging("monitor")
     settings = MonitorSettings.from_env()
-    _run_service(lambda stop: run_monitor(settings, stop))
+    # No spans: the monitor only watches the events the other services trace.
+    run_service("monitor", lambda stop: run_monitor(settings, stop), tracing=False)
     return 0
 
 

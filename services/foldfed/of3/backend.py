@@ -1,10 +1,13 @@
-"""The OpenFold3 backend of the trainer: θ in, metrics or (Δ, weight, metrics) out.
+"""OpenFold3 as a model backend: θ in, metrics or (Δ, weight, metrics) out.
+
+The trainer runs it as the `openfold3-tiny` and `openfold3-full` families
+(trainer/backends/openfold3.py); nothing here imports the trainer.
 
 Settings (environment, read by `Of3Settings.from_env`):
 
 | variable | meaning |
 |---|---|
-| `FOLDFED_MODEL` | `openfold3-tiny` or `openfold3-full` (`mlp`, the default, is the demo task) |
+| `FOLDFED_MODEL` | `openfold3-tiny` or `openfold3-full` (other families: trainer/backend.py) |
 | `FOLDFED_OF3_SAMPLE` | folder prepared by `foldfed data sample` (sample.json + features) |
 | `FOLDFED_OF3_FINETUNE` | `all` (default), `confidence`, or `prefixes:a.b,c.d` |
 | `FOLDFED_OF3_CHECKPOINT` | optional local checkpoint to start from (never downloaded) |
@@ -44,7 +47,8 @@ from foldfed.of3.presets import model_config, parse_overrides, size_of_model
 if TYPE_CHECKING:
     import torch
 
-    from foldfed.of3.training import DistContext, Of3RoundResult, StopCheck
+    from foldfed.localround import RoundResult, StopCheck
+    from foldfed.of3.training import DistContext
 
 State = dict[str, "torch.Tensor"]
 log = structlog.get_logger(__name__)
@@ -135,7 +139,7 @@ def initial_state(settings: Of3Settings, seed: int) -> State:
 def write_initial_model(path: Path, settings: Of3Settings, seed: int) -> bytes:
     """Write θ_0 canonically (deltafile.write_delta); returns its model digest."""
     from foldfed.deltafile import write_delta
-    from foldfed.trainer.local import file_digest
+    from foldfed.digests import file_digest
 
     write_delta(path, initial_state(settings, seed))
     return file_digest(path)
@@ -220,7 +224,7 @@ class Of3Backend:
 
     def train(
         self, theta: Mapping[str, torch.Tensor], step: int, should_stop: StopCheck | None
-    ) -> Of3RoundResult:
+    ) -> RoundResult:
         from foldfed.of3 import ddp
 
         if self.dist.world_size > 1:
@@ -230,7 +234,7 @@ class Of3Backend:
 
     def _round(
         self, theta: Mapping[str, torch.Tensor], step: int, should_stop: StopCheck | None
-    ) -> Of3RoundResult:
+    ) -> RoundResult:
         from foldfed.of3.training import train_round
 
         result = train_round(
@@ -260,8 +264,8 @@ class Of3Backend:
 
     def follow(self) -> None:
         """Ranks > 0: train the rounds rank 0 sends until it says stop."""
+        from foldfed.localround import TrainingInterrupted
         from foldfed.of3 import ddp
-        from foldfed.trainer.local import TrainingInterrupted
 
         params = dict(self.built.model.named_parameters())
         shapes = {name: params[name].shape for name in self.trainable}

@@ -1,14 +1,12 @@
-"""The trainer as a torch DDP job across a company's GPUs (or CPU processes with gloo).
+"""DDP primitives of the OpenFold3 trainer: joining the job torchrun started, rank 0
+announcing rounds (step, θ_t) or the end, and a stop check every rank agrees on.
 
-    torchrun --nproc-per-node N -m foldfed.of3.ddp
-
-Every rank reads the same FOLDFED_* settings. Rank 0 is the ordinary trainer process: it
-alone reads releases from the spool, evaluates and writes the model report and the delta.
-Before each round it broadcasts (step, θ_t) to the other ranks; all ranks then run the same
-round, each doing its share of every optimizer step's micro-batches (training.py), with one
-gradient all-reduce per optimizer step, and all end with the same θ. Ranks > 0 never touch
-the spool. When rank 0 stops (SIGTERM: torchrun forwards it to every rank, and only rank 0
-acts on it) it tells the others, mid-round included, and they exit with it.
+The entry point that runs the trainer as such a job is trainer/ddp_entry.py
+(`torchrun --nproc-per-node N -m foldfed.trainer.ddp_entry`). Before each round rank 0
+broadcasts (step, θ_t) to the other ranks; all ranks then run the same round, each doing
+its share of every optimizer step's micro-batches (training.py), with one gradient
+all-reduce per optimizer step, and all end with the same θ. When rank 0 stops it tells the
+others, mid-round included.
 
 Backend: nccl when CUDA is available, else gloo (FOLDFED_DDP_BACKEND overrides).
 """
@@ -16,18 +14,13 @@ Backend: nccl when CUDA is available, else gloo (FOLDFED_DDP_BACKEND overrides).
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from foldfed.of3.training import DistContext, StopCheck
-
-if TYPE_CHECKING:
-    from foldfed.trainer.service import TrainerSettings
+from foldfed.localround import StopCheck
+from foldfed.of3.training import DistContext
 
 _ROUND, _STOP = 1, 0
 
@@ -95,48 +88,3 @@ def agreed_stop(ctx: DistContext, local: StopCheck | None) -> StopCheck:
         return bool(flag.item())
 
     return check
-
-
-def main() -> int:
-    """Entry point of `torchrun -m foldfed.of3.ddp`."""
-    from foldfed.cli import _run_service
-    from foldfed.logs import configure_logging
-    from foldfed.tracing import setup_tracing
-    from foldfed.trainer.service import TrainerSettings, run_trainer
-
-    settings = TrainerSettings.from_env(os.environ)
-    ctx = init_from_env()
-    configure_logging("trainer", settings.participant)
-    if ctx.world_size == 1:  # torchrun with one process: the plain trainer
-        setup_tracing("trainer", settings.participant)
-        _run_service(lambda stop: run_trainer(settings, stop))
-        return 0
-    try:
-        if ctx.rank == 0:
-            setup_tracing("trainer", settings.participant)
-            try:
-                _run_service(lambda stop: run_trainer(settings, stop))
-            finally:
-                send_stop(ctx)
-        else:
-            # torchrun sends SIGTERM to every rank; rank 0 decides when everyone stops.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            follow(settings, ctx)
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-def follow(settings: TrainerSettings, ctx: DistContext) -> None:
-    """Ranks > 0: build the same model and data as rank 0, then train what it sends."""
-    from foldfed.of3.backend import Of3Backend
-    from foldfed.trainer.service import make_backend
-
-    backend = make_backend(settings, ctx)
-    assert isinstance(backend, Of3Backend)
-    backend.follow()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

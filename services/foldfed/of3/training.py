@@ -17,7 +17,7 @@ Determinism: every micro-batch reseeds torch, `random` and numpy from (seed, par
 step, local step, micro-batch) inside `fork_rng`, so its diffusion noise, augmentation and
 dropout do not depend on which process (DDP rank) runs it or on what ran before;
 `num_recycles` is 0 (presets.py); deterministic algorithms and one thread inside the same
-lock as trainer/local.py.
+lock as trainer/local.py (localround.deterministic_torch).
 
 DDP: micro-batch g of each optimizer step runs on rank g mod W; the clipped gradients are
 summed over ranks with one all-reduce per optimizer step, then every rank takes the same
@@ -49,12 +49,17 @@ import numpy as np
 import torch
 
 from foldfed.errors import FoldfedError
+from foldfed.localround import (
+    RoundResult,
+    StopCheck,
+    TrainingInterrupted,
+    derive_seed,
+    deterministic_torch,
+)
 from foldfed.of3 import metrics as structure
-from foldfed.trainer.local import TrainingInterrupted, _torch_settings, derive_seed
 
 Batch = dict[str, Any]
 BatchLoader = Callable[[Path], Batch]
-StopCheck = Callable[[], bool]
 
 # Loss terms by the group OpenFold3 computes them in (loss_module.py).
 CONFIDENCE_TERMS = ("plddt", "pde", "experimentally_resolved", "pae")
@@ -126,13 +131,6 @@ class DistContext:
 
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
-@dataclass(frozen=True)
-class Of3RoundResult:
-    delta: dict[str, torch.Tensor]
-    weight: int
-    metrics: dict[str, float]
 
 
 # --- the federated state: trainable parameters only ----------------------------------------
@@ -278,7 +276,7 @@ def train_round(
     confidence_only: bool = False,
     dist: DistContext | None = None,
     should_stop: StopCheck | None = None,
-) -> Of3RoundResult:
+) -> RoundResult:
     """K optimizer steps of G micro-batches from θ_t = `base`; Δ over `trainable`."""
     dist = dist or DistContext()
     if not train:
@@ -289,7 +287,7 @@ def train_round(
     params = dict(model.named_parameters())
     chosen = [params[n] for n in trainable]
     device = chosen[0].device
-    with _torch_settings(config.threads):
+    with deterministic_torch(config.threads):
         started = time.perf_counter()
         load_trainable(model, trainable, base)
         optimizer = torch.optim.Adam(
@@ -342,7 +340,7 @@ def train_round(
     metrics["train_loss"] = totals.get("loss", 0.0) / n
     metrics["compute_s"] = compute_s
     delta = {name: local[name] - base[name] for name in trainable}
-    return Of3RoundResult(delta=delta, weight=n, metrics=metrics)
+    return RoundResult(delta=delta, weight=n, metrics=metrics)
 
 
 def clip_scale(grads: Sequence[torch.Tensor], max_norm: float) -> float:
@@ -426,7 +424,7 @@ def evaluate(
     terms: dict[str, list[float]] = {}
     found: dict[str, list[float]] = {"lddt": [], "ligand_rmsd": []}
     device = next(model.parameters()).device
-    with _torch_settings(threads), torch.no_grad():
+    with deterministic_torch(threads), torch.no_grad():
         for index, entry in enumerate(entries):
             batch = to_device(load(entry), device)
             expected = active_terms(batch, confidence_only)

@@ -13,42 +13,37 @@ alone. The cost is that Adam's first steps of each round are large (bias-correct
 of one gradient, about lr per coordinate): a lower lr, or SGD, tempers that.
 
 Determinism: indices come from a private generator seeded per round (no global RNG);
-training runs with deterministic algorithms on and one intra-op thread (a reduction split
-across threads sums in another order), both process-wide torch settings, so they are set
-and restored under one lock and rounds run one at a time within a process.
+training runs under `localround.deterministic_torch` (deterministic algorithms, one
+intra-op thread), shared with every model family.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import blake3
 import torch
 import torch.nn.functional as F
 
 from foldfed.deltafile import write_delta
-from foldfed.errors import CodecError, FoldfedError
+from foldfed.digests import file_digest
+from foldfed.errors import CodecError
+from foldfed.localround import (
+    RoundResult,
+    StopCheck,
+    TrainingInterrupted,
+    derive_seed,
+    deterministic_torch,
+)
+from foldfed.trainer.backend import OPTIMIZERS, Optimizer
 
-Optimizer = Literal["adamw", "sgd"]
-OPTIMIZERS: tuple[Optimizer, ...] = ("adamw", "sgd")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StopCheck = Callable[[], bool]
 
-_TORCH_SETTINGS = threading.Lock()
 _EVAL_BATCH = 4096
-_READ_SIZE = 1 << 20
-
-
-class TrainingInterrupted(FoldfedError):
-    """The round was asked to stop before it finished; nothing was produced."""
 
 
 @dataclass(frozen=True)
@@ -95,19 +90,6 @@ class LocalConfig:
         return self.local_steps * self.grad_accum * self.micro_batch
 
 
-@dataclass(frozen=True)
-class RoundResult:
-    delta: dict[str, torch.Tensor]
-    weight: int
-    metrics: dict[str, float]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from parts; stable across runs and machines (unlike `hash`)."""
-    text = "/".join(str(p) for p in parts).encode("utf-8")
-    return int.from_bytes(blake3.blake3(text).digest()[:8], "little") >> 1
-
-
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the model's state, on the CPU."""
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
@@ -133,7 +115,7 @@ def train_round(
     """
     _check_float32(base, "base")
     generator = torch.Generator().manual_seed(derive_seed(seed, "round", participant_index, step))
-    with _torch_settings(config.threads):
+    with deterministic_torch(config.threads):
         started = time.perf_counter()
         model.load_state_dict(base, strict=True)
         losses = _run_steps(model, train, config, generator, loss_fn, should_stop)
@@ -191,22 +173,6 @@ def _batch_indices(n: int, config: LocalConfig, generator: torch.Generator) -> t
     return flat.view(config.local_steps, config.grad_accum, config.micro_batch)
 
 
-@contextmanager
-def _torch_settings(threads: int) -> Iterator[None]:
-    # Process-wide settings: set and restored under a lock so concurrent rounds in one
-    # process (tests run several participants) cannot see each other's half-restored state.
-    with _TORCH_SETTINGS:
-        was_deterministic = torch.are_deterministic_algorithms_enabled()
-        was_threads = torch.get_num_threads()
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(was_threads)
-            torch.use_deterministic_algorithms(was_deterministic)
-
-
 def evaluate(model: torch.nn.Module, split: Split, loss_fn: LossFn = F.mse_loss) -> float:
     """Mean loss of `model` over `split` (`loss_fn` must average over its batch)."""
     model.eval()
@@ -225,7 +191,7 @@ def evaluate_state(
     loss_fn: LossFn = F.mse_loss,
 ) -> dict[str, float]:
     """The loss of `state` on each split of `evals`, by name."""
-    with _torch_settings(1):
+    with deterministic_torch(1):
         model.load_state_dict(state, strict=True)
         return {name: evaluate(model, split, loss_fn) for name, split in evals.items()}
 
@@ -257,15 +223,6 @@ def _check_float32(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float32:
             raise CodecError(f"{what} {name!r}: dtype {tensor.dtype}, expected float32")
-
-
-def file_digest(path: Path) -> bytes:
-    """The blake3 digest of a file's bytes, read in 1 MiB pieces."""
-    hasher = blake3.blake3()
-    with open(path, "rb") as f:
-        while piece := f.read(_READ_SIZE):
-            hasher.update(piece)
-    return hasher.digest()
 
 
 def model_digest(state: Mapping[str, torch.Tensor], scratch_dir: Path | None = None) -> bytes:

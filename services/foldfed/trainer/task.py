@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from foldfed.deltafile import write_delta
-from foldfed.trainer.local import Split, derive_seed, file_digest, state_of
+from foldfed.digests import file_digest
+from foldfed.localround import derive_seed
+from foldfed.trainer.local import Split, state_of
 
 INPUT_DIM = 8
 HIDDEN = 64
