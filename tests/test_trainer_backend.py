@@ -15,8 +15,13 @@ from foldfed.deltafile import load_delta
 from foldfed.digests import file_digest
 from foldfed.errors import ConfigError
 from foldfed.localround import TrainingInterrupted
-from foldfed.trainer.backend import FAMILIES, TrainerSettings, demo_families, load_family
 from foldfed.trainer.backends.sim import SIM_VAR, SimBackend, SimSettings
+from foldfed.trainer.families import (
+    FAMILIES,
+    demo_families,
+    load_family,
+    trainer_settings_from_env,
+)
 
 BASE_ENV = {
     "FOLDFED_PARTICIPANT": "org-a",
@@ -42,13 +47,13 @@ def test_an_unknown_family_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="FOLDFED_MODEL='gpt'"):
         load_family("gpt")
     with pytest.raises(ConfigError, match="FOLDFED_MODEL"):
-        TrainerSettings.from_env({**BASE_ENV, "FOLDFED_MODEL": "gpt"})
+        trainer_settings_from_env({**BASE_ENV, "FOLDFED_MODEL": "gpt"})
 
 
 def test_naming_the_families_imports_no_family() -> None:
     """`foldfed --help` lists the families without loading torch or openfold3."""
     code = (
-        "import sys; import foldfed.trainer.backend as b; b.demo_families(); "
+        "import sys; import foldfed.trainer.families as b; b.demo_families(); "
         "assert 'torch' not in sys.modules, 'torch'; "
         "assert not [m for m in sys.modules if m.startswith('foldfed.trainer.backends')]"
     )
@@ -56,7 +61,7 @@ def test_naming_the_families_imports_no_family() -> None:
 
 
 def test_mlp_is_the_default_and_needs_no_settings_of_its_own() -> None:
-    s = TrainerSettings.from_env(BASE_ENV)
+    s = trainer_settings_from_env(BASE_ENV)
     assert (s.model, s.family_settings) == ("mlp", None)
 
 
@@ -64,7 +69,7 @@ def test_mlp_is_the_default_and_needs_no_settings_of_its_own() -> None:
 
 
 def test_sim_settings_round_trip_through_the_environment() -> None:
-    s = TrainerSettings.from_env(sim_env({1: 0.5, 2: 0.25}))
+    s = trainer_settings_from_env(sim_env({1: 0.5, 2: 0.25}))
     assert s.model == "sim"
     assert s.family_settings == SimSettings(weight=250.0, elements=64, compute_s={1: 0.5, 2: 0.25})
 
@@ -81,7 +86,7 @@ def test_sim_settings_round_trip_through_the_environment() -> None:
 )
 def test_bad_sim_settings_name_the_variable(raw: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
-        TrainerSettings.from_env({**BASE_ENV, "FOLDFED_MODEL": "sim", SIM_VAR: raw})
+        trainer_settings_from_env({**BASE_ENV, "FOLDFED_MODEL": "sim", SIM_VAR: raw})
 
 
 def sim_backend(tmp_path: Path, compute: dict[int, float]) -> SimBackend:
@@ -89,7 +94,7 @@ def sim_backend(tmp_path: Path, compute: dict[int, float]) -> SimBackend:
     initial = tmp_path / "theta0.safetensors"
     digest = load_family("sim").write_initial_model(initial, env, 5)
     assert digest == file_digest(initial)
-    settings = TrainerSettings.from_env({**env, "FOLDFED_INITIAL_MODEL": str(initial)})
+    settings = trainer_settings_from_env({**env, "FOLDFED_INITIAL_MODEL": str(initial)})
     backend = load_family("sim").make_backend(settings)
     assert isinstance(backend, SimBackend)
     return backend

@@ -21,6 +21,7 @@ from foldfed.spool import Spool
 from foldfed.trainer import task
 from foldfed.trainer.backend import TrainerSettings
 from foldfed.trainer.backends.mlp import MlpBackend, local_config
+from foldfed.trainer.families import trainer_settings_from_env
 from foldfed.trainer.local import apply_update, model_digest, train_round
 from foldfed.trainer.service import run_trainer
 
@@ -77,7 +78,7 @@ BASE_ENV = {
 
 
 def test_settings_from_env_with_defaults() -> None:
-    s = TrainerSettings.from_env(BASE_ENV)
+    s = trainer_settings_from_env(BASE_ENV)
     assert (s.participant, s.participant_index, s.n_participants) == ("org-b", 1, 3)
     assert s.spool_dir == Path("var/spool/org-b")
     assert s.initial_model == Path("/data/initial.safetensors")
@@ -98,7 +99,7 @@ def test_settings_from_env_with_every_key() -> None:
         "FOLDFED_SAMPLES": "512",
         "FOLDFED_POLL_S": "0.5",
     }
-    s = TrainerSettings.from_env(env)
+    s = trainer_settings_from_env(env)
     assert s.participant_index == 2 and s.spool_dir == Path("/spool")
     assert (s.local_steps, s.grad_accum, s.micro_batch, s.lr, s.seed) == (4, 2, 16, 0.05, 11)
     assert (s.optimizer, s.samples, s.poll_s) == ("sgd", 512, 0.5)
@@ -124,7 +125,7 @@ def test_settings_from_env_with_every_key() -> None:
 )
 def test_bad_settings_name_their_key(patch: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        TrainerSettings.from_env({**BASE_ENV, **patch})
+        trainer_settings_from_env({**BASE_ENV, **patch})
 
 
 # --- one participant, the test as its gateway ---------------------------------------------

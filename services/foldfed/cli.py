@@ -103,10 +103,10 @@ def cmd_uploader(args: argparse.Namespace) -> int:
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     from foldfed.runtime import run_service
-    from foldfed.trainer.backend import TrainerSettings
+    from foldfed.trainer.families import trainer_settings_from_env
     from foldfed.trainer.service import run_trainer
 
-    settings = TrainerSettings.from_env(os.environ)
+    settings = trainer_settings_from_env(os.environ)
     run_service(
         "trainer", lambda stop: run_trainer(settings, stop), participant=settings.participant
     )
@@ -154,7 +154,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # The registry names its families without importing any (no torch for `--help`).
-    from foldfed.trainer.backend import DEFAULT_MODEL, demo_families
+    from foldfed.trainer.backend import DEFAULT_MODEL
+    from foldfed.trainer.families import demo_families
 
     parser = argparse.ArgumentParser(prog="foldfed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,7 +16,7 @@ from foldfed.demo.observer import Observer, RunRecord
 from foldfed.demo.report import save_loss_curve, save_timeline, summary_text
 from foldfed.domain import DeliveryReceipt, Event
 from foldfed.errors import FoldfedError
-from foldfed.trainer.backend import load_family
+from foldfed.trainer.families import load_family
 
 # No event for this long while a step is open: say who the barrier is waiting for.
 STALL_NOTICE_S = 30.0

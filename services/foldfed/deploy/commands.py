@@ -69,7 +69,8 @@ def cmd_initial_model(args: argparse.Namespace) -> int:
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed is not None else _seed_from_env()
-    from foldfed.trainer.backend import load_family, model_of
+    from foldfed.trainer.backend import model_of
+    from foldfed.trainer.families import load_family
 
     # mlp: the seeded demo task; OpenFold3 (the of3 extra): the seeded preset, or
     # FOLDFED_OF3_CHECKPOINT; any family: what its `write_initial_model` writes.

@@ -418,7 +418,7 @@ def sim_env(scenario: Scenario, name: str) -> dict[str, str]:
 
 def _write_initial_model(path: Path, scenario: Scenario) -> None:
     """θ_0 of the scenario's size, as `foldfed initial-model` writes it for the sim family."""
-    from foldfed.trainer.backend import load_family
+    from foldfed.trainer.families import load_family
 
     env = sim_env(scenario, scenario.names[0])
     load_family("sim").write_initial_model(path, env, scenario.seed)

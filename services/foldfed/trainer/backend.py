@@ -2,16 +2,14 @@
 which families exist.
 
 The trainer process (trainer/service.py) knows nothing of any model. It reads its settings
-(`TrainerSettings`, here because they are what a family is built from), asks the registry
-for the family `FOLDFED_MODEL` names, and from then on only calls the family's `Backend`:
+(`TrainerSettings`, here because they are what a family is built from), asks the
+registry (trainer/families.py) for the family `FOLDFED_MODEL` names, and from then on only
+calls the family's `Backend`:
 `evaluate(θ)` for the model report and `train(θ, step, should_stop)` for one round, whose
 `localround.RoundResult` (Δ, weight, metrics) it writes through the spool.
 
-Families (`FAMILIES`): `mlp` (the demo's small CPU task), `openfold3-tiny` and
-`openfold3-full` (OpenFold3, the `of3` extra), and `sim` (the load tests' trainer: waits the
-scenario's compute time, then writes a delta of the scenario's size). Each is named by the
-module that implements it, imported on first use, so a process imports torch or openfold3
-only for the family it runs, and this module imports no family: families import it.
+Which families exist is trainer/families.py's business (the registry); this module
+imports no family: families import it.
 
 Seeding: a backend's randomness is a function of (FOLDFED_SEED, participant index, step)
 alone (`localround.derive_seed`), so a round trained again after a crash writes the same
@@ -21,7 +19,6 @@ below both the trainer and the model libraries its families wrap.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,57 +38,6 @@ DEFAULT_MODEL = "mlp"
 # FOLDFED_OPTIMIZER: the local optimizer of the families that let it be chosen (mlp).
 Optimizer = Literal["adamw", "sgd"]
 OPTIMIZERS: tuple[Optimizer, ...] = ("adamw", "sgd")
-
-
-# ---------------------------------------------------------------- the registry
-
-
-@dataclass(frozen=True)
-class FamilyEntry:
-    """A family as the registry lists it: no import needed to name or describe it."""
-
-    name: str
-    module: str  # the module whose `family(name)` builds it, imported on first use
-    summary: str
-    in_demo: bool = True  # offered by `foldfed demo --model`
-
-
-FAMILIES: dict[str, FamilyEntry] = {
-    e.name: e
-    for e in (
-        FamilyEntry("mlp", "foldfed.trainer.backends.mlp", "the small CPU task of the demo"),
-        FamilyEntry(
-            "openfold3-tiny", "foldfed.trainer.backends.openfold3", "OpenFold3, ~1 M parameters"
-        ),
-        FamilyEntry(
-            "openfold3-full", "foldfed.trainer.backends.openfold3", "OpenFold3, 368 M parameters"
-        ),
-        FamilyEntry(
-            "sim",
-            "foldfed.trainer.backends.sim",
-            "load tests: waits the scenario's compute time, writes a delta of its size",
-            in_demo=False,
-        ),
-    )
-}
-
-
-def demo_families() -> tuple[str, ...]:
-    return tuple(name for name, entry in FAMILIES.items() if entry.in_demo)
-
-
-def load_family(name: str) -> Family:
-    """The family called `name`; ConfigError naming FOLDFED_MODEL for an unknown one."""
-    entry = FAMILIES.get(name)
-    if entry is None:
-        raise ConfigError(f"{MODEL_VAR}={name!r}: expected one of {', '.join(FAMILIES)}")
-    module = importlib.import_module(entry.module)
-    return cast(Family, module.family(name))
-
-
-def make_backend(settings: TrainerSettings) -> Backend:
-    """The backend of the family `settings.model` names."""
-    return load_family(settings.model).make_backend(settings)
 
 
 def model_of(env: Mapping[str, str]) -> str:
@@ -165,7 +111,9 @@ class TrainerSettings:
     family_settings: Any = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> TrainerSettings:
+    def common_from_env(cls, env: Mapping[str, str] = os.environ) -> TrainerSettings:
+        """Every setting but the family's own (`family_settings` stays None): the registry
+        adds those (families.trainer_settings_from_env), as only it knows the families."""
         participant = _get(env, "FOLDFED_PARTICIPANT")
         if not is_valid_participant_id(participant):
             raise ConfigError(f"FOLDFED_PARTICIPANT: {participant!r} is not a valid id")
@@ -186,7 +134,6 @@ class TrainerSettings:
             samples=_int(env, "FOLDFED_SAMPLES", 2048, 5),
             poll_s=_positive(env, "FOLDFED_POLL_S", 0.2),
             model=model,
-            family_settings=load_family(model).settings_from_env(env),
         )
 
 

@@ -23,12 +23,13 @@ from foldfed.of3.backend import Of3Backend
 from foldfed.of3.ddp import init_from_env, send_stop
 from foldfed.of3.training import DistContext
 from foldfed.runtime import run_service
-from foldfed.trainer.backend import TrainerSettings, make_backend
+from foldfed.trainer.backend import TrainerSettings
+from foldfed.trainer.families import make_backend, trainer_settings_from_env
 from foldfed.trainer.service import run_trainer
 
 
 def main() -> int:
-    settings = TrainerSettings.from_env(os.environ)
+    settings = trainer_settings_from_env(os.environ)
     ctx = init_from_env()
     if ctx.world_size == 1:  # torchrun with one process: the plain trainer
         _serve(settings)

@@ -35,7 +35,8 @@ from foldfed.digests import file_digest, short
 from foldfed.errors import ConfigError, StoreError
 from foldfed.localround import TrainingInterrupted
 from foldfed.spool import CurrentModel, Release, Spool
-from foldfed.trainer.backend import TrainerSettings, make_backend
+from foldfed.trainer.backend import TrainerSettings
+from foldfed.trainer.families import make_backend
 from foldfed.trainer.local import apply_update
 
 log = structlog.get_logger(__name__)
