@@ -8,7 +8,7 @@ Layer 1 (pure core): numpy, blake3 and zstandard only; no I/O. One concept per m
 | randomness | sign flips and uniforms from blake3 streams, by global element position |
 | hadamard | the randomized Hadamard rotation and its padding |
 | packing | b-bit codes packed into bytes |
-| scale | shared per-block ranges derived from the previous applied update |
+| scale | grid ranges: shared ones from members' delta statistics, or a coder's own |
 | context | what a coder needs besides the vector (cycle, step, sender, shared ranges) |
 | base | the Codec and LinearCodec contracts, ring sizes |
 | floats, int8, rotated | the codecs; zstdlayer, the optional outer layer |
@@ -32,11 +32,12 @@ from foldfed.codecs.feedback import (
 )
 from foldfed.codecs.plan import ChunkPlan, ChunkSpan, plan_chunks
 from foldfed.codecs.registry import NAMES, codec_from_spec, require_cycle_codec
-from foldfed.codecs.scale import SharedRanges, shared_ranges
+from foldfed.codecs.scale import BlockStats, SharedRanges, block_stats, pooled, shared_ranges
 from foldfed.codecs.vector import decode_vector, encode_vector, wire_bytes
 
 __all__ = [
     "NAMES",
+    "BlockStats",
     "ChunkPlan",
     "ChunkSpan",
     "Codec",
@@ -47,6 +48,7 @@ __all__ = [
     "Residual",
     "ResidualAlreadyApplied",
     "SharedRanges",
+    "block_stats",
     "carried",
     "choose_codec",
     "codec_from_spec",
@@ -54,6 +56,7 @@ __all__ = [
     "decode_vector",
     "encode_vector",
     "plan_chunks",
+    "pooled",
     "require_cycle_codec",
     "ring_bits",
     "shared_ranges",

@@ -5,7 +5,7 @@
 | `fp32:v1` | floats | no |
 | `bf16:v1` | floats | no |
 | `int8:v1;block=B` | int8 | no |
-| `rotated:v1;bits=b;block=B;rounding=R;scale=block` | rotated | no |
+| `rotated:v1;bits=b;block=B;mult=M;rounding=R;scale=block` | rotated | no |
 | `rotated:v1;bits=b;block=B;floor=F;init=I;mult=M;rounding=R;scale=shared` | rotated | yes |
 | any of these `+zstd:v1;level=N` | zstdlayer | as the inner codec |
 
@@ -34,7 +34,7 @@ from foldfed.errors import CodecError
 
 NAMES = ("fp32", "bf16", "int8", "rotated")
 _ROTATED_SHARED = ("bits", "block", "floor", "init", "mult", "rounding", "scale")
-_ROTATED_BLOCK = ("bits", "block", "rounding", "scale")
+_ROTATED_BLOCK = ("bits", "block", "mult", "rounding", "scale")
 
 
 def codec_from_spec(text: str) -> Codec:
@@ -72,13 +72,13 @@ def _base(layer: Layer) -> Codec:
         rule = None
         if scale == "shared":
             rule = SharedScaleRule(
-                mult=read_float(layer, "mult", 0.0, 1e6),
                 floor=read_float(layer, "floor", -1.0, 1.0),
                 init=read_float(layer, "init", 0.0, 1e30),
             )
         return RotatedCodec(
             read_int(layer, "bits", 1, 8),
             read_int(layer, "block", 8, 1 << 20),
+            mult=read_float(layer, "mult", 0.0, 1e6),
             rounding=read_word(layer, "rounding", ROUNDINGS),
             scale=scale,
             rule=rule,

@@ -12,12 +12,13 @@ from the context's rotation stream at the block's global element positions:
     decode: ŷ = c·s - R_j;  x̂ = first m coordinates of R⁻¹·ŷ, rounded to float32
 
 R_j comes from the context's shared ranges (`scale=shared`, scale.py: every member of a
-step has the same, so the codec is linear_shared) or is the block's own max_i |y_i|,
-rounded up to a float32 and sent in front of the codes (`scale=block`: per member, so not
-maskable, but never saturates).
+step has the same, so the codec is linear_shared) or is the coder's own mult · RMS(y) of
+the block, rounded to float32 and sent in front of the codes (`scale=block`: per member,
+so not maskable). `mult` trades grid resolution against saturation: about 0.8 suits one
+bit with nearest rounding (E|y| of a Gaussian is 0.8 sigma), 1.5-2 two bits.
 
 Bound. Per coordinate, |y - ŷ| ≤ s·(1 if stochastic, ½ if nearest) + max(0, |y| - R_j)
-(the second term only when the grid saturates; never with scale=block). R is orthonormal,
+(the second term only where the grid saturates). R is orthonormal,
 so per block ‖x - x̂‖₂ ≤ ‖y - ŷ‖₂ + (float rounding: the two transforms and the float32
 cast, ≤ 2**-22·(‖x‖₂ + ‖ŷ‖₂)). Stochastic rounding is unbiased inside the grid,
 E[ŷ] = y, so E[x̂] = x when nothing saturates.
@@ -52,6 +53,7 @@ import numpy as np
 from foldfed.codecs import hadamard, packing, randomness
 from foldfed.codecs.base import expect_size, flat_float32
 from foldfed.codecs.context import CodecContext
+from foldfed.codecs.scale import own_ranges
 from foldfed.codecs.spec import canonical_float
 from foldfed.errors import CodecError
 
@@ -61,15 +63,14 @@ SCALES = ("block", "shared")
 
 @dataclass(frozen=True)
 class SharedScaleRule:
-    """scale.py's parameters, part of the spec so every member derives the same ranges."""
+    """How the hub makes a step's shared ranges (scale.py), part of the cycle's spec."""
 
-    mult: float = 3.0
     floor: float = 0.01
     init: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not (self.mult > 0 and 0 <= self.floor <= 1 and self.init > 0):
-            raise CodecError(f"rotated: need mult > 0, 0 <= floor <= 1, init > 0: {self}")
+        if not (0 <= self.floor <= 1 and self.init > 0):
+            raise CodecError(f"rotated: need 0 <= floor <= 1 and init > 0: {self}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class RotatedCodec:
         bits: int,
         block: int = 4096,
         *,
+        mult: float = 2.0,
         rounding: str = "stochastic",
         scale: str = "shared",
         rule: SharedScaleRule | None = None,
@@ -103,11 +105,14 @@ class RotatedCodec:
             raise CodecError(f"rotated: bits must be 1..8, got {bits}")
         if not hadamard.is_power_of_two(block) or not 8 <= block <= 1 << 20:
             raise CodecError(f"rotated: block must be a power of two in [8, 2**20], got {block}")
+        if not 0 < mult <= 1e6:
+            raise CodecError(f"rotated: mult must be in (0, 1e6], got {mult}")
         if rounding not in ROUNDINGS or scale not in SCALES:
             raise CodecError(f"rotated: rounding in {ROUNDINGS}, scale in {SCALES}")
         if scale == "shared" and rule is None:
             rule = SharedScaleRule()
         self.bits, self.block, self.rounding, self.scale = bits, block, rounding, scale
+        self.mult = float(mult)
         self.rule = rule if scale == "shared" else None
         self.levels = 1 << bits
 
@@ -121,9 +126,10 @@ class RotatedCodec:
         if self.rule is not None:
             text += (
                 f";floor={canonical_float(self.rule.floor)};init={canonical_float(self.rule.init)}"
-                f";mult={canonical_float(self.rule.mult)}"
             )
-        return text + f";rounding={self.rounding};scale={self.scale}"
+        return (
+            text + f";mult={canonical_float(self.mult)};rounding={self.rounding};scale={self.scale}"
+        )
 
     def _layout(self, elements: int) -> _Layout:
         full, tail = divmod(elements, self.block)
@@ -160,10 +166,9 @@ class RotatedCodec:
         self, ctx: CodecContext, first_block: int, layout: _Layout, rotated: list[np.ndarray]
     ) -> np.ndarray:
         if self.scale == "block":
-            peaks = np.concatenate([np.abs(g).max(axis=1) for g in rotated]) if rotated else []
-            up = np.asarray(peaks, dtype=np.float32)
-            # Round up, so |y| ≤ R_j holds for the float32 R_j the decoder reads.
-            return np.where(up < peaks, np.nextafter(up, np.float32(np.inf)), up)
+            own = [own_ranges(g, self.mult) for g in rotated]
+            # Rounded to float32 first: the encoder uses the R_j the decoder will read.
+            return np.concatenate(own).astype(np.float32) if own else np.zeros(0, np.float32)
         if ctx.ranges is None or ctx.ranges.block != self.block:
             raise CodecError(
                 f"{self.spec}: needs the step's shared ranges for blocks of {self.block}"
