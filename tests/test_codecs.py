@@ -99,9 +99,14 @@ def assert_within_grid(
     k = 1.0 if rounding == "stochastic" else 0.5
     for j, (xs, gs) in enumerate(zip(blocks_of(x, BLOCK), blocks_of(got, BLOCK), strict=True)):
         p = hadamard.padded_size(xs.size)
-        padded = np.zeros((1, p))
-        padded[0, : xs.size] = xs
-        y = hadamard.rotate(padded, randomness.signs(key, j * BLOCK, p).reshape(1, -1))[0]
+        padded = np.zeros(p)
+        padded[: xs.size] = xs
+        flips = randomness.signs(key, j * BLOCK, p)
+        y, at = np.zeros(p), 0
+        for size in hadamard.tail_sizes(xs.size):  # [BLOCK] for a full block
+            part = slice(at, at + size)
+            y[part] = hadamard.rotate(padded[part][None], flips[part][None])[0]
+            at += size
         r = float(ranges[j])
         per = k * 2 * r / ((1 << bits) - 1) + np.maximum(0.0, np.abs(y) - r)
         norm = np.linalg.norm(xs.astype(np.float64))
@@ -358,7 +363,8 @@ def test_fwht_is_the_sylvester_matrix_and_rotation_is_orthonormal() -> None:
     y = hadamard.rotate(x, flips)
     assert np.allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1))
     assert np.allclose(hadamard.unrotate(y, flips), x)
-    assert [hadamard.padded_size(m) for m in (1, 8, 9, 100, 4096)] == [8, 8, 16, 128, 4096]
+    assert [hadamard.padded_size(m) for m in (1, 8, 9, 100, 4096)] == [8, 8, 16, 104, 4096]
+    assert hadamard.tail_sizes(705) == [512, 128, 64, 8] and hadamard.tail_sizes(64) == [64]
 
 
 def test_streams_are_positional() -> None:

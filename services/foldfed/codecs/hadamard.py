@@ -7,10 +7,12 @@ spread x's energy evenly: every rotated coordinate has mean 0 and variance ‖x�
 large P it is close to a Gaussian. That is what lets a scalar quantizer with one scale per
 block do well on deltas whose coordinates differ by orders of magnitude (EDEN, DRIVE).
 
-Padding: a block of m elements, m not a power of two (only the last block of a vector), is
-padded with zeros to P = max(8, next power of two ≥ m). Its rotated form has P coordinates,
-all of which are coded; the decoder drops the padded positions after rotating back. (The
-rotated zeros are not zero, so padding costs codes: at most P - m < m extra, once per vector.)
+The short last block. A vector's last block may hold m < B elements. It is cut into
+sub-blocks by the binary digits of m, largest first: one of 2**k elements for each bit k ≥ 3
+set in m, then, if m mod 8 = r > 0, one of 8 elements holding the last r elements padded
+with 8 - r zeros (`tail_sizes`). Each sub-block is rotated on its own. The padded zeros'
+rotated coordinates are not zero, so they are coded too and the decoder drops them after
+rotating back: at most 7 extra coordinates per vector (P_tail = 8·⌈m/8⌉ in all).
 
 Determinism: the transform is log2(P) passes of element-wise float64 additions and
 subtractions in a fixed pattern, then one multiplication by the float64 constant 1/√P. Each
@@ -27,11 +29,17 @@ import numpy as np
 MIN_BLOCK = 8
 
 
-def padded_size(m: int) -> int:
-    """P for a block of m elements: max(8, the next power of two ≥ m)."""
+def tail_sizes(m: int) -> list[int]:
+    """The sub-block sizes of a short last block of m elements (see the module docstring)."""
     if m < 1:
         raise ValueError(f"a block holds at least one element, got {m}")
-    return max(MIN_BLOCK, 1 << (m - 1).bit_length())
+    sizes = [1 << k for k in range(m.bit_length() - 1, 2, -1) if m >> k & 1]
+    return sizes + ([MIN_BLOCK] if m % MIN_BLOCK else [])
+
+
+def padded_size(m: int) -> int:
+    """The coded coordinates of a block of m elements: 8·⌈m/8⌉ (m itself if a power of 2 ≥ 8)."""
+    return sum(tail_sizes(m))
 
 
 def is_power_of_two(n: int) -> bool:

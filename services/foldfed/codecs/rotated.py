@@ -1,8 +1,9 @@
 """`rotated:v1` — b-bit scalar codes after a randomized Hadamard rotation (EDEN/DRIVE style).
 
-For each block of B = 2**k elements (the vector's last block: m < B elements padded with
-zeros to P = hadamard.padded_size(m)), with the rotation R of hadamard.py whose signs come
-from the context's rotation stream at the block's global element positions:
+For each block of B = 2**k elements (the vector's last block of m < B elements: its
+sub-blocks, hadamard.tail_sizes, P = 8·⌈m/8⌉ coordinates in all, one range for all of
+them), with the rotation R of hadamard.py whose signs come from the context's rotation
+stream at the block's global element positions:
 
     y     = R · x                                   (P coordinates, float64)
     L     = 2**b levels;   s = 2·R_j / (L - 1)      (grid step; the grid spans [-R_j, R_j])
@@ -46,6 +47,7 @@ restart) sends the same bytes; every party decodes the same float32 values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,16 +77,20 @@ class SharedScaleRule:
 
 @dataclass(frozen=True)
 class _Layout:
-    """A chunk's blocks: how many are full, and the padded size of a short last one."""
+    """A chunk's blocks: how many are full, and the sub-blocks of a short last one."""
 
     elements: int
     full: int
     tail: int  # elements in the short last block (0: none)
-    tail_padded: int
+    tail_parts: tuple[int, ...]  # hadamard.tail_sizes(tail)
 
     @property
     def blocks(self) -> int:
         return self.full + (1 if self.tail else 0)
+
+    @property
+    def tail_padded(self) -> int:
+        return sum(self.tail_parts)
 
     def coordinates(self, block: int) -> int:
         return self.full * block + self.tail_padded
@@ -133,8 +139,8 @@ class RotatedCodec:
 
     def _layout(self, elements: int) -> _Layout:
         full, tail = divmod(elements, self.block)
-        padded = hadamard.padded_size(tail) if tail else 0
-        return _Layout(elements, full, tail, padded)
+        parts = tuple(hadamard.tail_sizes(tail)) if tail else ()
+        return _Layout(elements, full, tail, parts)
 
     def chunk_bytes(self, elements: int) -> int:
         layout = self._layout(elements)
@@ -146,7 +152,7 @@ class RotatedCodec:
     def _rotated(
         self, flat: np.ndarray, ctx: CodecContext, first_block: int
     ) -> tuple[list[np.ndarray], _Layout]:
-        """y for each group of equal-size blocks: [full blocks (q, B)] [+ tail (1, P)]."""
+        """y for each group of equal-size blocks: [full blocks (q, B)] [+ tail (1, P_tail)]."""
         layout = self._layout(flat.size)
         key, start = ctx.rotation_key(), first_block * self.block
         groups = []
@@ -156,11 +162,26 @@ class RotatedCodec:
             flips = randomness.signs(key, start, count).reshape(x.shape)
             groups.append(hadamard.rotate(x, flips))
         if layout.tail:
-            x = np.zeros((1, layout.tail_padded))
-            x[0, : layout.tail] = flat[layout.full * self.block :]
+            x = np.zeros(layout.tail_padded)
+            x[: layout.tail] = flat[layout.full * self.block :]
             flips = randomness.signs(key, start + layout.full * self.block, layout.tail_padded)
-            groups.append(hadamard.rotate(x, flips.reshape(1, -1)))
+            groups.append(self._tail_apply(hadamard.rotate, x, flips, layout).reshape(1, -1))
         return groups, layout
+
+    @staticmethod
+    def _tail_apply(
+        transform: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        values: np.ndarray,
+        flips: np.ndarray,
+        layout: _Layout,
+    ) -> np.ndarray:
+        """`transform` (rotate or unrotate) on each sub-block of the short last block."""
+        out, at = [], 0
+        for size in layout.tail_parts:
+            part = values[at : at + size].reshape(1, -1)
+            out.append(transform(part, flips[at : at + size].reshape(1, -1))[0])
+            at += size
+        return np.concatenate(out)
 
     def _ranges(
         self, ctx: CodecContext, first_block: int, layout: _Layout, rotated: list[np.ndarray]
@@ -269,7 +290,7 @@ class RotatedCodec:
             parts.append(hadamard.unrotate(y, flips).reshape(-1))
         if layout.tail:
             flips = randomness.signs(key, start + layout.full * self.block, layout.tail_padded)
-            y = y_hat[layout.full * self.block :].reshape(1, -1)
-            parts.append(hadamard.unrotate(y, flips.reshape(1, -1))[0, : layout.tail])
+            y = y_hat[layout.full * self.block :]
+            parts.append(self._tail_apply(hadamard.unrotate, y, flips, layout)[: layout.tail])
         flat = np.concatenate(parts) if parts else np.zeros(0)
         return flat.astype(np.float32) if count == 1 else flat
