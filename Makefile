@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.foldfed-installed
 STAMP_OF3 := $(VENV)/.foldfed-of3
 STAMP_DEV := $(VENV)/.foldfed-dev
 
-.PHONY: setup chromium chromium-for-tests demo demo-of3 of3-sample loadtest test lint proto broker-start broker-stop clean bench
+.PHONY: setup chromium chromium-for-tests demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -69,6 +69,11 @@ lint: setup $(STAMP_DEV)
 proto: $(STAMP_DEV)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=services --pyi_out=services \
 		proto/foldfed/v1/*.proto
+
+# README's table of variables, rewritten from the settings registry (services/foldfed/
+# settings/registry.py); tests/test_settings_readme.py fails when README drifts from it.
+settings-doc: $(STAMP)
+	$(PY) -m foldfed.settings --write README.md
 
 broker-start: setup
 	$(VENV)/bin/foldfed broker start

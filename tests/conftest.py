@@ -18,6 +18,7 @@ import pytest
 from foldfed import hubctl
 from foldfed.credentials import new_password
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+from foldfed.settings import env_for
 
 PARTICIPANTS = ("org-a", "org-b", "org-c")
 # A real broker user that is *not* a participant of the federation.
@@ -66,28 +67,24 @@ async def reset_topology(admin_url: str) -> None:
 
 
 def hub_env(handle: BrokerHandle, state_dir: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FOLDFED_AMQP_URL=handle.admin_url,
-        FOLDFED_PARTICIPANTS=",".join(PARTICIPANTS),
-        FOLDFED_STATE_DIR=str(state_dir),
-        FOLDFED_FIRST_STEP="1",
+    """The process environment of a hub service; `extra`: variables by name, as strings."""
+    settings = env_for(
+        amqp_url=handle.admin_url,
+        participants=PARTICIPANTS,
+        state_dir=state_dir,
+        first_step=1,
     )
-    env.update(extra)
-    return env
+    return {**os.environ, **settings, **extra}
 
 
 def participant_env(
     handle: BrokerHandle, participant: str, spool: Path, **extra: str
 ) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FOLDFED_AMQP_URL=handle.url_for(participant),
-        FOLDFED_PARTICIPANT=participant,
-        FOLDFED_SPOOL_DIR=str(spool),
+    """The process environment of a participant's service; `extra` as in `hub_env`."""
+    settings = env_for(
+        amqp_url=handle.url_for(participant), participant=participant, spool_dir=spool
     )
-    env.update(extra)
-    return env
+    return {**os.environ, **settings, **extra}
 
 
 class Service:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from foldfed.format import TensorSpec, encode_header
+from foldfed.settings import env_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "services"
@@ -117,11 +118,13 @@ def test_a_hub_process_runs_to_the_broker_without_importing_torch(
     env = {
         **os.environ,
         "PYTHONPATH": f"{SERVICES}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "FOLDFED_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
-        "FOLDFED_PARTICIPANTS": "org-a,org-b",
-        "FOLDFED_STATE_DIR": str(tmp_path / "hub"),
-        "FOLDFED_INITIAL_MODEL": str(_initial_model(tmp_path / "model.safetensors")),
-        "FOLDFED_MONITOR_PORT": "0",
+        **env_for(
+            amqp_url="amqp://guest:guest@127.0.0.1:1/",
+            participants=("org-a", "org-b"),
+            state_dir=tmp_path / "hub",
+            initial_model=_initial_model(tmp_path / "model.safetensors"),
+            monitor_port=0,
+        ),
     }
     env.pop("FOLDFED_HEALTH_PORT", None)
     result = subprocess.run(

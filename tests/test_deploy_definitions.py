@@ -20,6 +20,7 @@ from foldfed.deploy.definitions import (
     merge_users,
     parse_env_file,
     password_hash,
+    url_of_env,
     user_of_url,
 )
 from foldfed.errors import ConfigError
@@ -94,6 +95,16 @@ def test_env_file_parsing() -> None:
     assert env == {"A": "1", "B": "two words", "C": "x=y", "D": ""}
     with pytest.raises(ConfigError, match=r"f\.env:2: expected KEY=VALUE"):
         parse_env_file("A=1\nnot a pair\n", "f.env")
+
+
+def test_an_env_files_url_is_read_and_checked_through_the_settings_registry() -> None:
+    url = "amqp://org-a:pw@hub:5672/"
+    assert url_of_env({"FOLDFED_AMQP_URL": url, "OTHER": "x"}, "a.env") == url
+    with pytest.raises(ConfigError, match=r"^a\.env: FOLDFED_AMQP_URL is not set$"):
+        url_of_env({"FOLDFED_AMQP_URL": ""}, "a.env")
+    # The file configures a service: a bad value elsewhere in it is named, not passed on.
+    with pytest.raises(ConfigError, match=r"a\.env: FOLDFED_STEPS='two' is not an integer"):
+        url_of_env({"FOLDFED_AMQP_URL": url, "FOLDFED_STEPS": "two"}, "a.env")
 
 
 @pytest.mark.broker

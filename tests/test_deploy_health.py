@@ -60,8 +60,12 @@ def test_settings_off_unless_port_set() -> None:
     ("env", "needle"),
     [
         ({"FOLDFED_HEALTH_PORT": "http"}, "FOLDFED_HEALTH_PORT='http' is not an integer"),
-        ({"FOLDFED_HEALTH_PORT": "70000"}, "FOLDFED_HEALTH_PORT=70000 must be in 0..65535"),
-        ({"FOLDFED_HEALTH_PORT": "1", "FOLDFED_HEALTH_CACHE_S": "-1"}, "must be >= 0"),
+        ({"FOLDFED_HEALTH_PORT": "70000"}, "FOLDFED_HEALTH_PORT='70000' must be <= 65535"),
+        ({"FOLDFED_HEALTH_PORT": "-1"}, "FOLDFED_HEALTH_PORT='-1' must be >= 0"),
+        (
+            {"FOLDFED_HEALTH_PORT": "1", "FOLDFED_HEALTH_CACHE_S": "-1"},
+            "FOLDFED_HEALTH_CACHE_S='-1' must be >= 0",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
@@ -91,6 +95,8 @@ def test_probe_url() -> None:
     assert probe_url("http://x/readyz", None, True, {}) == "http://x/readyz"
     with pytest.raises(ConfigError, match="FOLDFED_HEALTH_PORT"):
         probe_url(None, None, True, {})
+    with pytest.raises(ConfigError, match="FOLDFED_HEALTH_PORT='x' is not an integer"):
+        probe_url(None, None, True, {"FOLDFED_HEALTH_PORT": "x"})
 
 
 async def _raw(port: int, request: bytes) -> tuple[int, bytes]:

@@ -21,7 +21,7 @@ import aiormq.exceptions
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from foldfed.errors import BrokerError
+from foldfed.errors import BrokerError, ConfigError
 from foldfed.localbroker import ADMIN_USER, LocalBroker, ensure_rabbitmq_installed
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -208,7 +208,7 @@ def test_bad_disk_free_limit_is_refused(
 ) -> None:
     # RabbitMQ itself would only log it and fall back to 50MB.
     monkeypatch.setenv("FOLDFED_BROKER_DISK_FREE_LIMIT", "1XB")
-    with pytest.raises(BrokerError, match="FOLDFED_BROKER_DISK_FREE_LIMIT"):
+    with pytest.raises(ConfigError, match="FOLDFED_BROKER_DISK_FREE_LIMIT='1XB'"):
         LocalBroker(tmp_path).start(timeout=10)
     assert _broker_processes(tmp_path) == []
 

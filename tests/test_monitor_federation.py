@@ -30,6 +30,7 @@ from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.main import _progress
 from foldfed.demo.observer import Observer, RunRecord
 from foldfed.messages import decode
+from foldfed.settings import env_for
 
 from conftest import FOLDFED, PARTICIPANTS, BrokerHandle, reset_topology
 
@@ -182,13 +183,8 @@ def slow_run(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
         participants=PARTICIPANTS,
         steps=STEPS,
         workdir=workdir,
-        common_env={
-            "FOLDFED_SEED": "7",
-            "FOLDFED_LOCAL_STEPS": "2",
-            "FOLDFED_GRAD_ACCUM": "2",
-            "FOLDFED_HEARTBEAT_S": "1",
-        },
-        participant_env={SLOW: {"FOLDFED_UPLOADER_EXTRA_DELAY_S": str(DELAY_S)}},
+        common_env=env_for(seed=7, local_steps=2, grad_accum=2, heartbeat_s=1.0),
+        participant_env={SLOW: env_for(uploader_extra_delay_s=DELAY_S)},
         monitor_port=0,
     )
     federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)

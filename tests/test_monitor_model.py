@@ -334,3 +334,13 @@ def test_status_says_why_when_the_monitor_cannot_be_reached() -> None:
     )
     assert result.returncode == 2
     assert f"cannot read the monitor at http://127.0.0.1:{port}/" in result.stderr
+
+
+def test_status_asks_the_monitor_the_settings_name() -> None:
+    from foldfed.monitor.commands import default_url
+    from foldfed.settings import load
+
+    assert default_url(load({})) == "http://127.0.0.1:8090/"
+    assert default_url(load({"FOLDFED_MONITOR_PORT": "9100"})) == "http://127.0.0.1:9100/"
+    hub = {"FOLDFED_MONITOR_URL": "http://hub:8090/", "FOLDFED_MONITOR_PORT": "9100"}
+    assert default_url(load(hub)) == "http://hub:8090/"

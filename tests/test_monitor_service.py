@@ -20,6 +20,7 @@ from foldfed.bus import Bus
 from foldfed.config import BusSettings
 from foldfed.domain import Event, Heartbeat
 from foldfed.messages import now_ms
+from foldfed.settings import env_for
 
 from conftest import BrokerHandle, Service, participant_env
 
@@ -99,11 +100,13 @@ def test_silent_participants_are_flagged_and_forgeries_ignored(
         ["monitor"],
         {
             **env,
-            "FOLDFED_STEPS": "3",
-            "FOLDFED_MONITOR_HOST": "127.0.0.1",
-            "FOLDFED_MONITOR_PORT": str(port),
-            "FOLDFED_MONITOR_SILENT_S": str(SILENT_S),
-            "FOLDFED_MONITOR_TICK_S": "0.2",
+            **env_for(
+                steps=3,
+                monitor_host="127.0.0.1",
+                monitor_port=port,
+                monitor_silent_s=SILENT_S,
+                monitor_tick_s=0.2,
+            ),
         },
         tmp_path / "monitor.log",
     )

@@ -18,6 +18,7 @@ import torch
 from foldfed.deltafile import load_delta
 from foldfed.of3.backend import Of3Backend, Of3Settings, tensors_digest, write_initial_model
 from foldfed.of3.testing import prepared_sample
+from foldfed.settings import env_for
 from foldfed.spool import Spool
 
 pytestmark = pytest.mark.slow
@@ -33,20 +34,20 @@ def _free_port() -> int:
 
 
 def _env(sample: Path, spool: Path, initial: Path) -> dict[str, str]:
-    return {
-        "FOLDFED_PARTICIPANT": "company-b",
-        "FOLDFED_PARTICIPANTS": "company-a,company-b,company-c",
-        "FOLDFED_SPOOL_DIR": str(spool),
-        "FOLDFED_INITIAL_MODEL": str(initial),
-        "FOLDFED_SEED": str(SEED),
-        "FOLDFED_MODEL": "openfold3-tiny",
-        "FOLDFED_OF3_SAMPLE": str(sample),
-        "FOLDFED_OF3_EVAL": "none",
-        "FOLDFED_OF3_WARMUP": "0",
-        "FOLDFED_OF3_LR": "1e-3",
-        "FOLDFED_LOCAL_STEPS": str(LOCAL_STEPS),
-        "FOLDFED_GRAD_ACCUM": str(GRAD_ACCUM),
-    }
+    return env_for(
+        participant="company-b",
+        participants=("company-a", "company-b", "company-c"),
+        spool_dir=spool,
+        initial_model=initial,
+        seed=SEED,
+        model="openfold3-tiny",
+        of3_sample=sample,
+        of3_eval="none",
+        of3_warmup=0,
+        of3_lr=1e-3,
+        local_steps=LOCAL_STEPS,
+        grad_accum=GRAD_ACCUM,
+    )
 
 
 def _round_lines(output: str) -> dict[int, str]:

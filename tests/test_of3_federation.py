@@ -14,6 +14,7 @@ from foldfed.demo.main import _watch
 from foldfed.demo.observer import RunRecord
 from foldfed.of3.backend import Of3Settings, write_initial_model
 from foldfed.of3.testing import COMPANIES, prepared_sample
+from foldfed.settings import env_for
 from foldfed.spool import Spool
 
 from conftest import PARTICIPANTS, BrokerHandle, reset_topology
@@ -32,14 +33,9 @@ ACTIVE = (
     "pae_loss",
     "experimentally_resolved_loss",
 )
-ENV = {
-    "FOLDFED_SEED": str(SEED),
-    "FOLDFED_MODEL": "openfold3-tiny",
-    "FOLDFED_LOCAL_STEPS": "3",
-    "FOLDFED_GRAD_ACCUM": "2",
-    "FOLDFED_OF3_LR": "1e-3",
-    "FOLDFED_OF3_WARMUP": "0",
-}
+ENV = env_for(
+    seed=SEED, model="openfold3-tiny", local_steps=3, grad_accum=2, of3_lr=1e-3, of3_warmup=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def of3_run(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
     sample = prepared_sample()
     workdir = tmp_path_factory.mktemp("of3-federation")
     asyncio.run(reset_topology(broker.admin_url))
-    env = {**ENV, "FOLDFED_OF3_SAMPLE": str(sample)}
+    env = {**ENV, **env_for(of3_sample=sample)}
     spec = FederationSpec(
         participants=PARTICIPANTS,
         steps=STEPS,
@@ -55,7 +51,7 @@ def of3_run(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
         common_env=env,
         # The sample names its sites company-a..c; the test broker's users are org-a..c.
         participant_env={
-            p: {"FOLDFED_OF3_COMPANY": c} for p, c in zip(PARTICIPANTS, COMPANIES, strict=True)
+            p: env_for(of3_company=c) for p, c in zip(PARTICIPANTS, COMPANIES, strict=True)
         },
     )
     federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)

@@ -286,3 +286,11 @@ def test_env_for_refuses_what_load_would_refuse() -> None:
         settings.env_for(participants=["Org A"])
     with pytest.raises(TypeError, match="stepz"):
         settings.env_for(stepz=3)
+
+
+def test_a_default_and_whether_the_environment_gave_a_value() -> None:
+    assert settings.default("model") == "mlp" and settings.default("amqp_url") is None
+    s = settings.load({"FOLDFED_SPOOL_DIR": "/spool", "FOLDFED_STATE_DIR": ""})
+    assert settings.was_given(s, "spool_dir")
+    # Empty is unset: the default applies and was not given.
+    assert not settings.was_given(s, "state_dir") and s.state_dir == Path("var/hub")

@@ -13,6 +13,7 @@ import pytest
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.main import _watch
 from foldfed.demo.observer import RunRecord
+from foldfed.settings import env_for
 from foldfed.tracing.tree import SpanRecord, read_folder, spans_of_step
 
 from conftest import FOLDFED, PARTICIPANTS, BrokerHandle, reset_topology
@@ -31,12 +32,7 @@ def run_traced(broker: BrokerHandle, workdir, crash: tuple[str, str] | None = No
         steps=STEPS,
         workdir=workdir,
         # Small rounds and small chunks: several chunks per delta, a quick run.
-        common_env={
-            "FOLDFED_SEED": "3",
-            "FOLDFED_LOCAL_STEPS": "3",
-            "FOLDFED_GRAD_ACCUM": "2",
-            "FOLDFED_CHUNK_SIZE": str(1 << 20),
-        },
+        common_env=env_for(seed=3, local_steps=3, grad_accum=2, chunk_size=1 << 20),
     )
     federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)
     federation.start_broker()

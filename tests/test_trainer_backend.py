@@ -15,6 +15,7 @@ from foldfed.deltafile import load_delta
 from foldfed.digests import file_digest
 from foldfed.errors import ConfigError
 from foldfed.localround import TrainingInterrupted
+from foldfed.settings import load
 from foldfed.trainer.backends.sim import SIM_VAR, SimBackend, SimSettings
 from foldfed.trainer.families import (
     FAMILIES,
@@ -32,7 +33,7 @@ BASE_ENV = {
 
 def sim_env(compute: dict[int, float], elements: int = 64) -> dict[str, str]:
     sim = SimSettings(weight=250.0, elements=elements, compute_s=compute)
-    return {**BASE_ENV, "FOLDFED_MODEL": "sim", SIM_VAR: sim.to_json()}
+    return {**BASE_ENV, **sim.env()}
 
 
 # --- the registry ----------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_bad_sim_settings_name_the_variable(raw: str, needle: str) -> None:
 def sim_backend(tmp_path: Path, compute: dict[int, float]) -> SimBackend:
     env = sim_env(compute, elements=3000)
     initial = tmp_path / "theta0.safetensors"
-    digest = load_family("sim").write_initial_model(initial, env, 5)
+    digest = load_family("sim").write_initial_model(initial, load(env), 5)
     assert digest == file_digest(initial)
     settings = trainer_settings_from_env({**env, "FOLDFED_INITIAL_MODEL": str(initial)})
     backend = load_family("sim").make_backend(settings)
@@ -107,7 +108,7 @@ def test_sim_initial_model_has_the_scenario_size_and_is_seeded(tmp_path: Path) -
     assert all(t.dtype == torch.float32 for t in theta.values())
     assert backend.evaluate(theta) == {}
     again = tmp_path / "again.safetensors"
-    load_family("sim").write_initial_model(again, sim_env({}, elements=3000), 5)
+    load_family("sim").write_initial_model(again, load(sim_env({}, elements=3000)), 5)
     assert again.read_bytes() == (tmp_path / "theta0.safetensors").read_bytes()
 
 

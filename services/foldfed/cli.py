@@ -11,13 +11,10 @@ import argparse
 import asyncio
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from foldfed.errors import FoldfedError
-
-DEFAULT_BROKER_DIR = Path(os.environ.get("FOLDFED_BROKER_DIR", "var/broker"))
 
 # Feature packages that add their own subcommands: each names a module with
 # `register(sub)`, which must import nothing heavy (torch, openfold3) at module level, so
@@ -33,8 +30,11 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+    from foldfed.settings import load
 
-    broker = LocalBroker(Path(args.dir), port=args.port)
+    # Resolved here, not when the parser is built: a bad environment fails this command.
+    folder = Path(args.dir) if args.dir else load().broker_dir
+    broker = LocalBroker(folder, port=args.port)
     if args.action == "start":
         ensure_rabbitmq_installed()
         url = broker.start()
@@ -106,7 +106,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     from foldfed.trainer.families import trainer_settings_from_env
     from foldfed.trainer.service import run_trainer
 
-    settings = trainer_settings_from_env(os.environ)
+    settings = trainer_settings_from_env()
     run_service(
         "trainer", lambda stop: run_trainer(settings, stop), participant=settings.participant
     )
@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="a private local RabbitMQ (tests, demo)")
     broker.add_argument("action", choices=["start", "stop", "status"])
-    broker.add_argument("--dir", default=str(DEFAULT_BROKER_DIR), help="data folder")
+    broker.add_argument(
+        "--dir", default=None, help="data folder (default: $FOLDFED_BROKER_DIR or var/broker)"
+    )
     broker.add_argument("--port", type=int, default=None, help="AMQP port (default: free)")
     broker.set_defaults(func=cmd_broker)
 

@@ -13,63 +13,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from foldfed.errors import ConfigError
 from foldfed.settings import Settings, load, required, variable
-from foldfed.topology import is_valid_participant_id
-
-# ---------------------------------------------------------------------------------------
-# Deprecated, for removal: the hand-written parsers that foldfed.settings replaces. Kept
-# only for the modules not yet moved to the registry (trainer/service.py, of3/backend.py,
-# loadtest/simtrainer.py, uploader/service.py, deploy/commands.py); delete with them.
-
-
-def _get(env: Mapping[str, str], key: str, default: str | None = None) -> str:
-    value = env.get(key, default)
-    if value is None or value == "":
-        raise ConfigError(f"{key} is not set")
-    return value
-
-
-_N = TypeVar("_N", int, float)
-
-
-def _number(
-    env: Mapping[str, str], key: str, default: _N, minimum: _N, parse: type[_N], what: str
-) -> _N:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = parse(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not {what}") from None
-    if not value >= minimum:  # also false for NaN
-        raise ConfigError(f"{key}={value} must be >= {minimum}")
-    return value
-
-
-def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
-    return _number(env, key, default, minimum, int, "an integer")
-
-
-def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
-    return _number(env, key, default, minimum, float, "a number")
-
-
-def _participants(env: Mapping[str, str], key: str) -> tuple[str, ...]:
-    names = tuple(sorted({p.strip() for p in _get(env, key).split(",") if p.strip()}))
-    for name in names:
-        if not is_valid_participant_id(name):
-            raise ConfigError(f"{key}: {name!r} is not a valid participant id")
-    if not names:
-        raise ConfigError(f"{key} names no participant")
-    return names
-
-
-# ---------------------------------------------------------------------------------------
 
 
 def existing_initial_model(settings: Settings) -> Path:

@@ -43,13 +43,13 @@ import structlog
 from aiohttp import web
 
 from foldfed.errors import ConfigError
+from foldfed.settings import load, variable, was_given
 
 log = structlog.get_logger(__name__)
 
-PORT_VAR = "FOLDFED_HEALTH_PORT"
-HOST_VAR = "FOLDFED_HEALTH_HOST"
-CACHE_VAR = "FOLDFED_HEALTH_CACHE_S"
-STORE_VARS = ("FOLDFED_STATE_DIR", "FOLDFED_SPOOL_DIR")
+PORT_VAR = variable("health_port")
+# The store folders a service may be configured with (Settings fields).
+STORE_FIELDS = ("state_dir", "spool_dir")
 # A probe gets its answer within this; a check that takes longer fails with a timeout.
 CHECK_TIMEOUT_S = 5.0
 
@@ -75,28 +75,18 @@ class HealthSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> HealthSettings | None:
         """None when `FOLDFED_HEALTH_PORT` is unset or empty (health server off)."""
-        raw = env.get(PORT_VAR, "")
-        if raw == "":
+        s = load(env)
+        if s.health_port is None:  # 0 is a port: any free one (tests)
             return None
-        try:
-            port = int(raw)
-        except ValueError:
-            raise ConfigError(f"{PORT_VAR}={raw!r} is not an integer") from None
-        if not 0 <= port <= 65535:  # 0: any free port (tests)
-            raise ConfigError(f"{PORT_VAR}={port} must be in 0..65535")
-        raw_cache = env.get(CACHE_VAR, "") or "5"
-        try:
-            cache_s = float(raw_cache)
-        except ValueError:
-            raise ConfigError(f"{CACHE_VAR}={raw_cache!r} is not a number") from None
-        if not cache_s >= 0:
-            raise ConfigError(f"{CACHE_VAR}={cache_s} must be >= 0")
+        # Only the folders the environment names: a default folder the service does not
+        # use (the hub's state folder in a trainer) is no part of its readiness.
+        stores = tuple((variable(f), getattr(s, f)) for f in STORE_FIELDS if was_given(s, f))
         return cls(
-            host=env.get(HOST_VAR, "") or "0.0.0.0",
-            port=port,
-            cache_s=cache_s,
-            amqp_url=env.get("FOLDFED_AMQP_URL") or None,
-            stores=tuple((var, Path(env[var])) for var in STORE_VARS if env.get(var)),
+            host=s.health_host,
+            port=s.health_port,
+            cache_s=s.health_cache_s,
+            amqp_url=s.amqp_url,
+            stores=stores,
         )
 
 
@@ -299,11 +289,7 @@ def probe_url(url: str | None, port: int | None, ready: bool, env: Mapping[str, 
     if url:
         return url
     if port is None:
-        raw = env.get(PORT_VAR, "")
-        if not raw:
+        port = load(env).health_port
+        if port is None:
             raise ConfigError(f"foldfed health needs --url, --port or {PORT_VAR}")
-        try:
-            port = int(raw)
-        except ValueError:
-            raise ConfigError(f"{PORT_VAR}={raw!r} is not an integer") from None
     return f"http://127.0.0.1:{port}/{'readyz' if ready else 'healthz'}"

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlparse
 from foldfed.credentials import new_password
 from foldfed.errors import FoldfedError
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+from foldfed.settings import env_for
 
 FOLDFED = [sys.executable, "-m", "foldfed.cli"]
 
@@ -43,7 +44,8 @@ class FederationSpec:
     participants: tuple[str, ...]
     steps: int
     workdir: Path
-    # FOLDFED_* settings every process gets (K, G, optimizer, chunk size, ...).
+    # FOLDFED_* settings every process gets (K, G, optimizer, chunk size, ...), as
+    # settings.env_for writes them.
     common_env: Mapping[str, str] = field(default_factory=dict)
     # Extra settings per participant (e.g. a rate limit to emulate a slow link).
     participant_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -113,21 +115,25 @@ class LocalFederation:
     def hub_env(self) -> dict[str, str]:
         return {
             **self.spec.common_env,
-            "FOLDFED_AMQP_URL": self.admin_url,
-            "FOLDFED_PARTICIPANTS": ",".join(self.spec.participants),
-            "FOLDFED_STATE_DIR": str(self.hub_dir),
-            "FOLDFED_INITIAL_MODEL": str(self.initial_model),
-            "FOLDFED_STEPS": str(self.spec.steps),
+            **env_for(
+                amqp_url=self.admin_url,
+                participants=self.spec.participants,
+                state_dir=self.hub_dir,
+                initial_model=self.initial_model,
+                steps=self.spec.steps,
+            ),
         }
 
     def participant_env(self, participant: str) -> dict[str, str]:
         return {
             **self.spec.common_env,
-            "FOLDFED_AMQP_URL": self.url_for(participant),
-            "FOLDFED_PARTICIPANT": participant,
-            "FOLDFED_PARTICIPANTS": ",".join(self.spec.participants),
-            "FOLDFED_SPOOL_DIR": str(self.spool_of(participant)),
-            "FOLDFED_INITIAL_MODEL": str(self.initial_model),
+            **env_for(
+                amqp_url=self.url_for(participant),
+                participant=participant,
+                participants=self.spec.participants,
+                spool_dir=self.spool_of(participant),
+                initial_model=self.initial_model,
+            ),
             **self.spec.participant_env.get(participant, {}),
         }
 
@@ -146,7 +152,7 @@ class LocalFederation:
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Process:
         log_path = self.logs / f"{name}.log"
         # Every process's spans in the run's folder: `foldfed trace STEP --dir <it>`.
-        full_env = {**_base_env(), "FOLDFED_TRACE_DIR": str(self.trace_dir), **env}
+        full_env = {**_base_env(), **env_for(trace_dir=self.trace_dir), **env}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [*FOLDFED, *args],
@@ -171,8 +177,9 @@ class LocalFederation:
         """The monitor, before the barrier so that it sees the first release."""
         port = self.spec.monitor_port or _free_port()
         self.monitor_url = f"http://127.0.0.1:{port}/"
-        env = {**self.hub_env(), "FOLDFED_MONITOR_PORT": str(port)}
-        self.start("monitor", ["monitor"], {"FOLDFED_MONITOR_HOST": "127.0.0.1", **env})
+        local = env_for(monitor_host="127.0.0.1")  # unless the common settings say otherwise
+        env = {**local, **self.hub_env(), **env_for(monitor_port=port)}
+        self.start("monitor", ["monitor"], env)
         self.wait_for_log("monitor", "monitor ready")
 
     def start_participant(self, participant: str) -> None:

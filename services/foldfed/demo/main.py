@@ -16,6 +16,7 @@ from foldfed.demo.observer import Observer, RunRecord
 from foldfed.demo.report import save_loss_curve, save_timeline, summary_text
 from foldfed.domain import DeliveryReceipt, Event
 from foldfed.errors import FoldfedError
+from foldfed.settings import env_for, load
 from foldfed.trainer.families import load_family
 
 # No event for this long while a step is open: say who the barrier is waiting for.
@@ -44,8 +45,7 @@ def run_demo(options: DemoOptions) -> int:
     family = load_family(options.model)  # a bad name fails before anything starts
     names = participant_names(options.participants)
     common_env = {
-        "FOLDFED_SEED": str(options.seed),
-        "FOLDFED_MODEL": options.model,
+        **env_for(seed=options.seed, model=options.model),
         **family.demo_env(names, options.sample_dir),
     }
     spec = FederationSpec(
@@ -64,7 +64,7 @@ def run_demo(options: DemoOptions) -> int:
     try:
         print("  starting a private RabbitMQ ...", flush=True)
         federation.start_broker()
-        family.write_initial_model(federation.initial_model, common_env, options.seed)
+        family.write_initial_model(federation.initial_model, load(common_env), options.seed)
         record = RunRecord(spec.participants, spec.steps)
         asyncio.run(_watch(federation, record, options.timeout_s))
     except KeyboardInterrupt:

@@ -67,23 +67,18 @@ def cmd_initial_model(args: argparse.Namespace) -> int:
     if args.if_missing and out.is_file():
         print(f"{out} exists: kept", flush=True)
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    seed = args.seed if args.seed is not None else _seed_from_env()
-    from foldfed.trainer.backend import model_of
+    from foldfed.settings import load
     from foldfed.trainer.families import load_family
 
+    settings = load()  # a bad variable fails before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seed = args.seed if args.seed is not None else settings.seed
     # mlp: the seeded demo task; OpenFold3 (the of3 extra): the seeded preset, or
     # FOLDFED_OF3_CHECKPOINT; any family: what its `write_initial_model` writes.
-    family = load_family(model_of(os.environ))
-    digest = family.write_initial_model(out, os.environ, seed)
+    family = load_family(settings.model)
+    digest = family.write_initial_model(out, settings, seed)
     print(f"wrote {out}: model digest {digest.hex()}", flush=True)
     return 0
-
-
-def _seed_from_env() -> int:
-    from foldfed.config import _int
-
-    return _int(os.environ, "FOLDFED_SEED", 0, 0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

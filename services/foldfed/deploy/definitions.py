@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlparse
 
 from foldfed import topology
 from foldfed.errors import ConfigError
+from foldfed.settings import load, required
 
 DEFAULT_HUB_USER = "foldfed-hub"
 # The hub is confined to foldfed's own names (docs/format.md section 7, "SHOULD").
@@ -155,7 +156,11 @@ def parse_env_file(text: str, source: str = "env file") -> dict[str, str]:
 
 
 def url_of_env(env: Mapping[str, str], source: str) -> str:
-    url = env.get("FOLDFED_AMQP_URL", "")
-    if not url:
-        raise ConfigError(f"{source}: FOLDFED_AMQP_URL is not set")
-    return url
+    """FOLDFED_AMQP_URL of an env file's variables, read through the settings registry: the
+    file's other variables are checked too, as the service it configures would check them.
+    (The file is parsed by `parse_env_file`, not by pydantic-settings' dotenv source, which
+    skips a malformed line with a warning where compose would refuse the file.)"""
+    try:
+        return required(load(env).amqp_url, "amqp_url")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None

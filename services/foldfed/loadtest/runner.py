@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from foldfed import hubctl
+from foldfed.credentials import new_password
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.observer import Observer, RunRecord
 from foldfed.errors import FoldfedError
@@ -39,6 +40,10 @@ from foldfed.loadtest.scenario import MIB, Scenario
 from foldfed.loadtest.timeline import ParticipantObs, goodput, measure, overhead_s
 from foldfed.loadtest.verdicts import RunResult, check_run
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+from foldfed.settings import env_for, load
+
+if TYPE_CHECKING:
+    from foldfed.trainer.backends.sim import SimSettings
 
 log = structlog.get_logger(__name__)
 # Spool polling of the uploader and the trainer: fine enough not to blur steps.
@@ -60,12 +65,10 @@ class SharedBroker:
         self.admin_url = ""
 
     def start(self) -> None:
-        import secrets
-
         ensure_rabbitmq_installed()
         self.admin_url = self.broker.start()
         for name in self.names:
-            self.passwords[name] = secrets.token_hex(16)
+            self.passwords[name] = new_password()
             self.broker.add_participant(name, self.passwords[name])
 
     def stop(self) -> None:
@@ -94,15 +97,15 @@ class Run:
             participants=scenario.names,
             steps=scenario.steps,
             workdir=workdir,
-            common_env={
-                "FOLDFED_CHUNK_SIZE": str(scenario.chunk_mib * MIB),
-                "FOLDFED_POLL_S": str(POLL_S),
-                "FOLDFED_REPLY_TIMEOUT_S": "10",
-                "FOLDFED_SEED": str(scenario.seed),
+            common_env=env_for(
+                chunk_size=scenario.chunk_mib * MIB,
+                poll_s=POLL_S,
+                reply_timeout_s=10.0,
+                seed=scenario.seed,
                 # Span files cost CPU per message on a 2-core machine; tracing's own
                 # overhead is bench/tracing_overhead.py's subject, not this one's.
-                "FOLDFED_TRACING": "off",
-            },
+                tracing=False,
+            ),
         )
         self.fed = LocalFederation(spec, broker=shared.broker, passwords=shared.passwords)
         self.record = RunRecord(scenario.names, scenario.total_steps)
@@ -114,27 +117,25 @@ class Run:
     # -------------------------------------------------------------- environments
 
     def hub_env(self, cycle: int) -> dict[str, str]:
-        env = self.fed.hub_env()
         if cycle == 1:
-            env["FOLDFED_PARTICIPANTS"] = ",".join(self.s.first_cycle())
-        else:
-            env.update(
-                FOLDFED_CYCLE=str(cycle),
-                FOLDFED_FIRST_STEP=str(self.s.steps + 2),
-                FOLDFED_STEPS=str(self.s.next_cycle_steps),
-                FOLDFED_INITIAL_MODEL=str(self.cycle_initial),
-            )
-        return env
+            return {**self.fed.hub_env(), **env_for(participants=self.s.first_cycle())}
+        return {
+            **self.fed.hub_env(),
+            **env_for(
+                cycle=cycle,
+                first_step=self.s.steps + 2,
+                steps=self.s.next_cycle_steps,
+                initial_model=self.cycle_initial,
+            ),
+        }
 
     def participant_env(self, name: str) -> dict[str, str]:
         p = self.s.participant(name)
-        env = self.fed.participant_env(name)
-        env.update(sim_env(self.s, name))
-        if p.bandwidth_bps > 0:
-            env["FOLDFED_RATE_LIMIT_BPS"] = str(max(1, round(p.bandwidth_bps)))
-        if name in self.s.late_joiners:
-            env["FOLDFED_INITIAL_MODEL"] = str(self.cycle_initial)
-        return env
+        own = env_for(
+            rate_limit_bps=max(1, round(p.bandwidth_bps)) if p.bandwidth_bps > 0 else None,
+            initial_model=self.cycle_initial if name in self.s.late_joiners else None,
+        )
+        return {**self.fed.participant_env(name), **sim_settings(self.s, name).env(), **own}
 
     # -------------------------------------------------------------- processes
 
@@ -149,11 +150,13 @@ class Run:
         self.monitor_port = _free_port()
         env = {
             **hub_env,
-            "FOLDFED_STATE_DIR": str(self.workdir / "monitor"),
-            "FOLDFED_MONITOR_HOST": "127.0.0.1",
-            "FOLDFED_MONITOR_PORT": str(self.monitor_port),
-            # Its rule in real seconds is 1 s of excess; here time runs S times faster.
-            "FOLDFED_MONITOR_STRAGGLER_MIN_S": str(1.0 / self.s.time_scale),
+            **env_for(
+                state_dir=self.workdir / "monitor",
+                monitor_host="127.0.0.1",
+                monitor_port=self.monitor_port,
+                # Its rule in real seconds is 1 s of excess; here time runs S times faster.
+                monitor_straggler_min_s=1.0 / self.s.time_scale,
+            ),
         }
         self.fed.start("monitor", ["monitor"], env)
         self.fed.wait_for_log("monitor", "monitor ready")
@@ -399,11 +402,11 @@ class Run:
         return result
 
 
-def sim_env(scenario: Scenario, name: str) -> dict[str, str]:
+def sim_settings(scenario: Scenario, name: str) -> SimSettings:
     """A participant's trainer settings for the `sim` family: its compute time of every step
     the scenario can release (drawn from its distribution, in run seconds), the delta's
     weight and the model's size."""
-    from foldfed.trainer.backends.sim import SIM_VAR, SimSettings
+    from foldfed.trainer.backends.sim import SimSettings
 
     compute = scenario.participant(name).compute
     # Cycle 1's steps, its final release, then cycle 2's steps and final release.
@@ -412,16 +415,15 @@ def sim_env(scenario: Scenario, name: str) -> dict[str, str]:
         step: compute_seconds(compute, scenario.seed, name, step) / scenario.time_scale
         for step in range(1, last + 1)
     }
-    sim = SimSettings(weight=scenario.weight, elements=scenario.delta_elements, compute_s=draws)
-    return {"FOLDFED_MODEL": "sim", SIM_VAR: sim.to_json()}
+    return SimSettings(weight=scenario.weight, elements=scenario.delta_elements, compute_s=draws)
 
 
 def _write_initial_model(path: Path, scenario: Scenario) -> None:
     """θ_0 of the scenario's size, as `foldfed initial-model` writes it for the sim family."""
     from foldfed.trainer.families import load_family
 
-    env = sim_env(scenario, scenario.names[0])
-    load_family("sim").write_initial_model(path, env, scenario.seed)
+    settings = load(sim_settings(scenario, scenario.names[0]).env())
+    load_family("sim").write_initial_model(path, settings, scenario.seed)
 
 
 def _free_port() -> int:
@@ -454,4 +456,4 @@ def run_scenario(
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("FOLDFED_LOADTEST_DIR", "var/loadtest"))
+    return load().loadtest_dir

@@ -6,16 +6,14 @@ rest of foldfed relies on; docs/rabbitmq.md records them with the numbers measur
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from foldfed.errors import BrokerError
 from foldfed.localbroker.datadir import Ports
 from foldfed.localbroker.netprobe import HOST
+from foldfed.settings import load, variable
 
 __all__ = [
     "ADMIN_USER",
-    "DEFAULT_DISK_FREE_LIMIT",
     "DISK_FREE_LIMIT_ENV",
     "MARK_ENV",
     "MAX_MESSAGE_SIZE",
@@ -25,33 +23,23 @@ __all__ = [
 ]
 
 ADMIN_USER = "foldfed-admin"
-# Free disk below which RabbitMQ blocks all publishers. RabbitMQ's own default (50 MB) is far
-# too low when single payloads are GBs: the disk would fill before the alarm fires. 1GB is
-# enough headroom for our transfers yet does not alarm on a small dev disk; raise it for big
-# runs (e.g. "5GB"). Units as RabbitMQ accepts them: 1GB, 500MB, 2GiB, 1G, or plain bytes.
-DISK_FREE_LIMIT_ENV = "FOLDFED_BROKER_DISK_FREE_LIMIT"
-DEFAULT_DISK_FREE_LIMIT = "1GB"
+# Free disk below which RabbitMQ blocks all publishers: its default, its units and why they
+# are checked before RabbitMQ sees them are the settings registry's (foldfed/settings).
+DISK_FREE_LIMIT_ENV = variable("broker_disk_free_limit")
 # RabbitMQ's default, written out so the limit the code relies on is visible: a larger message
 # is refused with PRECONDITION_FAILED and the channel is closed (docs/rabbitmq.md). Chunking
 # keeps every message far below it.
 MAX_MESSAGE_SIZE = 134_217_728
 
 # Every process we start carries MARK_ENV=<data_dir>; see `lifecycle` for why.
-MARK_ENV = "FOLDFED_LOCALBROKER_DIR"
-
-# RabbitMQ 3.10's own parser (rabbit_resource_monitor_misc). A value it cannot parse is only
-# logged, and the limit silently falls back to 50MB, so we refuse it before starting.
-_DISK_LIMIT_RE = re.compile(
-    r"^[0-9]+(kB|KB|MB|GB|kb|mb|gb|Kb|Mb|Gb|kiB|KiB|MiB|GiB|kib|mib|gib|KIB|MIB|GIB|k|K|m|M|g|G)?$"
-)
+MARK_ENV = variable("localbroker_dir")
 
 
 def disk_free_limit() -> str:
-    value = os.environ.get(DISK_FREE_LIMIT_ENV, "").strip() or DEFAULT_DISK_FREE_LIMIT
-    # Also guards the config file against injection (a newline would add settings).
-    if not _DISK_LIMIT_RE.fullmatch(value):
-        raise BrokerError(f"{DISK_FREE_LIMIT_ENV}={value!r}: expected e.g. 1GB, 500MB, 2GiB")
-    return value
+    """FOLDFED_BROKER_DISK_FREE_LIMIT, in RabbitMQ's own units: the registry refuses what
+    RabbitMQ would only log (falling back to 50MB), which also keeps a newline, and so a
+    setting of its own, out of the config file. A bad value: ConfigError naming it."""
+    return load().broker_disk_free_limit
 
 
 def render_config(port: int, password: str) -> str:

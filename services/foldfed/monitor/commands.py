@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from foldfed.settings import Settings
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -30,14 +33,23 @@ def fetch_state(url: str, timeout: float = 10.0) -> dict:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from foldfed.monitor.render import status_text
+    from foldfed.settings import load
 
+    # Resolved here, not when the parser is built: a bad environment fails this command
+    # with a message naming the variable, not every command's start.
+    url = args.url or default_url(load())
     try:
-        snap = fetch_state(args.url)
+        snap = fetch_state(url)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"foldfed: error: cannot read the monitor at {args.url}: {exc}", file=sys.stderr)
+        print(f"foldfed: error: cannot read the monitor at {url}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(snap, indent=2) if args.json else status_text(snap))
     return 0
+
+
+def default_url(settings: Settings) -> str:
+    """FOLDFED_MONITOR_URL, else the monitor on this machine at FOLDFED_MONITOR_PORT."""
+    return settings.monitor_url or f"http://127.0.0.1:{settings.monitor_port}/"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,12 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "monitor", help="hub: stragglers, idle attribution, ETA; dashboard and /metrics"
     )
     monitor.set_defaults(func=cmd_monitor)
-    port = os.environ.get("FOLDFED_MONITOR_PORT") or "8090"
     status = sub.add_parser("status", help="the monitor's picture of the cycle, in the terminal")
     status.add_argument(
         "--url",
-        default=os.environ.get("FOLDFED_MONITOR_URL") or f"http://127.0.0.1:{port}/",
-        help="the monitor's base URL (default: $FOLDFED_MONITOR_URL or local port)",
+        default=None,
+        help="the monitor's base URL (default: $FOLDFED_MONITOR_URL, else this machine's"
+        " $FOLDFED_MONITOR_PORT)",
     )
     status.add_argument("--json", action="store_true", help="print /api/state as JSON")
     status.set_defaults(func=cmd_status)

@@ -3,18 +3,10 @@
 The trainer runs it as the `openfold3-tiny` and `openfold3-full` families
 (trainer/backends/openfold3.py); nothing here imports the trainer.
 
-Settings (environment, read by `Of3Settings.from_env`):
-
-| variable | meaning |
-|---|---|
-| `FOLDFED_MODEL` | `openfold3-tiny` or `openfold3-full` (other families: trainer/backend.py) |
-| `FOLDFED_OF3_SAMPLE` | folder prepared by `foldfed data sample` (sample.json + features) |
-| `FOLDFED_OF3_FINETUNE` | `all` (default), `confidence`, or `prefixes:a.b,c.d` |
-| `FOLDFED_OF3_CHECKPOINT` | optional local checkpoint to start from (never downloaded) |
-| `FOLDFED_OF3_OVERRIDES` | optional JSON object of dotted config paths -> values |
-| `FOLDFED_OF3_LR`, `FOLDFED_OF3_WARMUP` | peak lr (1.8e-3) and warm-up steps (1000) |
-| `FOLDFED_OF3_COMPANY` | the site's name in the sample (default: `FOLDFED_PARTICIPANT`) |
-| `FOLDFED_OF3_EVAL` | `heldout` (default), `global`, `both` or `none`: see below |
+Settings: `FOLDFED_MODEL` (`openfold3-tiny` or `openfold3-full`) and the `FOLDFED_OF3_*`
+variables, declared (type, default, doc) in the settings registry, foldfed/settings;
+`Of3Settings.from_settings` adds the checks the registry cannot make (the checkpoint is a
+file, the overrides are a JSON object of config paths, the finetune mode's prefixes).
 
 Evaluation (`FOLDFED_OF3_EVAL`): `heldout` scores the site's held-out split (`eval_*`
 metrics); `global` scores every site's held-out entries of the shared sample instead
@@ -39,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from foldfed.config import _float, _get, _int
 from foldfed.errors import ConfigError
 from foldfed.of3.finetune import FinetuneMode, apply_mode
 from foldfed.of3.presets import model_config, parse_overrides, size_of_model
+from foldfed.settings import Settings, load, variable
+from foldfed.settings.registry import Of3Eval
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +45,6 @@ if TYPE_CHECKING:
 
 State = dict[str, "torch.Tensor"]
 log = structlog.get_logger(__name__)
-EVAL_MODES = ("heldout", "global", "both", "none")
 
 
 @dataclass(frozen=True)
@@ -64,7 +56,7 @@ class Of3Settings:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     lr: float = 1.8e-3
     warmup_steps: int = 1000
-    eval_mode: str = "heldout"
+    eval_mode: Of3Eval = "heldout"
     company: str | None = None
 
     @property
@@ -73,29 +65,24 @@ class Of3Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Of3Settings:
-        model = _get(env, "FOLDFED_MODEL")
-        size_of_model(model)  # validates
-        checkpoint = env.get("FOLDFED_OF3_CHECKPOINT") or None
-        if checkpoint is not None and not Path(checkpoint).is_file():
-            raise ConfigError(f"FOLDFED_OF3_CHECKPOINT: {checkpoint} is not a file")
-        eval_mode = env.get("FOLDFED_OF3_EVAL") or "heldout"
-        if eval_mode not in EVAL_MODES:
-            raise ConfigError(
-                f"FOLDFED_OF3_EVAL={eval_mode!r}: expected one of {', '.join(EVAL_MODES)}"
-            )
-        lr = _float(env, "FOLDFED_OF3_LR", 1.8e-3, 0.0)
-        if lr == 0.0:
-            raise ConfigError("FOLDFED_OF3_LR must be > 0")
+        return cls.from_settings(load(env))
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Of3Settings:
+        size_of_model(s.model)  # validates
+        checkpoint = s.of3_checkpoint
+        if checkpoint is not None and not checkpoint.is_file():
+            raise ConfigError(f"{variable('of3_checkpoint')}: {checkpoint} is not a file")
         return cls(
-            model=model,
-            sample_dir=Path(env["FOLDFED_OF3_SAMPLE"]) if env.get("FOLDFED_OF3_SAMPLE") else None,
-            finetune=FinetuneMode.parse(env.get("FOLDFED_OF3_FINETUNE", "all")),
-            checkpoint=Path(checkpoint) if checkpoint else None,
-            overrides=parse_overrides(env.get("FOLDFED_OF3_OVERRIDES", "")),
-            lr=lr,
-            warmup_steps=_int(env, "FOLDFED_OF3_WARMUP", 1000, 0),
-            eval_mode=eval_mode,
-            company=env.get("FOLDFED_OF3_COMPANY") or None,
+            model=s.model,
+            sample_dir=s.of3_sample,
+            finetune=FinetuneMode.parse(s.of3_finetune),
+            checkpoint=checkpoint,
+            overrides=parse_overrides(s.of3_overrides or ""),
+            lr=s.of3_lr,
+            warmup_steps=s.of3_warmup,
+            eval_mode=s.of3_eval,
+            company=s.of3_company,
         )
 
 

@@ -21,12 +21,14 @@ import torch.distributed as dist
 
 from foldfed.localround import StopCheck
 from foldfed.of3.training import DistContext
+from foldfed.settings import load
 
 _ROUND, _STOP = 1, 0
 
 
 def init_from_env(env: Mapping[str, str] = os.environ) -> DistContext:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT: torch's
+    variables, read as torch documents them; ours come from the settings registry)."""
     world = int(env.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     local = int(env.get("LOCAL_RANK", "0"))
@@ -36,7 +38,7 @@ def init_from_env(env: Mapping[str, str] = os.environ) -> DistContext:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend=env.get("FOLDFED_DDP_BACKEND") or _backend(cuda))
+        dist.init_process_group(backend=load(env).ddp_backend or _backend(cuda))
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 

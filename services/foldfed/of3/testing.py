@@ -4,8 +4,9 @@ featurized once and cached (features are named by content, so a cache never goes
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from foldfed.settings import load
 
 REPO = Path(__file__).resolve().parents[3]
 # Complexes OpenFold3's preprocessing accepts, each with a drug-like ligand (among the 27
@@ -19,8 +20,7 @@ COMPANIES = ("company-a", "company-b", "company-c")
 
 def default_dir() -> Path:
     """var/test-cache/of3-sample in the repository, or $FOLDFED_TEST_CACHE/of3-sample."""
-    base = os.environ.get("FOLDFED_TEST_CACHE")
-    return (Path(base) if base else REPO / "var" / "test-cache") / "of3-sample"
+    return (load().test_cache or REPO / "var" / "test-cache") / "of3-sample"
 
 
 def prepared_sample(out: Path | None = None, companies: int = 3) -> Path:

@@ -5,7 +5,9 @@
 - `load(env)` parses a mapping (default os.environ; a .env file beneath it if given) into
   one frozen `Settings`; a bad value raises ConfigError naming the variable and the value
   (`FOLDFED_STEPS='abc' is not an integer`). `required(value, field)` is how a service
-  demands a variable only its role needs; `variable(field)` names a field's variable.
+  demands a variable only its role needs; `variable(field)` names a field's variable,
+  `default(field)` gives its default, `was_given(settings, field)` says whether the
+  environment set it.
 - `env_for(**typed)` turns typed values into environment strings, checked by the same
   parser: the demo, load tests and fixtures build environments with it.
 - `readme.py` renders README's variable table (`python -m foldfed.settings --write
@@ -19,7 +21,7 @@ widely used and actively maintained companion, and it replaces the hand-written
 `_int/_float` parsers once spread over many modules.
 """
 
-from foldfed.settings.parse import env_for, load, required, variable
+from foldfed.settings.parse import default, env_for, load, required, variable, was_given
 from foldfed.settings.registry import Settings
 
-__all__ = ["Settings", "env_for", "load", "required", "variable"]
+__all__ = ["Settings", "default", "env_for", "load", "required", "variable", "was_given"]

@@ -87,6 +87,17 @@ def variable(field: str) -> str:
     return alias
 
 
+def default(field: str) -> Any:
+    """The registry's default of a field: default("model") == "mlp"."""
+    return Settings.model_fields[field].default
+
+
+def was_given(settings: Settings, field: str) -> bool:
+    """Whether the environment set `field` (rather than the registry's default applying):
+    what a check that follows "what the service was configured with" needs."""
+    return field in settings.model_fields_set
+
+
 def env_for(**values: Any) -> dict[str, str]:
     """Environment strings for typed values, keyed by Settings field (None: left out),
     checked by `load`: env_for(steps=3, tracing=False) == {"FOLDFED_STEPS": "3",

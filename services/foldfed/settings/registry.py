@@ -132,6 +132,10 @@ FinetuneMode = Annotated[
 ChunkSize = Annotated[
     int, AfterValidator(_chunk_size), Label("integer, 1 to 16 MiB, a multiple of 8")
 ]
+# The choices of a Literal setting, declared here once; the code that acts on them takes
+# its list from these (`typing.get_args`).
+LocalOptimizer = Literal["adamw", "sgd"]
+Of3Eval = Literal["heldout", "global", "both", "none"]
 
 
 def _var(
@@ -261,7 +265,7 @@ class Settings(BaseSettings):
         "FOLDFED_MICRO_BATCH", 32, "trainer", "samples per micro-batch (mlp)", ge=1
     )
     lr: float = _var("FOLDFED_LR", 1e-3, "trainer", "local learning rate (mlp)", gt=0.0)
-    optimizer: Literal["adamw", "sgd"] = _var(
+    optimizer: LocalOptimizer = _var(
         "FOLDFED_OPTIMIZER", "adamw", "trainer", "local optimizer (mlp)"
     )
     seed: int = _var(
@@ -293,7 +297,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     of3_lr: float = _var("FOLDFED_OF3_LR", 1.8e-3, "trainer", "OpenFold3: peak lr", gt=0.0)
     of3_warmup: int = _var("FOLDFED_OF3_WARMUP", 1000, "trainer", "OpenFold3: warm-up steps", ge=0)
-    of3_eval: Literal["heldout", "global", "both", "none"] = _var(
+    of3_eval: Of3Eval = _var(
         "FOLDFED_OF3_EVAL", "heldout", "trainer",
         "OpenFold3: what is scored (docs/of3_training.md)",
     )  # fmt: skip
@@ -382,6 +386,9 @@ class Settings(BaseSettings):
     broker_dir: Path = _var(
         "FOLDFED_BROKER_DIR", Path("var/broker"), "cli", "data folder of `foldfed broker`"
     )
+    # RabbitMQ's own default (50 MB) is far too low when single payloads are GBs: the disk
+    # would fill before the alarm fires. 1GB is headroom enough for our transfers yet does
+    # not alarm on a small dev disk; raise it for big runs (e.g. "5GB").
     broker_disk_free_limit: DiskLimit = _var(
         "FOLDFED_BROKER_DISK_FREE_LIMIT", "1GB", "localbroker demo tests",
         "local broker: free disk below which RabbitMQ blocks every publisher",
@@ -395,7 +402,8 @@ class Settings(BaseSettings):
     )
     loadtest_sim: str | None = _var(
         "FOLDFED_LOADTEST_SIM", None, "loadtest",
-        "(internal) a simulated trainer's JSON: seed, time_scale, weight, compute",
+        "(internal) the `sim` trainer's JSON: `weight`, `elements` (θ's float32 values),"
+        " `compute_s` (`{step: seconds}`)",
     )  # fmt: skip
 
     @classmethod

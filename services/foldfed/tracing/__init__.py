@@ -2,7 +2,8 @@
 
 The services use a handful of helpers from here and never touch OpenTelemetry themselves:
 
-- `setup_tracing(service, participant)`: once per process, at start (cli.py). Installs a
+- `setup_tracing(service, participant)`: once per process, at start (runtime.py's
+  `run_service`, which every service's entry point calls). Installs a
   TracerProvider exporting to a JSON-lines file per service under FOLDFED_TRACE_DIR and,
   when OTEL_EXPORTER_OTLP_ENDPOINT is set, to an OTLP/HTTP collector. FOLDFED_TRACING=off
   records nothing: every helper below is then a cheap no-op.

@@ -23,26 +23,22 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
-from foldfed.config import _float, _get, _int, _participants
+from foldfed.config import spool_dir_of
 from foldfed.errors import ConfigError
 from foldfed.localround import RoundResult, StopCheck
-from foldfed.topology import is_valid_participant_id
+from foldfed.settings import Settings, default, load, required, variable
+from foldfed.settings.registry import LocalOptimizer
 
 if TYPE_CHECKING:
     import torch
 
-MODEL_VAR = "FOLDFED_MODEL"
-DEFAULT_MODEL = "mlp"
+MODEL_VAR = variable("model")
+DEFAULT_MODEL: str = default("model")
 # FOLDFED_OPTIMIZER: the local optimizer of the families that let it be chosen (mlp).
-Optimizer = Literal["adamw", "sgd"]
-OPTIMIZERS: tuple[Optimizer, ...] = ("adamw", "sgd")
-
-
-def model_of(env: Mapping[str, str]) -> str:
-    """The family the environment names (`mlp` when unset)."""
-    return env.get(MODEL_VAR) or DEFAULT_MODEL
+Optimizer = LocalOptimizer
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
 
 
 # ---------------------------------------------------------------- what a family does
@@ -68,7 +64,7 @@ class Backend(Protocol):
 class Family(Protocol):
     """What the trainer, `foldfed initial-model` and `foldfed demo` need of a family."""
 
-    def settings_from_env(self, env: Mapping[str, str]) -> Any:
+    def settings_from(self, settings: Settings) -> Any:
         """The family's own settings, validated (ConfigError naming the variable); stored
         in TrainerSettings.family_settings and handed back to `make_backend`."""
         ...
@@ -77,12 +73,13 @@ class Family(Protocol):
         """The backend of one trainer process (builds the model, loads the site's data)."""
         ...
 
-    def write_initial_model(self, path: Path, env: Mapping[str, str], seed: int) -> bytes:
+    def write_initial_model(self, path: Path, settings: Settings, seed: int) -> bytes:
         """θ_0 at `path`, canonically (every party computes the same bytes); its digest."""
         ...
 
     def demo_env(self, participants: tuple[str, ...], sample_dir: Path) -> dict[str, str]:
-        """Settings of a short CPU demo run of this family, its data prepared if needed."""
+        """Settings of a short CPU demo run of this family (settings.env_for), its data
+        prepared if needed."""
         ...
 
 
@@ -106,59 +103,50 @@ class TrainerSettings:
     samples: int = 2048
     poll_s: float = 0.2
     # FOLDFED_MODEL: a name in FAMILIES; the family's own settings (FOLDFED_OF3_*, ...),
-    # as its `settings_from_env` returned them.
+    # as its `settings_from` returned them.
     model: str = DEFAULT_MODEL
     family_settings: Any = None
 
     @classmethod
     def common_from_env(cls, env: Mapping[str, str] = os.environ) -> TrainerSettings:
+        return cls.common_from_settings(load(env))
+
+    @classmethod
+    def common_from_settings(cls, s: Settings) -> TrainerSettings:
         """Every setting but the family's own (`family_settings` stays None): the registry
         adds those (families.trainer_settings_from_env), as only it knows the families."""
-        participant = _get(env, "FOLDFED_PARTICIPANT")
-        if not is_valid_participant_id(participant):
-            raise ConfigError(f"FOLDFED_PARTICIPANT: {participant!r} is not a valid id")
-        participants = _participants(env, "FOLDFED_PARTICIPANTS")
-        model = model_of(env)
+        participant = required(s.participant, "participant")
+        participants = required(s.participants, "participants")
         return cls(
             participant=participant,
-            participant_index=_participant_index(env, participant, participants),
+            participant_index=_participant_index(s, participant, participants),
             n_participants=len(participants),
-            spool_dir=Path(_get(env, "FOLDFED_SPOOL_DIR", f"var/spool/{participant}")),
-            initial_model=Path(_get(env, "FOLDFED_INITIAL_MODEL")),
-            local_steps=_int(env, "FOLDFED_LOCAL_STEPS", 10, 1),
-            grad_accum=_int(env, "FOLDFED_GRAD_ACCUM", 8, 1),
-            micro_batch=_int(env, "FOLDFED_MICRO_BATCH", 32, 1),
-            lr=_positive(env, "FOLDFED_LR", 1e-3),
-            seed=_int(env, "FOLDFED_SEED", 0, 0),
-            optimizer=_optimizer(env),
-            samples=_int(env, "FOLDFED_SAMPLES", 2048, 5),
-            poll_s=_positive(env, "FOLDFED_POLL_S", 0.2),
-            model=model,
+            spool_dir=spool_dir_of(s, participant),
+            initial_model=required(s.initial_model, "initial_model"),
+            local_steps=s.local_steps,
+            grad_accum=s.grad_accum,
+            micro_batch=s.micro_batch,
+            lr=s.lr,
+            seed=s.seed,
+            optimizer=s.optimizer,
+            samples=s.samples,
+            poll_s=s.poll_s,
+            model=s.model,
         )
 
 
-def _participant_index(env: Mapping[str, str], participant: str, names: tuple[str, ...]) -> int:
+def _participant_index(s: Settings, participant: str, names: tuple[str, ...]) -> int:
     # The participant's place in the sorted list, unless pinned explicitly (a deployment
-    # may keep a site's data shard when the list changes).
+    # may keep a site's data shard when the list changes). Two variables meet here, so
+    # the check is here, not in the registry.
     if participant not in names:
-        raise ConfigError(f"FOLDFED_PARTICIPANTS does not name FOLDFED_PARTICIPANT={participant}")
-    index = _int(env, "FOLDFED_PARTICIPANT_INDEX", names.index(participant), 0)
+        raise ConfigError(
+            f"{variable('participants')} does not name {variable('participant')}={participant}"
+        )
+    index = names.index(participant) if s.participant_index is None else s.participant_index
     if index >= len(names):
         raise ConfigError(
-            f"FOLDFED_PARTICIPANT_INDEX={index} must be < {len(names)} (FOLDFED_PARTICIPANTS)"
+            f"{variable('participant_index')}={index} must be < {len(names)}"
+            f" ({variable('participants')})"
         )
     return index
-
-
-def _positive(env: Mapping[str, str], key: str, default: float) -> float:
-    value = _float(env, key, default, 0.0)
-    if value == 0.0:
-        raise ConfigError(f"{key} must be > 0")
-    return value
-
-
-def _optimizer(env: Mapping[str, str]) -> Optimizer:
-    value = env.get("FOLDFED_OPTIMIZER") or "adamw"
-    if value not in OPTIMIZERS:
-        raise ConfigError(f"FOLDFED_OPTIMIZER={value!r} must be one of {', '.join(OPTIMIZERS)}")
-    return cast(Optimizer, value)

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from foldfed.errors import ConfigError
-from foldfed.trainer.backend import MODEL_VAR, Backend, Family, TrainerSettings, model_of
+from foldfed.settings import load
+from foldfed.trainer.backend import MODEL_VAR, Backend, Family, TrainerSettings
 
 
 def _mlp(name: str) -> Family:
@@ -85,6 +86,7 @@ def make_backend(settings: TrainerSettings) -> Backend:
 def trainer_settings_from_env(env: Mapping[str, str] = os.environ) -> TrainerSettings:
     """The trainer's settings, with the settings of the family FOLDFED_MODEL names
     (validated by the family; ConfigError naming the variable)."""
-    common = TrainerSettings.common_from_env(env)
-    family = load_family(model_of(env))
-    return dataclasses.replace(common, family_settings=family.settings_from_env(env))
+    s = load(env)
+    common = TrainerSettings.common_from_settings(s)
+    family = load_family(s.model)
+    return dataclasses.replace(common, family_settings=family.settings_from(s))

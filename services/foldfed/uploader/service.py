@@ -21,12 +21,13 @@ import structlog
 from foldfed import topology, tracing
 from foldfed.bus import Bus
 from foldfed.chunkstore import ChunkStore
-from foldfed.config import UploaderSettings, _float
+from foldfed.config import UploaderSettings
 from foldfed.digests import digest_of, short
 from foldfed.domain import AnyMessage, Chunk, Event, Manifest, ModelReport, StepReleased
 from foldfed.errors import IntegrityError
 from foldfed.heartbeat import run_heartbeats
 from foldfed.messages import decode, now_ms
+from foldfed.settings import load
 from foldfed.spool import Spool
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.upload import Uploader
@@ -51,7 +52,7 @@ class UploaderService:
         self._step, self._state = 0, "idle"
         # Test-only knob: seconds to wait before each upload (a slow participant, known
         # exactly, for the monitor's straggler test). 0 in production.
-        self._extra_delay_s = _float(os.environ, "FOLDFED_UPLOADER_EXTRA_DELAY_S", 0.0)
+        self._extra_delay_s = load().uploader_extra_delay_s
 
     async def run(self, stop: asyncio.Event) -> None:
         self.inbox.start()

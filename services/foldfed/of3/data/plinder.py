@@ -23,6 +23,7 @@ from pathlib import Path
 
 from foldfed.durable import atomic_write
 from foldfed.errors import FoldfedError
+from foldfed.settings import load
 
 REQUIREMENT = "plinder==0.2.27"
 SDIST_NAME = "plinder-0.2.27.tar.gz"
@@ -40,8 +41,7 @@ class SourceError(FoldfedError):
 
 def default_cache_dir() -> Path:
     """$FOLDFED_CACHE_DIR, else ~/.cache/foldfed."""
-    env = os.environ.get("FOLDFED_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "foldfed"
+    return load().cache_dir or Path.home() / ".cache" / "foldfed"
 
 
 def _sha256(path: Path) -> str:

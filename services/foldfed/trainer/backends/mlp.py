@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from foldfed.localround import RoundResult, StopCheck
+from foldfed.settings import Settings
 from foldfed.trainer import task
 from foldfed.trainer.backend import TrainerSettings
 from foldfed.trainer.local import LocalConfig, Split, evaluate_state, train_round
@@ -63,13 +64,13 @@ class MlpBackend:
 
 
 class MlpFamily:
-    def settings_from_env(self, env: Mapping[str, str]) -> None:
+    def settings_from(self, settings: Settings) -> None:
         return None  # everything it needs is in TrainerSettings
 
     def make_backend(self, settings: TrainerSettings) -> MlpBackend:
         return MlpBackend(settings)
 
-    def write_initial_model(self, path: Path, env: Mapping[str, str], seed: int) -> bytes:
+    def write_initial_model(self, path: Path, settings: Settings, seed: int) -> bytes:
         return task.initial_model(path, seed)
 
     def demo_env(self, participants: tuple[str, ...], sample_dir: Path) -> dict[str, str]:

@@ -5,22 +5,23 @@ FOLDFED_GRAD_ACCUM. Needs the `of3` extra; openfold3 is imported when the model 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from foldfed.errors import FoldfedError
 from foldfed.of3.backend import Of3Backend, Of3Settings, write_initial_model
+from foldfed.settings import Settings, env_for
 from foldfed.trainer.backend import TrainerSettings
 
 # A demo on CPUs: short rounds (K=2 optimizer steps of G=2 structures), no warm-up, so the
 # held-out loss moves within a few global steps; the recipe's lr otherwise; every site
 # scores the shared held-out entries, so the sites' curves are comparable.
-DEMO_ENV = {
-    "FOLDFED_LOCAL_STEPS": "2",
-    "FOLDFED_GRAD_ACCUM": "2",
-    "FOLDFED_OF3_WARMUP": "0",
-    "FOLDFED_OF3_LR": "1e-3",
-    "FOLDFED_OF3_EVAL": "global",
+DEMO_SETTINGS: dict[str, Any] = {
+    "local_steps": 2,
+    "grad_accum": 2,
+    "of3_warmup": 0,
+    "of3_lr": 1e-3,
+    "of3_eval": "global",
 }
 
 
@@ -28,8 +29,8 @@ class Of3Family:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def settings_from_env(self, env: Mapping[str, str]) -> Of3Settings:
-        return Of3Settings.from_env(env)
+    def settings_from(self, settings: Settings) -> Of3Settings:
+        return Of3Settings.from_settings(settings)
 
     def make_backend(self, settings: TrainerSettings) -> Of3Backend:
         """Joins the DDP job torchrun started, if any (rank 0 leads, the others follow)."""
@@ -48,9 +49,9 @@ class Of3Family:
             dist=init_from_env(),
         )
 
-    def write_initial_model(self, path: Path, env: Mapping[str, str], seed: int) -> bytes:
+    def write_initial_model(self, path: Path, settings: Settings, seed: int) -> bytes:
         """The seeded preset's trainable state, or FOLDFED_OF3_CHECKPOINT's."""
-        return write_initial_model(path, Of3Settings.from_env(env), seed)
+        return write_initial_model(path, Of3Settings.from_settings(settings), seed)
 
     def demo_env(self, participants: tuple[str, ...], sample_dir: Path) -> dict[str, str]:
         """Prepares the real sample (one company per participant) if it is missing."""
@@ -63,11 +64,7 @@ class Of3Family:
         if not ready:
             print(f"  preparing the real sample in {sample_dir} (minutes, once) ...")
             prepare_sample(sample_dir, len(participants))
-        return {
-            **DEMO_ENV,
-            "FOLDFED_MODEL": self.name,
-            "FOLDFED_OF3_SAMPLE": str(sample_dir.resolve()),
-        }
+        return env_for(**DEMO_SETTINGS, model=self.name, of3_sample=sample_dir.resolve())
 
 
 def family(name: str) -> Of3Family:

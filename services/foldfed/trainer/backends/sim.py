@@ -2,7 +2,8 @@
 scenario's compute time; everything else is the real trainer's (build θ_t from the
 released update, commit and report it, write Δ_t through the spool).
 
-Settings: `FOLDFED_LOADTEST_SIM`, JSON written by the load-test runner:
+Settings: `FOLDFED_LOADTEST_SIM` (declared in the settings registry, a text there), JSON
+written by the load-test runner and parsed here:
 
 | key | meaning |
 |---|---|
@@ -33,9 +34,10 @@ from foldfed.deltafile import load_delta, write_delta
 from foldfed.digests import file_digest
 from foldfed.errors import ConfigError
 from foldfed.localround import RoundResult, StopCheck, TrainingInterrupted, derive_seed
+from foldfed.settings import Settings, env_for, variable
 from foldfed.trainer.backend import TrainerSettings
 
-SIM_VAR = "FOLDFED_LOADTEST_SIM"
+SIM_VAR = variable("loadtest_sim")
 # How often a waiting round looks at the stop request; the wait itself ends on time.
 _STOP_POLL_S = 0.01
 _DELTA_SCALE = 1e-3
@@ -65,10 +67,14 @@ class SimSettings:
             }
         )
 
+    def env(self) -> dict[str, str]:
+        """The trainer's environment for this plan: the `sim` family and its JSON."""
+        return env_for(model="sim", loadtest_sim=self.to_json())
+
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> SimSettings:
-        raw = env.get(SIM_VAR, "")
-        if not raw:
+    def from_settings(cls, settings: Settings) -> SimSettings:
+        raw = settings.loadtest_sim
+        if raw is None:
             raise ConfigError(f"{SIM_VAR} is not set: the sim family needs it")
         try:
             body = json.loads(raw)
@@ -136,8 +142,8 @@ class SimBackend:
 
 
 class SimFamily:
-    def settings_from_env(self, env: Mapping[str, str]) -> SimSettings:
-        return SimSettings.from_env(env)
+    def settings_from(self, settings: Settings) -> SimSettings:
+        return SimSettings.from_settings(settings)
 
     def make_backend(self, settings: TrainerSettings) -> SimBackend:
         sim = settings.family_settings
@@ -145,9 +151,9 @@ class SimFamily:
             raise TypeError(f"sim: family_settings must be SimSettings, got {sim!r}")
         return SimBackend(settings, sim)
 
-    def write_initial_model(self, path: Path, env: Mapping[str, str], seed: int) -> bytes:
+    def write_initial_model(self, path: Path, settings: Settings, seed: int) -> bytes:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_delta(path, initial_state(SimSettings.from_env(env).elements, seed))
+        write_delta(path, initial_state(SimSettings.from_settings(settings).elements, seed))
         return file_digest(path)
 
     def demo_env(self, participants: tuple[str, ...], sample_dir: Path) -> dict[str, str]:
