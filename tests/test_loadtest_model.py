@@ -171,6 +171,7 @@ def test_smoke_keeps_participants_faults_and_checks_with_few_steps() -> None:
     assert smoke.steps == 4  # the fault's step, plus one after it
     assert smoke.faults == s.faults and smoke.expect == s.expect
     assert smoke.names == s.names and smoke.name == "t-smoke"
+    assert smoke.smoke_run and not s.smoke_run
     assert s.undisturbed().faults == ()
 
 
@@ -358,3 +359,17 @@ def test_goodput_against_what_the_token_bucket_allowed() -> None:
 def test_replace_keeps_validation_meaningful() -> None:
     s = parse_scenario(minimal())
     assert replace(s, steps=3).with_steps(7).steps == 7
+
+
+def test_a_smoke_run_reports_full_run_checks_without_judging_them() -> None:
+    from foldfed.loadtest.verdicts import Check
+
+    timing = Check("extra wall time matches", ok=False, detail="", needs_full_run=True)
+    invariant = Check("every step completed", ok=False, detail="")
+    assert timing.verdict(smoke=False) == "FAIL" and timing.fails(smoke=False)
+    assert timing.verdict(smoke=True) == "not judged (needs the full run)"
+    assert not timing.fails(smoke=True)
+    # An invariant is judged in every run, however short.
+    assert invariant.fails(smoke=True) and invariant.fails(smoke=False)
+    passed = Check("x", ok=True, detail="", needs_full_run=True)
+    assert passed.verdict(smoke=True) == passed.verdict(smoke=False) == "ok"

@@ -21,10 +21,6 @@ from foldfed.loadtest.verdicts import monitor_idle
 
 from conftest import BrokerHandle
 
-# Checks that need the full run's many steps; a smoke run reports them but a few steps
-# of a time-scaled run are too few to hold a 5 % bound.
-NEEDS_FULL_RUN = "matches the prediction"
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -45,13 +41,15 @@ def test_every_scenario_holds_its_invariants_in_a_short_run(
             text = report.read_text()
             print(f"\n{scenario.name}: {result.wall_s:.1f} s")
             for check in result.checks:
-                print(f"  [{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+                print(f"  [{check.verdict(True)}] {check.name}: {check.detail}")
 
             # Every scenario: all steps released, every site ends on the hub's model.
             assert len(result.steps) == scenario.total_steps
             assert set(result.participant_digests.values()) == {result.final_digest}
-            failed = [c for c in result.checks if not c.ok and NEEDS_FULL_RUN not in c.name]
-            assert not failed, failed
+            # A few time-scaled steps are too few to hold the 5 % timing bound: that check
+            # is reported, not judged (Check.needs_full_run); every other one must pass.
+            assert scenario.smoke_run
+            assert result.ok, [c for c in result.checks if c.fails(smoke=True)]
             assert "## Checks" in text and (result.workdir / "timeline.png").stat().st_size > 0
             assert (result.workdir / "idle-cost.png").stat().st_size > 0
 

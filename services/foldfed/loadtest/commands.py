@@ -87,7 +87,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             report = write_report(result)
             results.append(result)
             for check in result.checks:
-                print(f"  [{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+                print(f"  [{check.verdict(scenario.smoke_run)}] {check.name}: {check.detail}")
             print(f"  report: {report}")
     finally:
         shared.stop()

@@ -10,6 +10,7 @@ from foldfed.loadtest.predict import totals
 from foldfed.loadtest.scenario import MIB, Compute, Scenario
 from foldfed.loadtest.timeline import idle_totals, path_skew
 from foldfed.loadtest.verdicts import (
+    Check,
     RunResult,
     lead_over,
     monitor_idle,
@@ -59,6 +60,11 @@ def _participants_table(s: Scenario) -> list[str]:
     return lines
 
 
+def _verdict(check: Check, smoke: bool) -> str:
+    v = check.verdict(smoke)
+    return "PASS" if v == "ok" else v
+
+
 def render_markdown(r: RunResult, pictures: list[Path]) -> str:
     s = r.scenario
     S = s.time_scale
@@ -88,7 +94,7 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
         "",
     ]
     for c in r.checks:
-        out.append(f"- **{'PASS' if c.ok else 'FAIL'}** {c.name}: {c.detail}")
+        out.append(f"- **{_verdict(c, s.smoke_run)}** {c.name}: {c.detail}")
     out += [
         "",
         "## Wall time, measured and predicted (real time)",
@@ -328,7 +334,7 @@ def write_index(results: list[RunResult], root: Path, total_s: float, failed: li
     for r in results:
         for c in r.checks:
             lines.append(
-                f"- {r.scenario.name}: **{'PASS' if c.ok else 'FAIL'}** {c.name}: {c.detail}"
+                f"- {r.scenario.name}: **{_verdict(c, r.scenario.smoke_run)}** {c.name}: {c.detail}"
             )
     path = root / "README.md"
     path.write_text("\n".join(lines) + "\n")

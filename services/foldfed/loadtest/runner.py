@@ -91,6 +91,9 @@ class Run:
     ) -> None:
         self.s = scenario
         self.workdir = workdir
+        # This run's own folder starts empty: a barrier store left by an earlier run into
+        # the same --out would read as a finished cycle before this one began.
+        shutil.rmtree(workdir, ignore_errors=True)
         self.shared = shared
         self.say = say
         spec = FederationSpec(

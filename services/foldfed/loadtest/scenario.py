@@ -116,6 +116,9 @@ class Scenario:
     next_cycle_steps: int = 0
     # Steps of the CI smoke version.
     smoke_steps: int = 3
+    # True for the smoke version itself: checks that need the full run's many steps are
+    # reported, not judged (verdicts.Check.needs_full_run).
+    smoke_run: bool = False
     chunk_mib: int = 1
     weight: float = 1000.0
     expect: Expect = field(default_factory=Expect)
@@ -170,7 +173,9 @@ class Scenario:
         steps = max(self.smoke_steps, max((f.step for f in self.faults), default=1) + 1)
         steps = min(steps, self.steps)
         nxt = min(self.next_cycle_steps, self.smoke_steps) if self.next_cycle_steps else 0
-        return replace(self, name=f"{self.name}-smoke", steps=steps, next_cycle_steps=nxt)
+        return replace(
+            self, name=f"{self.name}-smoke", steps=steps, next_cycle_steps=nxt, smoke_run=True
+        )
 
     def undisturbed(self) -> Scenario:
         """The same participants and seeds without faults (the digest reference)."""
