@@ -59,6 +59,7 @@ from foldfed.digests import digest_of, short
 from foldfed.domain import CODEC_CODED_VECTOR, Manifest, StepReleased
 from foldfed.durable import atomic_write
 from foldfed.errors import IntegrityError, StoreError
+from foldfed.faults import crash_point
 from foldfed.format import TensorSpan, TensorSpec, canonical_order, encode_header
 from foldfed.messages import decode, encode
 from foldfed.payloadfile import read_layout
@@ -155,6 +156,8 @@ class UplinkCoder:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(self._payload(delta.step), b"".join(out.chunks))
         atomic_write(self._manifest(delta.step), serialized)
+        # Tests: the coded delta is durable, its residual not yet (a re-encode must match).
+        crash_point("uploader", "before-residual", delta.step)
         self.residuals.save(out.residual)  # the commit point: step t is encoded
         return Prepared(manifest, serialized, self._payload(delta.step))
 
