@@ -199,7 +199,7 @@ def test_rotation_is_shared_rounding_is_per_sender() -> None:
 
 
 def test_golden_bytes_pin_the_format() -> None:
-    # Any change to these bytes is a new codec version (docs/codecs.md).
+    # Any change to these bytes is a new codec version (docs/format.md, section 14).
     x = np.linspace(-1, 1, 20, dtype=np.float32)
     ranges = shared_ranges(None, 20, 8, mult=3.0, floor=0.01, init=1.0)
     ctx = CodecContext(cycle=1, step=2, sender="org-a", ranges=ranges)

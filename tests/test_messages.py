@@ -278,6 +278,14 @@ FIELD_CHANGES: dict[str, dict[str, object]] = {
     "payload_digest": {"payload_digest": digest_of(b"other payload")},
     "base_model_digest": {"base_model_digest": digest_of(b"other model")},
     "base_model_digest.empty": {"base_model_digest": b""},
+    # The coded-vector fields (they change the id whatever the codec field says).
+    "codec_spec": {"codec_spec": "bf16:v1"},
+    "cycle": {"cycle": 2},
+    "codec_seed": {"codec_seed": 5},
+    "chunk_sizes": {"chunk_sizes": (10, 20)},
+    "shared_ranges_digest": {"shared_ranges_digest": digest_of(b"ranges")},
+    "block_stats": {"block_stats": b"\x00" * 8},
+    "next_ranges_digest": {"next_ranges_digest": digest_of(b"next ranges")},
 }
 
 

@@ -140,6 +140,10 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "localbroker_dir": None,
         "loadtest_dir": Path("var/loadtest"),
         "loadtest_sim": None,
+        # Added with the codecs: the defaults are the exact reference.
+        "codec": "fp32:v1",
+        "downlink_codec": "fp32:v1",
+        "codec_seed": 0,
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before

@@ -124,6 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             model=args.model,
             sample_dir=Path(args.sample_dir),
+            codec=args.codec,
         )
     )
 
@@ -173,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=5, help="global steps (R)")
     demo.add_argument("--workdir", default="var/demo", help="logs, state and pictures")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--codec",
+        default="rot2+zstd",
+        help="codecs both ways: fp32 (exact), rot2+zstd (recommended, docs/format.md)",
+    )
     demo.add_argument(
         "--model",
         default=DEFAULT_MODEL,

@@ -150,6 +150,8 @@ class AggregatorSettings:
     optimizer: ServerOptimizerSettings
     # Chunk size of the global update the hub broadcasts.
     update_chunk_size: int
+    # The global update's codec (docs/format.md, "Codec specs"); fp32:v1 is exact.
+    downlink_codec: str = "fp32:v1"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AggregatorSettings:
@@ -160,6 +162,7 @@ class AggregatorSettings:
             initial_model=initial,
             optimizer=ServerOptimizerSettings.from_settings(s),
             update_chunk_size=s.chunk_size,
+            downlink_codec=s.downlink_codec,
         )
 
 
@@ -173,6 +176,9 @@ class BarrierSettings:
     steps: int
     first_step: int
     cycle: int
+    # The cycle's uplink codec and seed, announced with every release.
+    codec: str = "fp32:v1"
+    codec_seed: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> BarrierSettings:
@@ -186,4 +192,6 @@ class BarrierSettings:
             steps=s.steps,
             first_step=s.first_step,
             cycle=s.cycle,
+            codec=s.codec,
+            codec_seed=s.codec_seed,
         )

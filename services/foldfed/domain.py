@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from foldfed.format import ChunkPlan, TensorSpan
 
 CODEC_SAFETENSORS = "safetensors"
+# A flat float32 vector coded chunk by chunk (foldfed.codedvector, docs/format.md).
+CODEC_CODED_VECTOR = "coded-vector"
+# The cycle codec whose payload is the safetensors file: the exact reference.
+REFERENCE_CODEC = "fp32:v1"
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,19 @@ class Manifest:
     chunk_digests: tuple[bytes, ...]
     payload_digest: bytes
     base_model_digest: bytes = b""
+    # CODEC_CODED_VECTOR only (docs/format.md, "Coded payloads"); empty or 0 otherwise.
+    codec_spec: str = ""
+    cycle: int = 0
+    codec_seed: int = 0
+    chunk_sizes: tuple[int, ...] = ()
+    shared_ranges_digest: bytes = b""
+    block_stats: bytes = b""
+    # Hub manifests: the digest of the next step's shared ranges (a broadcast chunk).
+    next_ranges_digest: bytes = b""
+
+    @property
+    def coded(self) -> bool:
+        return self.codec == CODEC_CODED_VECTOR
 
 
 def manifest_of(
@@ -93,6 +110,8 @@ class StepReleased:
     update_manifest: bytes = b""
     cycle: int = 0
     final: bool = False
+    codec: str = REFERENCE_CODEC  # the cycle's uplink codec spec
+    codec_seed: int = 0
 
 
 @dataclass(frozen=True)

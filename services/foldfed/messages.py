@@ -16,7 +16,9 @@ from google.protobuf.message import Message as ProtobufMessage
 
 from foldfed.digests import DIGEST_SIZE, digest_of
 from foldfed.domain import (
+    CODEC_CODED_VECTOR,
     CODEC_SAFETENSORS,
+    REFERENCE_CODEC,
     AnyMessage,
     Chunk,
     DeliveryReceipt,
@@ -36,7 +38,10 @@ from foldfed.format import TensorSpan
 from foldfed.v1 import delta_pb2, events_pb2, step_pb2, transfer_pb2
 
 MANIFEST_FORMAT_VERSION = 1
-_CODECS = {delta_pb2.CODEC_SAFETENSORS: CODEC_SAFETENSORS}
+_CODECS = {
+    delta_pb2.CODEC_SAFETENSORS: CODEC_SAFETENSORS,
+    delta_pb2.CODEC_CODED_VECTOR: CODEC_CODED_VECTOR,
+}
 _CODEC_NUMBERS = {name: number for number, name in _CODECS.items()}
 
 
@@ -90,6 +95,13 @@ def manifest_to_proto(m: Manifest) -> delta_pb2.DeltaManifest:
         chunk_digests=list(m.chunk_digests),
         payload_digest=m.payload_digest,
         base_model_digest=m.base_model_digest,
+        codec_spec=m.codec_spec,
+        cycle=m.cycle,
+        codec_seed=m.codec_seed,
+        chunk_sizes=list(m.chunk_sizes),
+        shared_ranges_digest=m.shared_ranges_digest,
+        block_stats=m.block_stats,
+        next_ranges_digest=m.next_ranges_digest,
     )
 
 
@@ -141,6 +153,9 @@ def _to_proto(msg: AnyMessage) -> ProtobufMessage:
                 update_manifest=msg.update_manifest,
                 cycle=msg.cycle,
                 final=msg.final,
+                # The reference is written as absent: releases of fp32 cycles keep their bytes.
+                codec="" if msg.codec == REFERENCE_CODEC else msg.codec,
+                codec_seed=msg.codec_seed,
             )
         case FinalizeRequest():
             return step_pb2.FinalizeRequest(
@@ -224,7 +239,28 @@ def manifest_from_proto(p: delta_pb2.DeltaManifest) -> Manifest:
         chunk_digests=tuple(_digest(d, "chunk digest") for d in p.chunk_digests),
         payload_digest=_digest(p.payload_digest, "payload_digest"),
         base_model_digest=_digest(p.base_model_digest, "base_model_digest", allow_empty=True),
+        **_coding_fields(p),
     )
+
+
+def _coding_fields(p: delta_pb2.DeltaManifest) -> dict[str, object]:
+    """The coded-vector fields: required for CODEC_CODED_VECTOR, absent otherwise."""
+    coded = p.codec == delta_pb2.CODEC_CODED_VECTOR
+    if coded and not p.codec_spec:
+        raise DecodeError("a coded-vector manifest must name its codec_spec")
+    if not coded and (p.codec_spec or p.chunk_sizes or p.shared_ranges_digest or p.block_stats):
+        raise DecodeError("codec_spec, chunk_sizes, ranges and statistics need a coded vector")
+    return {
+        "codec_spec": p.codec_spec,
+        "cycle": p.cycle,
+        "codec_seed": p.codec_seed,
+        "chunk_sizes": tuple(p.chunk_sizes),
+        "shared_ranges_digest": _digest(
+            p.shared_ranges_digest, "shared_ranges_digest", allow_empty=True
+        ),
+        "block_stats": bytes(p.block_stats),
+        "next_ranges_digest": _digest(p.next_ranges_digest, "next_ranges_digest", allow_empty=True),
+    }
 
 
 def _from_proto(p: ProtobufMessage) -> AnyMessage:
@@ -275,6 +311,8 @@ def _from_proto(p: ProtobufMessage) -> AnyMessage:
                 update_manifest=p.update_manifest,
                 cycle=p.cycle,
                 final=p.final,
+                codec=p.codec or REFERENCE_CODEC,
+                codec_seed=p.codec_seed,
             )
         case step_pb2.FinalizeRequest():
             return FinalizeRequest(step=p.step, participants=tuple(p.participants), cycle=p.cycle)

@@ -90,3 +90,15 @@ def read_chunk(path: Path, chunk_size: int, index: int) -> bytes:
     if len(body) != end - begin:
         raise CodecError(f"{path.name}: short read of chunk {index}")
     return body
+
+
+def read_range(path: Path, begin: int, end: int) -> bytes:
+    """Bytes [begin, end) of the file at `path` (a coded payload's chunk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        body = os.pread(fd, end - begin, begin)
+    finally:
+        os.close(fd)
+    if len(body) != end - begin:
+        raise CodecError(f"{path.name}: short read of bytes {begin}..{end}")
+    return body

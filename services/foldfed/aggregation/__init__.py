@@ -37,6 +37,7 @@ from foldfed.aggregation.layout import (
     TensorSlot,
     chunk_contributions,
     quantize_chunk,
+    quantize_vector_chunk,
 )
 from foldfed.aggregation.server_opt import OptimizerKind, ServerOptimizer
 from foldfed.aggregation.state import OptimizerState
@@ -66,5 +67,6 @@ __all__ = [
     "finalize_step",
     "quantize",
     "quantize_chunk",
+    "quantize_vector_chunk",
     "weight_total",
 ]

@@ -11,6 +11,12 @@ and appends the update and θ_t+1 to their files. Memory is O(slice) whatever th
 size; every operation is elementwise and correctly rounded, so the bytes do not depend on
 the slice size or the machine.
 
+With a lossy downlink (`downlink`, the hub's coder with its error feedback), the update
+that travels is not the exact one: finalize first gathers the exact update as one float32
+vector in canonical order (O(model) memory), asks `downlink` for the update every party
+will apply (the decoded coded update, d_t), and then writes d_t as the update and
+θ_t+1 = θ_t + d_t, so the hub's θ_t+1 is bit-identical to every participant's.
+
 Both outputs are canonical payloads (foldfed.format): byte-identical to what
 `deltafile.write_delta(path, tensors)` writes for the same tensors (same header bytes,
 tensors in its order), whatever the order or metadata of θ_t's file. The header comes
@@ -24,7 +30,7 @@ optimizer state).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +38,13 @@ import blake3
 import numpy as np
 
 from foldfed.aggregation.accumulator import Accumulator
-from foldfed.aggregation.dtypes import STORAGE, add_in_dtype, count_nonfinite, from_float64
+from foldfed.aggregation.dtypes import (
+    STORAGE,
+    add_in_dtype,
+    count_nonfinite,
+    from_float64,
+    to_float64,
+)
 from foldfed.aggregation.errors import FinalizeError
 from foldfed.aggregation.fileio import AtomicFile, pread_into
 from foldfed.aggregation.fixedpoint import check_weight, dequantize_mean
@@ -49,6 +61,9 @@ from foldfed.payloadfile import read_layout
 # not to matter. Measured on 64 MiB of float32: 1 Mi-element slices took 1.6x (FedAvg) to
 # 3x (FedAdam) as long.
 DEFAULT_SLICE_ELEMENTS = 1 << 16
+
+# The exact update (float32, canonical order) -> the update every party applies.
+Downlink = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -90,11 +105,13 @@ def finalize_step(
     *,
     step: int,
     slice_elements: int = DEFAULT_SLICE_ELEMENTS,
+    downlink: Downlink | None = None,
 ) -> FinalizeResult:
     """Write step `step`'s global update and θ_{step+1}; see the module docstring.
 
     `weight_sum` is the sum of the weights added (fixedpoint.weight_total); `step` names
-    the optimizer-state generation to read (state.py; FedAvg keeps none).
+    the optimizer-state generation to read (state.py; FedAvg keeps none); `downlink`, if
+    given, turns the exact update into the one that is applied and written.
     """
     check_weight(weight_sum)
     if accumulator.elements != layout.elements:
@@ -108,6 +125,11 @@ def finalize_step(
     state = OptimizerState(state_dir, optimizer, layout.elements, step)
     job = _Finalizer(accumulator, weight_sum, optimizer, state, slice_elements)
     try:
+        if downlink is not None:
+            applied = downlink(job.exact_vector(layout))
+            if applied.dtype != np.float32 or applied.size != layout.elements:
+                raise FinalizeError("the downlink must return one float32 per model element")
+            job.applied = applied
         with AtomicFile(out_update_path) as update_out, AtomicFile(out_model_path) as model_out:
             header = canonical_header(layout)
             base_hash = _base_hasher(base_model_path, base_header, header, state)
@@ -133,6 +155,20 @@ class _Finalizer:
     optimizer: ServerOptimizer
     state: OptimizerState
     slice_elements: int
+    # The update to apply, float32 in canonical order (a lossy downlink's); None: exact.
+    applied: np.ndarray | None = None
+
+    def exact_vector(self, layout: ModelLayout) -> np.ndarray:
+        """The exact update of every tensor, as float32, in canonical file order."""
+        out = np.empty(layout.elements, dtype=np.float32)
+        at = 0
+        for slot in canonical_order(layout):
+            for start in range(0, slot.count, self.slice_elements):
+                count = min(self.slice_elements, slot.count - start)
+                update = self._update(slot, slot.offset + start, count)
+                out[at : at + count] = to_float64(update, slot.dtype).astype(np.float32)
+                at += count
+        return out
 
     def model(
         self,
@@ -143,11 +179,18 @@ class _Finalizer:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(update, next model) slices of every tensor, in canonical file order."""
         spans = {span.name: span for span in base_spans}
+        at = 0  # where the tensor starts in the canonical-order vector
         for slot in canonical_order(layout):
-            yield from self.tensor(slot, base_fd, spans[slot.name], base_hash)
+            yield from self.tensor(slot, base_fd, spans[slot.name], base_hash, at)
+            at += slot.count
 
     def tensor(
-        self, slot: TensorSlot, base_fd: int, span: TensorSpan, base_hash: blake3.blake3 | None
+        self,
+        slot: TensorSlot,
+        base_fd: int,
+        span: TensorSpan,
+        base_hash: blake3.blake3 | None,
+        at: int = 0,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(update, next model) of `slot`, slice after slice, as stored elements."""
         storage = STORAGE[slot.dtype]
@@ -157,7 +200,12 @@ class _Finalizer:
             pread_into(base_fd, theta, span.begin + start * storage.itemsize)
             if base_hash is not None:
                 base_hash.update(theta.view(np.uint8).data)
-            update = self._update(slot, slot.offset + start, count)
+            if self.applied is None:
+                update = self._update(slot, slot.offset + start, count)
+            else:
+                piece = self.applied[at + start : at + start + count]
+                update = from_float64(piece.astype(np.float64), slot.dtype)
+                _check_finite(slot, "update", update)
             model = add_in_dtype(theta, update, slot.dtype)
             _check_finite(slot, "next model", model)
             yield update, model

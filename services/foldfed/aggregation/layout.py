@@ -151,6 +151,34 @@ def quantize_chunk(
     ]
 
 
+def quantize_vector_chunk(
+    layout: ModelLayout,
+    spans: Sequence[TensorSpan],
+    begin: int,
+    values: np.ndarray,
+    weight: float,
+    *,
+    max_participants: int = DEFAULT_MAX_PARTICIPANTS,
+) -> list[tuple[int, np.ndarray]]:
+    """Decoded elements [begin, begin + len(values)) of a coded vector, as (element_offset,
+    int64 quanta) pieces of the model's tensors. `spans` give element offsets in the vector
+    (foldfed.codedvector) and must have passed `check_compatible`. All or nothing, as
+    `quantize_chunk`: the decoded values go onto the same fixed-point grid."""
+    check_weight(weight)
+    end = begin + values.size
+    out = []
+    for span in spans:
+        lo, hi = max(span.begin, begin), min(span.end, end)
+        if lo >= hi:
+            continue
+        slot = layout.slot(span.name)
+        _check_span(slot, span)
+        piece = values[lo - begin : hi - begin].astype(np.float64)
+        q = quantize(piece, weight, tensor=span.name, max_participants=max_participants)
+        out.append((slot.offset + (lo - span.begin), q))
+    return out
+
+
 def _pieces(
     layout: ModelLayout,
     spans: Sequence[TensorSpan],

@@ -6,24 +6,47 @@ Files under FOLDFED_STATE_DIR:
   accumulator.i64               the open step's int64 sum (a cache, rebuilt at start)
   models/model-<t:012d>.safetensors    θ_t, the model released for step t (t > first)
   updates/update-<t:012d>.safetensors  step t's global update: θ_{t+1} = θ_t + update
+                                (with a lossy downlink: the decoded update d_t)
+  updates/coded-<t:012d>.bin, .json    step t's coded update and its chunk sizes
+  downlink.residual             the hub's error-feedback residual (lossy downlinks)
   optimizer/                    server optimizer state (FedAvgM, FedAdam)
+
+Codecs (docs/format.md, "Coded payloads"): deltas are decoded chunk by chunk into the sum
+with the codec and shared ranges of their step (aggregator/sink.py); finalize makes the
+next step's shared ranges from the members' block statistics (a chunk broadcast with the
+update, named by the update manifest) and codes the update with FOLDFED_DOWNLINK_CODEC.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
 
 from foldfed import topology, tracing
-from foldfed.aggregation import ServerOptimizer, finalize_step, weight_total
+from foldfed.aggregation import ServerOptimizer, canonical_order, finalize_step, weight_total
+from foldfed.aggregation.downlink import DownlinkCoder
+from foldfed.aggregation.layout import ModelLayout
 from foldfed.aggregation.state import generations
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.bus import Bus, Incoming, PublishWindow
+from foldfed.codecs import SharedRanges, codec_from_spec
+from foldfed.codedvector import (
+    CycleCoding,
+    ranges_for,
+    ranges_from_bytes,
+    ranges_to_bytes,
+    shared_rule,
+    stats_from_bytes,
+    vector_spans,
+)
 from foldfed.config import AggregatorSettings
-from foldfed.digests import file_digest, short
+from foldfed.digests import digest_of, file_digest, short
 from foldfed.domain import (
+    CODEC_CODED_VECTOR,
+    REFERENCE_CODEC,
     Chunk,
     Event,
     FinalizeRequest,
@@ -33,7 +56,6 @@ from foldfed.domain import (
 )
 from foldfed.errors import Reject
 from foldfed.faults import crash_point
-from foldfed.format import ChunkPlan
 from foldfed.ingest.ledger import IngestLedger
 from foldfed.ingest.rules import Effects
 from foldfed.ingest.service import IngestService
@@ -81,7 +103,7 @@ class AggregatorService(IngestService):
 
     def _rebuild(self) -> None:
         step = self.ledger.open_step
-        self.sink.open_step(self.model_path(step))
+        self._open_sum(step)
         applied = self.ledger.replay_open_step()
         log.info("running sum rebuilt", step=step, chunks=applied)
 
@@ -100,8 +122,26 @@ class AggregatorService(IngestService):
             # A delivery is durable, its receipt not yet out: mid-step for the others.
             crash_point(SERVICE, "after-delivery", effects.receipts[0].step)
         for released in effects.released:
-            await asyncio.to_thread(self.sink.open_step, self.model_path(released.step))
+            await asyncio.to_thread(self._open_sum, released.step)
         return effects
+
+    def _open_sum(self, step: int) -> None:
+        """An empty sum for `step`, with the step's shared ranges if its codec has them."""
+        self.sink.open_step(self.model_path(step))
+        layout, _ = self.sink._ready()
+        self.sink.ranges = self._step_ranges(self.ledger.coding, layout.elements)
+
+    def _step_ranges(self, coding: CycleCoding, elements: int) -> SharedRanges | None:
+        if coding.reference:
+            return None
+        codec = codec_from_spec(coding.spec)
+        rotated = shared_rule(codec)
+        if rotated is None:
+            return None
+        if not coding.ranges_digest:  # a cycle's first step: the spec's init ranges
+            return ranges_for(codec, elements, [])
+        data = self.ledger.store.get(coding.ranges_digest)
+        return ranges_from_bytes(data, elements, rotated.block)
 
     # ---------------------------------------------------------------- finalize
 
@@ -117,8 +157,7 @@ class AggregatorService(IngestService):
         tracing.annotate(step=step, participants=len(weights))
         with tracing.span("finalize.compute", step=step):
             result = await asyncio.to_thread(self._finalize_files, step, request, weights)
-        plan, model_digest, weight_sum = result
-        manifest = self._update_manifest(step, plan, weight_sum)
+        manifest, model_digest, weight_sum = result
         # Participants' downloads of the update are children of this span (chunk headers).
         with tracing.span(
             "broadcast",
@@ -126,7 +165,7 @@ class AggregatorService(IngestService):
             chunks=len(manifest.chunk_digests),
             **{tracing.BYTES: manifest.payload_size},
         ):
-            await self._broadcast_update(manifest, self.update_path(step))
+            await self._broadcast_update(manifest)
         finalized = StepFinalized(step, encode(manifest)[1], model_digest, weight_sum, now_ms())
         await self.bus.publish(topology.EVENTS_EXCHANGE, topology.FINALIZED_KEY, finalized)
         log.info(
@@ -150,7 +189,9 @@ class AggregatorService(IngestService):
 
     def _finalize_files(
         self, step: int, request: FinalizeRequest, weights: dict[str, float]
-    ) -> tuple[ChunkPlan, bytes, float]:
+    ) -> tuple[Manifest, bytes, float]:
+        coding = self.ledger.coding
+        downlink = self._downlink(coding)
         counted = [weights[p] for p in sorted(request.participants)]
         weight_sum = weight_total(counted)
         update = self.update_path(step)
@@ -177,27 +218,99 @@ class AggregatorService(IngestService):
                 self.optimizer,
                 state_dir,
                 step=step,
+                downlink=None if downlink is None else lambda exact: downlink.code(step, exact),
             )
             model_digest = result.model_digest  # hashed while it was written
-        plan = plan_chunks(update, self.agg_settings.update_chunk_size)
         # The model's digest is its canonical file's (the same bytes every participant
         # writes after applying the update); a repeated request hashes it again.
         model_digest = model_digest or file_digest(model)
+        layout, _ = self.sink._ready()
+        if downlink is None:
+            manifest = self._plain_update_manifest(step, update, weight_sum)
+        else:
+            manifest = self._coded_update_manifest(step, downlink, layout, weight_sum)
+        next_ranges = self._next_ranges(step, request, coding, layout.elements)
+        return replace(manifest, next_ranges_digest=next_ranges), model_digest, weight_sum
+
+    def _downlink(self, coding: CycleCoding) -> DownlinkCoder | None:
+        spec = self.agg_settings.downlink_codec
+        if spec == REFERENCE_CODEC:
+            return None
+        return DownlinkCoder(
+            self.state_dir / "updates",
+            self.state_dir / "downlink.residual",
+            spec,
+            chunk_limit=self.agg_settings.update_chunk_size,
+            cycle=coding.cycle,
+            seed=coding.seed,
+        )
+
+    def _plain_update_manifest(self, step: int, update: Path, weight_sum: float) -> Manifest:
+        plan = plan_chunks(update, self.agg_settings.update_chunk_size)
         for index, digest in enumerate(plan.chunk_digests):
             self.ledger.store.put(digest, read_chunk(update, plan.chunk_size, index))
-        return plan, model_digest, weight_sum
-
-    def _update_manifest(self, step: int, plan: ChunkPlan, weight_sum: float) -> Manifest:
         base = self.ledger.model_digest  # θ_step's digest, as released
         return manifest_of(
             plan, step=step, participant=topology.HUB_ID, weight=weight_sum, base_model_digest=base
         )
 
-    async def _broadcast_update(self, manifest: Manifest, path: Path) -> None:
-        """One publish per chunk reaches every participant's queue (fan-out)."""
+    def _coded_update_manifest(
+        self, step: int, downlink: DownlinkCoder, layout: ModelLayout, weight_sum: float
+    ) -> Manifest:
+        """The coded update as written by the downlink (a repeat reads the same files)."""
+        coded = downlink.stored(step)
+        chunks = coded.chunks()
+        digests = tuple(digest_of(c) for c in chunks)
+        for digest, body in zip(digests, chunks, strict=True):
+            self.ledger.store.put(digest, body)
+        tensors = vector_spans([(s.name, s.dtype, s.shape) for s in canonical_order(layout)])
+        return Manifest(
+            step=step,
+            participant=topology.HUB_ID,
+            weight=weight_sum,
+            codec=CODEC_CODED_VECTOR,
+            tensors=tensors,
+            chunk_size=downlink.chunk_limit,
+            payload_size=sum(coded.chunk_sizes),
+            chunk_digests=digests,
+            payload_digest=digest_of(b"".join(chunks)),
+            base_model_digest=self.ledger.model_digest,
+            codec_spec=coded.spec,
+            cycle=downlink.cycle,
+            codec_seed=downlink.seed,
+            chunk_sizes=coded.chunk_sizes,
+        )
+
+    def _next_ranges(
+        self, step: int, request: FinalizeRequest, coding: CycleCoding, elements: int
+    ) -> bytes:
+        """The next step's shared ranges from this step's members' block statistics, put in
+        the store (b"" if the cycle codec has none). A pure function of the stored
+        manifests, so a repeated finalize names the same chunk."""
+        if coding.reference:
+            return b""
+        codec = codec_from_spec(coding.spec)
+        if shared_rule(codec) is None:
+            return b""
+        reports = []
+        for participant in sorted(request.participants):
+            m = self.ledger.manifest(step, participant)
+            assert m is not None
+            reports.append(stats_from_bytes(m.block_stats, elements, codec.block))
+        data = ranges_to_bytes(ranges_for(codec, elements, reports))
+        digest = digest_of(data)
+        self.ledger.store.put(digest, data)
+        return digest
+
+    async def _broadcast_update(self, manifest: Manifest) -> None:
+        """One publish per chunk reaches every participant's queue (fan-out); the next
+        step's shared ranges, if any, go as one more chunk (index = the chunk count)."""
+        digests = list(manifest.chunk_digests)
+        if manifest.next_ranges_digest:
+            digests.append(manifest.next_ranges_digest)
         async with PublishWindow(self.settings.bus.inflight_window) as window:
-            for index, digest in enumerate(manifest.chunk_digests):
-                body = await asyncio.to_thread(read_chunk, path, manifest.chunk_size, index)
+            for index, digest in enumerate(digests):
+                body = await asyncio.to_thread(self.ledger.store.get, digest)
                 chunk = Chunk(manifest.step, topology.HUB_ID, index, digest, body)
                 await window.submit(self.bus.publish(topology.BROADCAST_EXCHANGE, "", chunk))
 

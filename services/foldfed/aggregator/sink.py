@@ -1,5 +1,10 @@
 """The running sum of the open step, fed chunk by chunk by the ingest ledger.
 
+A chunk of a safetensors payload is read as raw tensor bytes; a chunk of a coded vector
+(foldfed.codedvector) is decoded with the codec and context its manifest names (the step's
+shared ranges, for codecs that share them). Either way the values go onto the same
+fixed-point grid, so the sum stays exact and order-free whatever the codec.
+
 Memory stays about one chunk whatever the model size or the number of participants: the
 int64 sum lives in a file (aggregation.Accumulator). The file is a cache of the store:
 after a crash the ledger replays every counted chunk into a fresh one, and integer sums
@@ -12,8 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from foldfed.aggregation import Accumulator, ModelLayout, quantize_chunk
+from foldfed.aggregation import (
+    Accumulator,
+    ModelLayout,
+    quantize_chunk,
+    quantize_vector_chunk,
+)
+from foldfed.codecs import Codec, SharedRanges, codec_from_spec
+from foldfed.codedvector import chunk_plan, context_of, shared_rule
 from foldfed.domain import Manifest
+from foldfed.errors import CodecError, Reject
 from foldfed.payloadfile import read_layout
 
 Pieces = list[tuple[int, np.ndarray]]
@@ -25,11 +38,15 @@ class AggregationSink:
         self.layout: ModelLayout | None = None
         self.accumulator: Accumulator | None = None
         self.base_model: Path | None = None
+        self.ranges: SharedRanges | None = None
+        self._codecs: dict[str, Codec] = {}
 
-    def open_step(self, base_model: Path) -> None:
-        """Start an empty sum for deltas against `base_model` (θ_t of the open step)."""
+    def open_step(self, base_model: Path, ranges: SharedRanges | None = None) -> None:
+        """Start an empty sum for deltas against `base_model` (θ_t of the open step);
+        `ranges`: the step's shared ranges, for codecs that share them."""
         self.close()
         self.base_model = base_model
+        self.ranges = ranges
         self.layout = ModelLayout.from_spans(read_layout(base_model))
         self.accumulator = Accumulator(self.state_dir / "accumulator.i64", self.layout.elements)
         self.accumulator.reset()
@@ -52,9 +69,27 @@ class AggregationSink:
 
     def validate(self, m: Manifest, index: int, body: bytes) -> Pieces:
         layout, _ = self._ready()
+        if m.coded:
+            return self._validate_coded(layout, m, index, body)
         return quantize_chunk(
             layout, m.tensors, index, m.chunk_size, m.payload_size, body, m.weight
         )
+
+    def _validate_coded(self, layout: ModelLayout, m: Manifest, index: int, body: bytes) -> Pieces:
+        codec = self._codec(m.codec_spec)
+        span = chunk_plan(m, codec).span(index)
+        ranges = self.ranges if shared_rule(codec) is not None else None
+        try:
+            values = codec.decode(body, span.elements, context_of(m, ranges), span.first_block)
+        except CodecError as exc:
+            raise Reject(f"chunk {index} does not decode: {exc}") from None
+        return quantize_vector_chunk(layout, m.tensors, span.begin, values, m.weight)
+
+    def _codec(self, spec: str) -> Codec:
+        codec = self._codecs.get(spec)
+        if codec is None:
+            codec = self._codecs[spec] = codec_from_spec(spec)
+        return codec
 
     def apply(self, m: Manifest, index: int, prepared: object) -> None:
         _, accumulator = self._ready()

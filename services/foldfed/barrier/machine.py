@@ -70,6 +70,9 @@ class CycleStarted:
     initial_model_digest: bytes
     steps: int
     at_ms: int
+    # The cycle's uplink codec spec and seed, announced with every release of the cycle.
+    codec: str = "fp32:v1"
+    codec_seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.cycle >= 0 and self.first_step >= 0, "cycle and first_step must be >= 0")
@@ -188,6 +191,8 @@ class BarrierState:
     recent_steps: tuple[StepRecord, ...]
     released: tuple[ReleasedModel, ...]  # the last REPORT_WINDOW releases
     mismatches: tuple[FlagMismatch, ...]
+    codec: str = "fp32:v1"  # the cycle's uplink codec spec
+    codec_seed: int = 0
 
     @property
     def last_step(self) -> int:
@@ -221,6 +226,8 @@ class Release:
     model_digest: bytes
     participants: frozenset[str]
     update_manifest: bytes  # empty for a cycle's first step: no update to apply
+    codec: str = "fp32:v1"
+    codec_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,8 @@ class CycleDone:
     final_model_digest: bytes
     participants: frozenset[str]
     update_manifest: bytes
+    codec: str = "fp32:v1"
+    codec_seed: int = 0
 
 
 Effect = RequestFinalize | Release | FlagMismatch | Ignored | CycleDone
@@ -292,7 +301,9 @@ def pending(state: BarrierState | None) -> Effects:
 
 
 def _release(s: BarrierState) -> Release:
-    return Release(s.cycle, s.step, s.model_digest, s.participants, s.update_manifest)
+    return Release(
+        s.cycle, s.step, s.model_digest, s.participants, s.update_manifest, s.codec, s.codec_seed
+    )
 
 
 def _request_finalize(s: BarrierState) -> RequestFinalize:
@@ -300,7 +311,9 @@ def _request_finalize(s: BarrierState) -> RequestFinalize:
 
 
 def _cycle_done(s: BarrierState) -> CycleDone:
-    return CycleDone(s.cycle, s.step, s.model_digest, s.participants, s.update_manifest)
+    return CycleDone(
+        s.cycle, s.step, s.model_digest, s.participants, s.update_manifest, s.codec, s.codec_seed
+    )
 
 
 def _ignore(state: BarrierState | None, reason: str) -> tuple[BarrierState | None, Effects]:
@@ -329,6 +342,8 @@ def _on_cycle_started(
         recent_steps=(opened,),
         released=(ReleasedModel(e.first_step, e.initial_model_digest),),
         mismatches=(),
+        codec=e.codec,
+        codec_seed=e.codec_seed,
     )
     return new, (_release(new),)
 

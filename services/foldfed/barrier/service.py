@@ -90,6 +90,8 @@ class BarrierService:
                 initial_model_digest=initial,
                 steps=self.settings.steps,
                 at_ms=now_ms(),
+                codec=self.settings.codec,
+                codec_seed=self.settings.codec_seed,
             )
             log.info("cycle starts", model=short(initial), steps=self.settings.steps)
             await self._apply(start)
@@ -204,6 +206,8 @@ class BarrierService:
             released_unix_ms=now_ms(),
             update_manifest=effect.update_manifest,
             cycle=effect.cycle,
+            codec=effect.codec,
+            codec_seed=effect.codec_seed,
         )
         # The aggregator first, so the step is open before any participant can deliver
         # (the update's chunks already wait in every participant's queue).
@@ -249,6 +253,8 @@ class BarrierService:
             update_manifest=effect.update_manifest,
             cycle=effect.cycle,
             final=True,
+            codec=effect.codec,
+            codec_seed=effect.codec_seed,
         )
         await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release, headers=headers)
         log.info("cycle done", final_model=effect.final_model_digest.hex())

@@ -34,7 +34,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from types import UnionType
@@ -314,9 +314,11 @@ def _from_json(tp: Any, raw: Any) -> Any:
 
 def _dataclass_from_json(cls: Any, raw: dict[str, Any]) -> Any:
     hints = _hints(cls)
-    if set(raw) != set(hints):
+    # A field added later with a default (the cycle's codec) may be absent from older rows.
+    optional = {f.name for f in fields(cls) if f.default is not MISSING}
+    if not set(hints) - optional <= set(raw) <= set(hints):
         raise ValueError(f"{cls.__name__} fields {sorted(hints)}, stored {sorted(raw)}")
-    return cls(**{name: _from_json(hint, raw[name]) for name, hint in hints.items()})
+    return cls(**{name: _from_json(hint, raw[name]) for name, hint in hints.items() if name in raw})
 
 
 def _as(tp: type, raw: Any) -> Any:

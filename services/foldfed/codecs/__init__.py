@@ -17,7 +17,7 @@ Layer 1 (pure core): numpy, blake3 and zstandard only; no I/O. One concept per m
 | feedback | error feedback with step-tagged residuals (uplink and downlink) |
 | adaptive | the least lossy codec that fits an upload budget |
 
-docs/codecs.md gives the byte layouts, bounds and rules.
+docs/format.md, section 14, gives the byte layouts, bounds and rules.
 """
 
 from foldfed.codecs.adaptive import CodecChoice, choose_codec, wire_size

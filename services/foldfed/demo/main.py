@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.observer import Observer, RunRecord
-from foldfed.demo.report import save_loss_curve, save_timeline, summary_text
+from foldfed.demo.report import codec_env, save_loss_curve, save_timeline, summary_text, wire_text
 from foldfed.domain import DeliveryReceipt, Event
 from foldfed.errors import FoldfedError
 from foldfed.settings import env_for, load
@@ -34,6 +34,8 @@ class DemoOptions:
     # "openfold3-full" on the real sample (prepared in `sample_dir` if missing).
     model: str = "mlp"
     sample_dir: Path = Path("var/of3-sample")
+    # A pair of demo.report.CODECS: the uplink and downlink codec specs.
+    codec: str = "rot2+zstd"
 
 
 def participant_names(n: int) -> tuple[str, ...]:
@@ -47,6 +49,7 @@ def run_demo(options: DemoOptions) -> int:
     common_env = {
         **env_for(seed=options.seed, model=options.model),
         **family.demo_env(names, options.sample_dir),
+        **codec_env(options.codec),
     }
     spec = FederationSpec(
         participants=names,
@@ -58,7 +61,7 @@ def run_demo(options: DemoOptions) -> int:
     federation = LocalFederation(spec)
     print(
         f"foldfed demo: {options.participants} participants, {options.steps} global steps, "
-        f"model {options.model}"
+        f"model {options.model}, codec {options.codec}"
     )
     print(f"  working folder {workdir} (logs in {federation.logs})")
     try:
@@ -73,6 +76,7 @@ def run_demo(options: DemoOptions) -> int:
     finally:
         federation.stop()
     print(summary_text(record))
+    print(wire_text(record, federation.hub_dir))
     curve = save_loss_curve(record, workdir / "loss.png")
     timeline = save_timeline(record, workdir / "timeline.png")
     print(f"\npictures: {curve}  {timeline}")

@@ -167,3 +167,43 @@ def save_timeline(record: RunRecord, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# The demo's codec choices: (uplink spec, downlink spec). rot2+zstd is docs/format.md's
+# recommendation: 2-bit rotated codes with shared ranges up (maskable), own ranges down.
+CODECS: dict[str, tuple[str, str]] = {
+    "fp32": ("fp32:v1", "fp32:v1"),
+    "rot2+zstd": (
+        "rotated:v1;bits=2;block=4096;floor=0.01;init=0.001;mult=2.0;rounding=stochastic;"
+        "scale=shared+zstd:v1;level=3",
+        "rotated:v1;bits=2;block=4096;mult=2.0;rounding=stochastic;scale=block+zstd:v1;level=3",
+    ),
+}
+
+
+def codec_env(name: str) -> dict[str, str]:
+    """The hub's variables for a demo codec choice; ValueError for an unknown name."""
+    if name not in CODECS:
+        raise ValueError(f"unknown demo codec {name!r} (known: {', '.join(CODECS)})")
+    up, down = CODECS[name]
+    return {"FOLDFED_CODEC": up, "FOLDFED_DOWNLINK_CODEC": down}
+
+
+def wire_text(record: RunRecord, hub_dir: Path) -> str:
+    """Bytes on the wire per direction, and the ratio against fp32 payloads of the same
+    updates (the hub's applied update files are exactly fp32-sized payloads)."""
+    updates = sorted((hub_dir / "updates").glob("update-*.safetensors"))
+    if not updates:
+        return "wire: no update was finalized"
+    fp32 = sum(p.stat().st_size for p in updates) / len(updates)  # one fp32 payload
+    coded = sorted((hub_dir / "updates").glob("coded-*.bin"))
+    down = sum(p.stat().st_size for p in (coded or updates))
+    sent = [s.bytes_sent for e in record.by_step.values() for s in e.participants.values()]
+    up = sum(sent)
+    lines = [
+        f"wire: uplink {up / 1e6:.3f} MB in {len(sent)} deltas "
+        f"({fp32 * len(sent) / max(up, 1):.2f}x fewer than fp32)",
+        f"wire: downlink {down / 1e6:.3f} MB in {len(updates)} updates "
+        f"({fp32 * len(updates) / max(down, 1):.2f}x fewer than fp32)",
+    ]
+    return "\n".join(lines)

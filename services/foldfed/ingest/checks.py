@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from foldfed.codedvector import chunk_bounds
 from foldfed.domain import Manifest
 from foldfed.errors import CodecError, Reject
 from foldfed.format import (
@@ -20,6 +21,8 @@ def check_manifest(m: Manifest, max_payload_bytes: int) -> None:
         raise Reject(f"bad chunk_size: {exc}") from None
     if not 0 < m.payload_size <= max_payload_bytes:
         raise Reject(f"payload_size {m.payload_size} outside 1..{max_payload_bytes} bytes")
+    if m.coded:
+        return  # its vector and chunk plan are checked against the cycle's codec (codedvector)
     expected = chunk_count(m.payload_size, m.chunk_size)
     if len(m.chunk_digests) != expected:
         raise Reject(
@@ -62,8 +65,8 @@ def check_chunk_body(m: Manifest, index: int, digest: bytes, body_size: int) -> 
     """Raise Reject unless chunk `index` of `m` may have this digest and size."""
     if index >= len(m.chunk_digests):
         raise Reject(f"chunk index {index} out of range: manifest has {len(m.chunk_digests)}")
-    begin = index * m.chunk_size
-    expected = min(m.chunk_size, m.payload_size - begin)
+    begin, end = chunk_bounds(m, index)
+    expected = end - begin
     if body_size != expected:
         raise Reject(f"chunk {index} is {body_size} bytes; the manifest says {expected}")
     if digest != m.chunk_digests[index]:

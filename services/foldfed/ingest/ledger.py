@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from foldfed.chunkstore import ChunkStore
+from foldfed.codedvector import CycleCoding, check_coding
 from foldfed.digests import digest_of
 from foldfed.ingest import rules
 from foldfed.ingest.checks import check_manifest
@@ -98,6 +99,11 @@ class IngestLedger:
     def members(self) -> frozenset[str]:
         return self.facts.open_step().members
 
+    @property
+    def coding(self) -> CycleCoding:
+        """The open step's coding: the cycle's codec, seed and the step's shared ranges."""
+        return self.facts.open_step().coding
+
     def manifest(self, step: int, participant: str) -> Manifest | None:
         key = (step, participant)
         cached = self._manifests.get(key)
@@ -137,7 +143,13 @@ class IngestLedger:
         """Open `msg.step` for deltas. Releases only move forward; a replay is a no-op."""
         if rules.release_verdict(self.facts.open_step(), msg) is Verdict.DUPLICATE:
             return Effects(duplicate=True)
-        self.facts.open(msg.step, msg.model_digest, msg.participants)
+        next_ranges = b""
+        if msg.update_manifest:
+            update = decode("foldfed.v1.DeltaManifest", msg.update_manifest)
+            assert isinstance(update, Manifest)
+            next_ranges = update.next_ranges_digest
+        coding = rules.coding_of(msg, next_ranges)
+        self.facts.open(msg.step, msg.model_digest, msg.participants, coding)
         return Effects(released=[msg])
 
     def on_manifest(self, m: Manifest, serialized: bytes) -> Effects:
@@ -153,6 +165,7 @@ class IngestLedger:
         )
         if verdict is Verdict.DUPLICATE:
             return Effects(duplicate=True)
+        check_coding(m, open_step.coding)
         self.sink.check_manifest(m)
         held = [i for i, d in enumerate(m.chunk_digests) if self._holds(m.participant, d)]
         for index in held:  # chunks it delivered before: their content must pass too

@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from foldfed.codedvector import REFERENCE_CODING, CycleCoding
 from foldfed.digests import short
 from foldfed.domain import (
     Chunk,
@@ -56,6 +57,7 @@ class OpenStep:
     step: int
     model_digest: bytes
     members: frozenset[str]
+    coding: CycleCoding = REFERENCE_CODING  # what its deltas must be coded with
 
 
 class Verdict(enum.Enum):
@@ -92,6 +94,13 @@ def check_sender(
             f"{participant!r} is not a member of the cycle of step {current}: "
             "a participant joins at a cycle boundary"
         )
+
+
+def coding_of(msg: StepReleased, next_ranges_digest: bytes) -> CycleCoding:
+    """The coding a release asks of its step's deltas. `next_ranges_digest`: what the
+    release's update manifest names (b"": the first step of a cycle, coded with the spec's
+    `init` ranges, or a codec without shared ranges)."""
+    return CycleCoding(msg.codec, msg.codec_seed, msg.cycle, next_ranges_digest)
 
 
 def release_verdict(open_step: OpenStep, msg: StepReleased) -> Verdict:

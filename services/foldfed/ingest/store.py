@@ -7,7 +7,9 @@ changes something is one transaction, so a crash leaves a fact entirely or not a
 
 Tables:
   hub_state(key, value)       'open_step', 'model_digest', 'members' (comma-separated
-                              names of the open step's cycle; '' = every participant)
+                              names of the open step's cycle; '' = every participant),
+                              'coding' (the open step's CycleCoding as JSON; absent:
+                              the reference, fp32:v1)
   manifests(step, participant, manifest_id, chunk_count, received_ms, completed_ms,
             duplicates)       one row per accepted manifest; completed_ms set once
   manifest_chunks(step, participant, idx, digest, present)
@@ -20,11 +22,13 @@ Blocking: the ledger calls it from a worker thread, one message at a time.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from foldfed.codedvector import REFERENCE_CODING, CycleCoding
 from foldfed.ingest.rules import OpenStep
 
 _SCHEMA = """
@@ -95,10 +99,20 @@ class IngestStore:
         rows = dict(self._db.execute("SELECT key, value FROM hub_state").fetchall())
         named = str(rows["members"])
         members = frozenset(named.split(",")) if named else self.participants
-        return OpenStep(int(rows["open_step"]), bytes(rows["model_digest"]), members)
+        coding = _coding_from_json(rows.get("coding"))
+        return OpenStep(int(rows["open_step"]), bytes(rows["model_digest"]), members, coding)
 
-    def open(self, step: int, model_digest: bytes, members: Sequence[str]) -> None:
+    def open(
+        self,
+        step: int,
+        model_digest: bytes,
+        members: Sequence[str],
+        coding: CycleCoding = REFERENCE_CODING,
+    ) -> None:
         with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO hub_state VALUES ('coding', ?)", (_coding_to_json(coding),)
+            )
             self._db.execute("UPDATE hub_state SET value = ? WHERE key = 'open_step'", (step,))
             self._db.execute(
                 "UPDATE hub_state SET value = ? WHERE key = 'model_digest'", (model_digest,)
@@ -236,3 +250,24 @@ class IngestStore:
                     (step, participant),
                 )
             return bool(marked)
+
+
+def _coding_to_json(coding: CycleCoding) -> str:
+    return json.dumps(
+        {
+            "cycle": coding.cycle,
+            "ranges_digest": coding.ranges_digest.hex(),
+            "seed": coding.seed,
+            "spec": coding.spec,
+        },
+        sort_keys=True,
+    )
+
+
+def _coding_from_json(raw: object) -> CycleCoding:
+    if raw is None:
+        return REFERENCE_CODING
+    data = json.loads(str(raw))
+    return CycleCoding(
+        data["spec"], int(data["seed"]), int(data["cycle"]), bytes.fromhex(data["ranges_digest"])
+    )

@@ -31,6 +31,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from foldfed.codecs import codec_from_spec
+from foldfed.codedvector import shared_rule
 from foldfed.errors import CodecError
 from foldfed.format import DEFAULT_CHUNK_SIZE, validate_chunk_size
 from foldfed.topology import is_valid_participant_id
@@ -138,6 +140,32 @@ LocalOptimizer = Literal["adamw", "sgd"]
 Of3Eval = Literal["heldout", "global", "both", "none"]
 
 
+def _codec_spec(spec: str) -> str:
+    _from_spec(spec)  # CodecError names what is wrong
+    return spec
+
+
+def _downlink_spec(spec: str) -> str:
+    if shared_rule(_from_spec(spec)) is not None:
+        raise ValueError("the downlink codes with the hub's own ranges: use scale=block")
+    return spec
+
+
+def _from_spec(spec: str) -> object:
+    try:
+        return codec_from_spec(spec)
+    except CodecError as exc:
+        raise ValueError(str(exc)) from None
+
+
+CodecSpec = Annotated[
+    str, AfterValidator(_codec_spec), Label("codec spec, e.g. `fp32:v1` (docs/format.md)")
+]
+DownlinkSpec = Annotated[
+    str, AfterValidator(_downlink_spec), Label("codec spec without shared ranges")
+]
+
+
 def _var(
     name: str, default: Any, roles: str, doc: str, shown: str | None = None, **limits: Any
 ) -> Any:
@@ -198,6 +226,21 @@ class Settings(BaseSettings):
     chunk_size: ChunkSize = _var(
         "FOLDFED_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, "uploader aggregator",
         "chunk size in bytes of deltas and of the global update",
+    )  # fmt: skip
+    codec: CodecSpec = _var(
+        "FOLDFED_CODEC", "fp32:v1", "barrier",
+        "the cycle's uplink codec spec, announced with every release; `fp32:v1` sends exact"
+        " safetensors payloads (docs/format.md, \"Codec specs\")",
+    )  # fmt: skip
+    downlink_codec: DownlinkSpec = _var(
+        "FOLDFED_DOWNLINK_CODEC", "fp32:v1", "aggregator",
+        "the global update's codec spec, coded with the hub's error feedback (no shared"
+        " ranges)",
+    )  # fmt: skip
+    codec_seed: int = _var(
+        "FOLDFED_CODEC_SEED", 0, "barrier",
+        "the cycle's codec seed: names the codecs' random streams (rotation, rounding)",
+        ge=0, lt=1 << 63,
     )  # fmt: skip
     rate_limit_bps: int = _var(
         "FOLDFED_RATE_LIMIT_BPS", 0, "uploader", "token-bucket rate limit in bytes/s (0 = none)",

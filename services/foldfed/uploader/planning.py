@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
+from foldfed.codedvector import chunk_bounds
 from foldfed.domain import Manifest
 from foldfed.errors import FoldfedError
 
@@ -43,8 +44,10 @@ def journal_trusted(round_number: int) -> bool:
 
 
 def chunk_length(manifest: Manifest, index: int) -> int:
-    """The size of chunk `index`: the chunk size, but the last chunk may be short."""
-    return min(manifest.chunk_size, manifest.payload_size - index * manifest.chunk_size)
+    """The size of chunk `index`: the chunk size, but the last chunk may be short (coded
+    chunks: the manifest's `chunk_sizes`)."""
+    begin, end = chunk_bounds(manifest, index)
+    return end - begin
 
 
 def plan_round(

@@ -5,6 +5,8 @@ It owns the participant's queue and its side of the spool it shares with the tra
   outbox -> hub: deltas (resumable upload) and model reports;
   hub -> inbox: the global update's chunks (kept in a local content-addressed store) and
   step releases, turned into files the trainer picks up.
+With a lossy cycle codec, deltas are coded (with this participant's error feedback) and
+coded updates decoded here (uploader/coding.py): the trainer only ever sees safetensors.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from foldfed.heartbeat import run_heartbeats
 from foldfed.messages import decode, now_ms
 from foldfed.settings import load
 from foldfed.spool import Spool
+from foldfed.uploader.coding import UplinkCoder, decode_update
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.upload import Uploader
 
@@ -45,6 +48,9 @@ class UploaderService:
         self.downloads = ChunkStore(settings.spool_dir / "downloads")
         self.inbox = Inbox(bus, settings.participant, handler=self._on_message)
         self.uploader = Uploader(settings, bus, self.inbox)
+        self.coder = UplinkCoder(
+            settings.spool_dir, settings.participant, settings.chunk_size, self.downloads
+        )
         # When the latest receipt arrived: the wait at the barrier runs from then until
         # the next release.
         self._delivered_at: float | None = None
@@ -85,8 +91,15 @@ class UploaderService:
                 await asyncio.sleep(self._extra_delay_s)
             started = {"bytes_total": float(delta.size), **_finite(delta.metrics)}
             await self._event("upload_started", delta.step, started)
+            with tracing.span("code", parent=delta.trace, step=delta.step):
+                coded = await asyncio.to_thread(self.coder.prepare, delta)
             report = await self.uploader.upload(
-                delta.path, delta.step, delta.weight, delta.base_model_digest, trace=delta.trace
+                delta.path if coded is None else coded.payload,
+                delta.step,
+                delta.weight,
+                delta.base_model_digest,
+                trace=delta.trace,
+                prepared=None if coded is None else (coded.manifest, coded.serialized),
             )
             self._delivered_at = time.monotonic()
             self._state = "waiting"
@@ -157,6 +170,12 @@ class UploaderService:
     async def _write_release(self, release: StepReleased) -> None:
         update_path: Path | None = None
         update_trace: tracing.Carrier = {}
+        update = None
+        if release.update_manifest:
+            update = decode("foldfed.v1.DeltaManifest", release.update_manifest)
+            assert isinstance(update, Manifest)
+        # What delta t must be coded with: before the release file, which starts training.
+        await asyncio.to_thread(self.coder.remember, release, update)
         if release.update_manifest:
             # U_{t-1} belongs to step t-1's trace (its context is in a header of its own).
             parent = tracing.incoming_carrier(tracing.UPDATE_TRACEPARENT) or tracing.CURRENT
@@ -179,11 +198,16 @@ class UploaderService:
         manifest = decode("foldfed.v1.DeltaManifest", release.update_manifest)
         assert isinstance(manifest, Manifest)
         path = self.spool.update_path(release.step)
+        for index, digest in enumerate(manifest.chunk_digests):
+            if not self.downloads.has(digest):
+                raise IntegrityError(f"update chunk {index} ({short(digest)}) not received")
+        if manifest.coded:
+            chunks = [self.downloads.get(d) for d in manifest.chunk_digests]
+            decode_update(manifest, chunks, path)
+            return path
         tmp = path.with_name(f".{path.name}.tmp")  # spool readers skip dot-names
         with open(tmp, "wb") as out:
-            for index, digest in enumerate(manifest.chunk_digests):
-                if not self.downloads.has(digest):
-                    raise IntegrityError(f"update chunk {index} ({short(digest)}) not received")
+            for digest in manifest.chunk_digests:
                 out.write(self.downloads.get(digest))
             out.flush()
             os.fsync(out.fileno())

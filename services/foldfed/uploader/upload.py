@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from foldfed import topology, tracing
 from foldfed.bus import Bus, PublishWindow
+from foldfed.codedvector import chunk_bounds
 from foldfed.config import UploaderSettings
 from foldfed.domain import manifest_of
 from foldfed.errors import FoldfedError
@@ -35,7 +36,7 @@ from foldfed.messages import (
     encode,
     manifest_id,
 )
-from foldfed.payloadfile import plan_chunks, read_chunk
+from foldfed.payloadfile import plan_chunks, read_chunk, read_range
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.journal import UploadJournal
 from foldfed.uploader.planning import RoundPlan, journal_trusted, plan_round, resumes
@@ -101,12 +102,15 @@ class Uploader:
         weight: float,
         base_model_digest: bytes = b"",
         trace: Mapping[str, str] | None = None,
+        prepared: tuple[Manifest, bytes] | None = None,
     ) -> UploadReport:
         """Deliver one delta. `trace`: the context of the trainer's span that made it (the
-        upload span hangs under it; the chunks' headers carry the upload span's)."""
+        upload span hangs under it; the chunks' headers carry the upload span's).
+        `prepared`: a coded delta's manifest and its canonical bytes (uploader/coding.py);
+        `delta_path` is then its coded payload."""
         parent = tracing.CURRENT if trace is None else trace
         with tracing.span("upload", parent=parent, step=step) as span:
-            report = await self._upload(delta_path, step, weight, base_model_digest)
+            report = await self._upload(delta_path, step, weight, base_model_digest, prepared)
             span.set_attributes(
                 {
                     tracing.BYTES: report.bytes_sent,
@@ -120,15 +124,27 @@ class Uploader:
         return report
 
     async def _upload(
-        self, delta_path: Path, step: int, weight: float, base_model_digest: bytes
+        self,
+        delta_path: Path,
+        step: int,
+        weight: float,
+        base_model_digest: bytes,
+        prepared: tuple[Manifest, bytes] | None = None,
     ) -> UploadReport:
         started = time.monotonic()
         structlog.contextvars.bind_contextvars(step=step)
         journal = UploadJournal(self.settings.spool_dir, step)
         try:
-            manifest, serialized, resumed = await self._manifest(
-                journal, delta_path, step, weight, base_model_digest
-            )
+            if prepared is None:
+                manifest, serialized, resumed = await self._manifest(
+                    journal, delta_path, step, weight, base_model_digest
+                )
+            else:
+                manifest, serialized = prepared
+                # The coded payload is written once per step: its journal stays valid.
+                resumed = journal.load_manifest(delta_path) == serialized
+                if not resumed:
+                    journal.start(delta_path, serialized)
             mid = manifest_id(serialized)
             log.info(
                 "upload start",
@@ -303,9 +319,7 @@ class Uploader:
         try:
             async with PublishWindow(self.settings.bus.inflight_window) as window:
                 for index in plan.send:
-                    body = await asyncio.to_thread(
-                        read_chunk, delta_path, manifest.chunk_size, index
-                    )
+                    body = await asyncio.to_thread(_read_chunk, delta_path, manifest, index)
                     await self._throttle(len(body))
                     chunk = Chunk(
                         manifest.step,
@@ -326,6 +340,12 @@ class Uploader:
             delay = self._bucket.delay_for(nbytes, time.monotonic())
             if delay > 0:
                 await asyncio.sleep(delay)
+
+
+def _read_chunk(path: Path, manifest: Manifest, index: int) -> bytes:
+    if manifest.coded:
+        return read_range(path, *chunk_bounds(manifest, index))
+    return read_chunk(path, manifest.chunk_size, index)
 
 
 def _receipt_for(step: int, mid: bytes):

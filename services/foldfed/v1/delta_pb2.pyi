@@ -11,8 +11,10 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CODEC_UNSPECIFIED: _ClassVar[Codec]
     CODEC_SAFETENSORS: _ClassVar[Codec]
+    CODEC_CODED_VECTOR: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 CODEC_SAFETENSORS: Codec
+CODEC_CODED_VECTOR: Codec
 
 class TensorLayout(_message.Message):
     __slots__ = ("name", "dtype", "shape", "begin", "end")
@@ -29,7 +31,7 @@ class TensorLayout(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class DeltaManifest(_message.Message):
-    __slots__ = ("format_version", "step", "participant", "weight", "codec", "tensors", "chunk_size", "payload_size", "chunk_digests", "payload_digest", "base_model_digest")
+    __slots__ = ("format_version", "step", "participant", "weight", "codec", "tensors", "chunk_size", "payload_size", "chunk_digests", "payload_digest", "base_model_digest", "codec_spec", "cycle", "codec_seed", "chunk_sizes", "shared_ranges_digest", "block_stats", "next_ranges_digest")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +43,13 @@ class DeltaManifest(_message.Message):
     CHUNK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CODEC_SPEC_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_SEED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_RANGES_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_STATS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RANGES_DIGEST_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     step: int
     participant: str
@@ -52,7 +61,14 @@ class DeltaManifest(_message.Message):
     chunk_digests: _containers.RepeatedScalarFieldContainer[bytes]
     payload_digest: bytes
     base_model_digest: bytes
-    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., participant: _Optional[str] = ..., weight: _Optional[float] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., payload_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., payload_digest: _Optional[bytes] = ..., base_model_digest: _Optional[bytes] = ...) -> None: ...
+    codec_spec: str
+    cycle: int
+    codec_seed: int
+    chunk_sizes: _containers.RepeatedScalarFieldContainer[int]
+    shared_ranges_digest: bytes
+    block_stats: bytes
+    next_ranges_digest: bytes
+    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., participant: _Optional[str] = ..., weight: _Optional[float] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., payload_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., payload_digest: _Optional[bytes] = ..., base_model_digest: _Optional[bytes] = ..., codec_spec: _Optional[str] = ..., cycle: _Optional[int] = ..., codec_seed: _Optional[int] = ..., chunk_sizes: _Optional[_Iterable[int]] = ..., shared_ranges_digest: _Optional[bytes] = ..., block_stats: _Optional[bytes] = ..., next_ranges_digest: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("step", "participant", "index", "digest", "body")

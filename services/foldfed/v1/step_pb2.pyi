@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StepReleased(_message.Message):
-    __slots__ = ("step", "model_digest", "participants", "released_unix_ms", "update_manifest", "cycle", "final")
+    __slots__ = ("step", "model_digest", "participants", "released_unix_ms", "update_manifest", "cycle", "final", "codec", "codec_seed")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,8 @@ class StepReleased(_message.Message):
     UPDATE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CYCLE_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CODEC_SEED_FIELD_NUMBER: _ClassVar[int]
     step: int
     model_digest: bytes
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -22,7 +24,9 @@ class StepReleased(_message.Message):
     update_manifest: bytes
     cycle: int
     final: bool
-    def __init__(self, step: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., released_unix_ms: _Optional[int] = ..., update_manifest: _Optional[bytes] = ..., cycle: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    codec: str
+    codec_seed: int
+    def __init__(self, step: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., released_unix_ms: _Optional[int] = ..., update_manifest: _Optional[bytes] = ..., cycle: _Optional[int] = ..., final: _Optional[bool] = ..., codec: _Optional[str] = ..., codec_seed: _Optional[int] = ...) -> None: ...
 
 class FinalizeRequest(_message.Message):
     __slots__ = ("step", "participants", "cycle")
