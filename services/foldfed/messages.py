@@ -4,6 +4,10 @@
 The rest of foldfed never touches generated pb2 classes. Decoding validates what the
 protobuf schema cannot (digest lengths, finite weights, known codec) and raises
 DecodeError with the raw bytes kept, so a bad message is rejected with a reason.
+
+One concept, the proto <-> domain serde, in one module of over 400 lines: a matching
+`x_to_proto` / `x_from_proto` pair per message, kept together so a field added to a .proto
+file is added here once, both ways (Flower's serde module does the same).
 """
 
 from __future__ import annotations
