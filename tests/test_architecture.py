@@ -4,6 +4,7 @@ torch."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -139,3 +140,22 @@ def test_a_hub_process_runs_to_the_broker_without_importing_torch(
     assert "HUB IMPORTED" not in output, output
     assert result.returncode == 2, output
     assert "cannot connect to the broker" in output, output
+
+
+MAX_LINES_WITHOUT_A_STATED_CONCEPT = 400
+
+
+def test_a_module_over_400_lines_names_its_one_concept() -> None:
+    """Issue 11: a long module must be one concept and say which in its docstring."""
+    package = Path(__file__).resolve().parents[1] / "services" / "foldfed"
+    unstated = []
+    for path in sorted(package.rglob("*.py")):
+        if "v1" in path.relative_to(package).parts:
+            continue  # generated protobuf code
+        source = path.read_text()
+        if source.count("\n") <= MAX_LINES_WITHOUT_A_STATED_CONCEPT:
+            continue
+        docstring = ast.get_docstring(ast.parse(source)) or ""
+        if "one concept" not in docstring.lower():
+            unstated.append(str(path.relative_to(package)))
+    assert not unstated, f"over {MAX_LINES_WITHOUT_A_STATED_CONCEPT} lines, no concept: {unstated}"
