@@ -49,6 +49,7 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 TORCH_VERSION = "2.13.0"
 WHEEL_CACHE = REPO / "var" / "cache" / "wheels"
 INPUTS_LABEL = "org.foldfed.inputs"
+VARIANT_LABEL = "org.foldfed.variant"
 
 
 class BuildError(RuntimeError):
@@ -212,6 +213,7 @@ def build(variant: Variant) -> str:
         args = ["build", "--network", "host", "--pull=never", "--layers"]
         args += ["-f", variant.dockerfile, "--ignorefile", f"{variant.dockerfile}.dockerignore"]
         args += ["--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--label", f"{INPUTS_LABEL}={inputs}"]
+        args += ["--label", f"{VARIANT_LABEL}={variant.name}"]
         if HOST_CA.exists():  # for the build's RUN steps only: mounts land in no layer
             args += ["-v", f"{HOST_CA}:/etc/ssl/certs/ca-certificates.crt:ro"]
         if variant.extras is not None:
@@ -221,7 +223,21 @@ def build(variant: Variant) -> str:
         print(f"building {name} ({variant.name})", flush=True)
         subprocess.run(["podman", *args, "-t", name, "."], cwd=REPO, env=podman_env(), check=True)
     podman("tag", name, version_name(variant))
+    remove_stale(variant, name)
     return name
+
+
+def remove_stale(variant: Variant, current: str) -> None:
+    """Earlier builds of `variant` (other inputs): one image per variant stays on disk."""
+    listed = podman(
+        "images", "--filter", f"label={VARIANT_LABEL}={variant.name}",
+        "--format", "{{.Repository}}:{{.Tag}}",
+    ).split()  # fmt: skip
+    current_id = podman("image", "inspect", "--format", "{{.Id}}", current)
+    for name in listed:
+        if ":in-" in name and name != current:
+            if podman("image", "inspect", "--format", "{{.Id}}", name) != current_id:
+                podman("rmi", name, check=False)
 
 
 def size_mb(name: str) -> float:

@@ -106,12 +106,16 @@ class Project:
         ]  # fmt: skip
 
     def up(self, service: str) -> None:
-        subprocess.run(
+        # podman 4.3 logs that it cannot add systemd health timers: expected, and why the
+        # health checks are run from here; its output is shown only on failure.
+        done = subprocess.run(
             self.compose_cmd("up", "-d", "--no-deps", "--no-build", service),
             env=self.env,
-            check=True,
-            stdout=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise StartError(f"{service}: podman-compose up failed:\n{done.stdout}{done.stderr}")
 
     def container(self, service: str) -> str:
         out = subprocess.run(
