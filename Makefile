@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.foldfed-installed
 STAMP_OF3 := $(VENV)/.foldfed-of3
 STAMP_DEV := $(VENV)/.foldfed-dev
 
-.PHONY: setup chromium chromium-for-tests demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
+.PHONY: setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -22,6 +22,22 @@ chromium-for-tests:
 
 chromium:
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+# podman and what its images need (deploy/README.md, "Containers"): runc (crun refuses this
+# host's cgroups), debootstrap (the base image: no registry is reachable), catatonit
+# (compose's `init: true`). The two host settings are in deploy/podman/containers.conf.
+containers-prereqs:
+	@command -v podman >/dev/null && command -v runc >/dev/null && \
+		command -v debootstrap >/dev/null && command -v catatonit >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			podman runc debootstrap catatonit)
+
+# The container images (podman, on a debootstrap base; reused when their inputs are
+# unchanged): foldfed:<version> (hub, slim), foldfed:<version>-of3 (participant, OpenFold3),
+# foldfed-broker:<version>. Prints their names and sizes. IMAGES=slim builds one.
+IMAGES ?= all
+image: $(STAMP) containers-prereqs
+	$(PY) deploy/podman/images.py build $(IMAGES)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +70,7 @@ loadtest: setup
 of3-sample: setup $(STAMP_OF3)
 	$(VENV)/bin/foldfed data sample --out var/of3-sample --companies 3
 
-test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests
+test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests containers-prereqs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
