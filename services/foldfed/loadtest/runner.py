@@ -38,7 +38,7 @@ from foldfed.errors import CodecError, FoldfedError
 from foldfed.loadtest.barrierlog import barrier_state, step_history
 from foldfed.loadtest.distributions import compute_seconds
 from foldfed.loadtest.predict import plan_run
-from foldfed.loadtest.scenario import MIB, CodecPair, Scenario
+from foldfed.loadtest.scenario import MIB, Scenario
 from foldfed.loadtest.timeline import ParticipantObs, goodput, measure, overhead_s
 from foldfed.loadtest.verdicts import RunResult, check_codec_runs, check_run
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
@@ -464,7 +464,7 @@ def size_codecs(scenario: Scenario) -> Scenario:
             0 if spec == "fp32:v1" else wire_size(spec, scenario.delta_elements, chunk)
             for spec in (pair.uplink, pair.downlink)
         )
-        sized.append(CodecPair(pair.uplink, pair.downlink, up, down))
+        sized.append(replace(pair, uplink_bytes_run=up, downlink_bytes_run=down))
     return replace(scenario, codecs=tuple(sized))
 
 

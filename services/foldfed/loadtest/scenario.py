@@ -102,9 +102,13 @@ class CodecPair:
     # runner.size_codecs fills them in from the codecs' chunk sizes.
     uplink_bytes_run: int = 0
     downlink_bytes_run: int = 0
+    # A short name for reports (default: the specs).
+    name: str = ""
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         return self.uplink if self.uplink == self.downlink else f"{self.uplink} / {self.downlink}"
 
 
@@ -444,10 +448,16 @@ def _codecs(raw: Any) -> tuple[CodecPair, ...]:
         path = f"codecs[{i}]"
         if isinstance(entry, str):
             entry = {"uplink": entry, "downlink": entry}
-        _pick(entry, path, ("uplink", "downlink"))
+        _pick(entry, path, ("name", "uplink", "downlink"))
         # The specs themselves are checked where the codecs are (runner.size_codecs): this
         # module, like the codecs, is pure core, and the two layers' siblings stay apart.
-        out.append(CodecPair(_str(entry, "uplink", path), _str(entry, "downlink", path, "fp32:v1")))
+        out.append(
+            CodecPair(
+                _str(entry, "uplink", path),
+                _str(entry, "downlink", path, "fp32:v1"),
+                name=_str(entry, "name", path, ""),
+            )
+        )
     return tuple(out)
 
 
