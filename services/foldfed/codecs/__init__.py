@@ -20,7 +20,14 @@ Layer 1 (pure core): numpy, blake3 and zstandard only; no I/O. One concept per m
 docs/format.md, section 14, gives the byte layouts, bounds and rules.
 """
 
-from foldfed.codecs.adaptive import CodecChoice, choose_codec, wire_size
+from foldfed.codecs.adaptive import (
+    CodecChoice,
+    Goodput,
+    allowed_specs,
+    choose_codec,
+    choose_for_cycle,
+    wire_size,
+)
 from foldfed.codecs.base import Codec, LinearCodec, ring_bits
 from foldfed.codecs.context import CodecContext
 from foldfed.codecs.feedback import (
@@ -44,13 +51,16 @@ __all__ = [
     "CodecChoice",
     "CodecContext",
     "Compensated",
+    "Goodput",
     "LinearCodec",
     "Residual",
     "ResidualAlreadyApplied",
     "SharedRanges",
+    "allowed_specs",
     "block_stats",
     "carried",
     "choose_codec",
+    "choose_for_cycle",
     "codec_from_spec",
     "compensate",
     "decode_vector",

@@ -13,6 +13,18 @@ uses it, so the uploader passes `at_cycle_start=False` mid-cycle and a change in
 of such a codec waits for the next cycle (the reason says so). A per-member codec (fp32,
 bf16, int8, rotated with scale=block) may change at any step, among the specs the cycle
 allows.
+
+Which specs a cycle allows (`allowed_specs`): today exactly its own. The hub accepts a
+manifest only when its spec equals the cycle's (`require_cycle_codec`, docs/format.md
+14.2), so a member that sent another spec, however it fits its link, would be
+dead-lettered. The per-site choice therefore picks among the cycle's one spec, and says
+when even that does not fit the budget: the signal for the operator to choose a stronger
+`FOLDFED_CODEC` for the next cycle. A cycle that allows several per-member specs widens
+`allowed_specs` and nothing else changes.
+
+Goodput (`Goodput`): bytes the uploader sent over the seconds its upload took, smoothed
+over uploads; an upload that sent too little to measure the link (all chunks already held
+by the hub, a resumed tail) leaves the estimate unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +44,51 @@ class CodecChoice:
     seconds: float
     fits: bool
     reason: str
+
+
+# An upload below this many bytes measures round trips, not the link.
+MIN_MEASURED_BYTES = 64 << 10
+# Weight of the newest upload in the smoothed goodput.
+GOODPUT_WEIGHT = 0.5
+
+
+@dataclass(frozen=True)
+class Goodput:
+    """The link's measured goodput in bytes/s (0: not measured yet) and its upload count."""
+
+    bytes_per_s: float = 0.0
+    uploads: int = 0
+
+    def after(self, bytes_sent: int, seconds: float) -> Goodput:
+        """The estimate once an upload of `bytes_sent` took `seconds`."""
+        if bytes_sent < MIN_MEASURED_BYTES or not seconds > 0:
+            return self
+        rate = bytes_sent / seconds
+        if self.uploads == 0:
+            return Goodput(rate, 1)
+        smoothed = GOODPUT_WEIGHT * rate + (1 - GOODPUT_WEIGHT) * self.bytes_per_s
+        return Goodput(smoothed, self.uploads + 1)
+
+
+def allowed_specs(cycle_spec: str) -> tuple[str, ...]:
+    """The specs a member may send in a cycle of `cycle_spec`, least lossy first."""
+    return (cycle_spec,)
+
+
+def choose_for_cycle(
+    cycle_spec: str, goodput: Goodput, budget_s: float, elements: int, max_chunk_bytes: int
+) -> CodecChoice:
+    """The uplink spec for a step of a cycle coding with `cycle_spec`, and why."""
+    if goodput.bytes_per_s <= 0:
+        size = wire_size(cycle_spec, elements, max_chunk_bytes)
+        return CodecChoice(cycle_spec, size, 0.0, True, f"{cycle_spec}: no goodput measured yet")
+    return choose_codec(
+        goodput.bytes_per_s,
+        budget_s,
+        elements,
+        allowed_specs(cycle_spec),
+        max_chunk_bytes=max_chunk_bytes,
+    )
 
 
 def wire_size(spec: str, elements: int, max_chunk_bytes: int = 4 << 20) -> int:

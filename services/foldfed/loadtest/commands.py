@@ -14,6 +14,7 @@ SCENARIO_DIR = Path(__file__).resolve().parents[3] / "loadtest"
 # `all` runs these, in this order (cheap and fault scenarios first).
 ALL = (
     "slow-link",
+    "seed-consortium",
     "flaky-link",
     "broker-restart",
     "late-joiner",

@@ -43,7 +43,25 @@ def transfer_run_seconds(p: Participant, scenario: Scenario) -> float:
     if p.bandwidth_bps <= 0:
         return 0.0
     burst = scenario.chunk_mib * MIB
-    return max(0.0, scenario.delta_bytes_run - burst) / p.bandwidth_bps
+    return max(0.0, scenario.uplink_bytes_run - burst) / p.bandwidth_bps
+
+
+def burst_real_seconds(p: Participant, scenario: Scenario) -> float:
+    """Real seconds the token bucket's first chunk of burst skips: an emulation artifact
+    (a real link carries those bytes at its rate too), added back in codec comparisons."""
+    if p.bandwidth_bps <= 0:
+        return 0.0
+    burst = min(scenario.chunk_mib * MIB, scenario.uplink_bytes_run)
+    return burst / p.bandwidth_bps * scenario.time_scale
+
+
+def download_seconds(p: Participant, scenario: Scenario) -> float:
+    """Real seconds p takes to download the global update over its link (not emulated by
+    the run: the broker delivers it on loopback; a real site waits this long before it
+    can train)."""
+    if p.bandwidth_bps <= 0:
+        return 0.0
+    return scenario.downlink_bytes_run / p.bandwidth_bps * scenario.time_scale
 
 
 def upload_seconds(p: Participant, scenario: Scenario) -> float:

@@ -10,8 +10,10 @@ from foldfed.loadtest.predict import totals
 from foldfed.loadtest.scenario import MIB, Compute, Scenario
 from foldfed.loadtest.timeline import idle_totals, path_skew
 from foldfed.loadtest.verdicts import (
+    PROJECTED_STEPS,
     Check,
     RunResult,
+    codec_figures,
     lead_over,
     monitor_idle,
     straggler_ci,
@@ -95,6 +97,7 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
     ]
     for c in r.checks:
         out.append(f"- **{_verdict(c, s.smoke_run)}** {c.name}: {c.detail}")
+    out += _codec_section(r)
     out += [
         "",
         "## Wall time, measured and predicted (real time)",
@@ -222,6 +225,52 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _codec_section(r: RunResult) -> list[str]:
+    """The compared codecs side by side (real time and bytes), then which run the rest of
+    the report shows."""
+    if not r.codec_runs:
+        return []
+    S = r.scenario.time_scale
+    figures = [codec_figures(run) for run in r.codec_runs]
+    ref = figures[0].uplink_bytes
+    out = [
+        "",
+        "## Codecs side by side (real time and bytes, per step)",
+        "",
+        "| codec (up / down) | uplink per site | vs first | uplink at link | downlink "
+        "(not emulated) | compute (slowest site) | wall measured | wall projected | "
+        f"{PROJECTED_STEPS} steps projected | final model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run, f in zip(r.codec_runs, figures, strict=True):
+        slow = max(f.compute_s, key=lambda n: f.compute_s[n])
+        out.append(
+            f"| {f.label} | {f.uplink_bytes / 1e6:,.1f} MB | {ref / f.uplink_bytes:.1f}x | "
+            f"{f.uplink_s[slow]:,.1f} s | {f.downlink_bytes / 1e6:,.1f} MB, "
+            f"{f.downlink_s[slow]:,.1f} s | {f.compute_s[slow]:,.0f} s ({slow}) | "
+            f"{_hms(f.measured_wall_s)} | {_hms(f.projected_wall_s)} | "
+            f"{_hms(f.projected_wall_s * PROJECTED_STEPS)} | `{run.final_digest[:12]}` |"
+        )
+    out += [
+        "",
+        f"Each codec ran {r.scenario.steps} steps with the same seeds (same compute draws "
+        f"and delta bytes) at S = {S:g}. Uplink bytes are measured (what the uploaders sent, "
+        "x S) and the uplink is emulated by the uploader's token bucket; 'uplink at link' is "
+        "those bytes over the site's link. The downlink is NOT emulated (the broker delivers "
+        "the global update on loopback): its time is the update's wire size (the codec's "
+        "chunk sizes; an upper bound with zstd) over the site's link, and 'wall projected' "
+        "adds it, plus the token bucket's first chunk of burst (an emulation artifact), to "
+        "the measured wall time. Codec CPU time (encode at the sites, decode and re-encode "
+        "at the hub) is measured in the run: it is proportional to the run's bytes, so x S it "
+        "stands for the full-size delta on this machine's CPU, with 5 sites and the hub "
+        "sharing its cores (each site has its own machine in reality).",
+        "",
+        f"The sections below show the last codec's run ({r.codec_runs[-1].scenario.codec.label}); "
+        "each codec's full report is in its own folder (`codec<i>/report.md`).",
+    ]
+    return out
+
+
 def save_timeline(r: RunResult, path: Path) -> Path:
     import matplotlib
 
@@ -307,6 +356,8 @@ def write_report(r: RunResult) -> Path:
         ]
     path = folder / "report.md"
     path.write_text(render_markdown(r, pictures))
+    for run in r.codec_runs:
+        write_report(run)
     return path
 
 

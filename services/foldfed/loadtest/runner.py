@@ -23,22 +23,24 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
 from foldfed import hubctl
+from foldfed.codecs import codec_from_spec, wire_size
 from foldfed.credentials import new_password
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.observer import Observer, RunRecord
-from foldfed.errors import FoldfedError
+from foldfed.errors import CodecError, FoldfedError
 from foldfed.loadtest.barrierlog import barrier_state, step_history
 from foldfed.loadtest.distributions import compute_seconds
 from foldfed.loadtest.predict import plan_run
 from foldfed.loadtest.scenario import MIB, Scenario
 from foldfed.loadtest.timeline import ParticipantObs, goodput, measure, overhead_s
-from foldfed.loadtest.verdicts import RunResult, check_run
+from foldfed.loadtest.verdicts import RunResult, check_codec_runs, check_run
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 from foldfed.settings import env_for, load
 
@@ -120,10 +122,17 @@ class Run:
     # -------------------------------------------------------------- environments
 
     def hub_env(self, cycle: int) -> dict[str, str]:
+        codec = self.s.codec
+        coding = env_for(codec=codec.uplink, downlink_codec=codec.downlink)
         if cycle == 1:
-            return {**self.fed.hub_env(), **env_for(participants=self.s.first_cycle())}
+            return {
+                **self.fed.hub_env(),
+                **coding,
+                **env_for(participants=self.s.first_cycle()),
+            }
         return {
             **self.fed.hub_env(),
+            **coding,
             **env_for(
                 cycle=cycle,
                 first_step=self.s.steps + 2,
@@ -137,6 +146,7 @@ class Run:
         own = env_for(
             rate_limit_bps=max(1, round(p.bandwidth_bps)) if p.bandwidth_bps > 0 else None,
             initial_model=self.cycle_initial if name in self.s.late_joiners else None,
+            upload_budget_s=self.s.scaled(self.s.upload_budget_s) or None,
         )
         return {**self.fed.participant_env(name), **sim_settings(self.s, name).env(), **own}
 
@@ -437,10 +447,46 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def size_codecs(scenario: Scenario) -> Scenario:
+    """The scenario with each compared codec's wire bytes per run-size delta (checked specs:
+    a downlink codec may not share ranges)."""
+    sized = []
+    chunk = scenario.chunk_mib * MIB
+    for i, pair in enumerate(scenario.codecs):
+        for key, spec in (("uplink", pair.uplink), ("downlink", pair.downlink)):
+            try:
+                codec = codec_from_spec(spec)
+            except CodecError as exc:
+                raise CodecError(f"{scenario.name}: codecs[{i}].{key}: {exc}") from None
+            if key == "downlink" and codec.linear_shared:
+                raise CodecError(f"{scenario.name}: codecs[{i}].downlink shares ranges")
+        up, down = (
+            0 if spec == "fp32:v1" else wire_size(spec, scenario.delta_elements, chunk)
+            for spec in (pair.uplink, pair.downlink)
+        )
+        sized.append(replace(pair, uplink_bytes_run=up, downlink_bytes_run=down))
+    return replace(scenario, codecs=tuple(sized))
+
+
 def run_scenario(
     scenario: Scenario, workdir: Path, shared: SharedBroker, say: Say = print
 ) -> RunResult:
-    """The scenario (and, when its expectations need one, an undisturbed reference run)."""
+    """The scenario; with several codecs, one run per codec (same seeds), the last one's
+    result carrying them all (`codec_runs`)."""
+    scenario = size_codecs(scenario)
+    if len(scenario.codecs) < 2:
+        return _run_one(scenario, workdir, shared, say)
+    runs = []
+    for i, pair in enumerate(scenario.codecs):
+        say(f"{scenario.name}: codec {pair.label}")
+        runs.append(_run_one(scenario.with_codec(i), workdir / f"codec{i}", shared, say))
+    combined = replace(runs[-1], scenario=scenario, workdir=workdir, codec_runs=runs)
+    combined.checks = check_codec_runs(combined)
+    return combined
+
+
+def _run_one(scenario: Scenario, workdir: Path, shared: SharedBroker, say: Say) -> RunResult:
+    """One scenario run (and, when its expectations need one, an undisturbed reference)."""
     timeout = 120.0 + 4 * sum(p.wall_s for p in plan_run(scenario)) / scenario.time_scale
     reference = ""
     if scenario.expect.same_digest_as_undisturbed:

@@ -12,6 +12,11 @@ see); `time_scale` S says how much faster the run goes:
 - latency: not emulated on the wire (loopback); the prediction adds two round trips per
   upload (manifest + have-request, receipt), so it stays visible in the report.
 
+Codecs: `codecs` lists the (uplink, downlink) specs to compare; the scenario then runs once
+per entry with the same seeds (the first is the reference, usually `fp32:v1`).
+`upload_budget_s` (real seconds) turns on the uploaders' per-site codec choice
+(FOLDFED_UPLOAD_BUDGET_S, scaled by S).
+
 One concept, the scenario schema, in one module of over 400 lines: the dataclasses and the
 parser that validates each of their fields; drawing times from a scenario is
 `distributions`, running one is `runner`.
@@ -88,6 +93,26 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class CodecPair:
+    """The cycle's uplink spec and the hub's downlink spec of one run."""
+
+    uplink: str = "fp32:v1"
+    downlink: str = "fp32:v1"
+    # Wire bytes of one run-size delta each way (0: not sized yet, read as fp32's);
+    # runner.size_codecs fills them in from the codecs' chunk sizes.
+    uplink_bytes_run: int = 0
+    downlink_bytes_run: int = 0
+    # A short name for reports (default: the specs).
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.uplink if self.uplink == self.downlink else f"{self.uplink} / {self.downlink}"
+
+
+@dataclass(frozen=True)
 class Expect:
     """What the run must show (checked by the runner, asserted by the smoke test)."""
 
@@ -100,6 +125,9 @@ class Expect:
     goodput_min: float = 0.95
     # Compare the final model digest with an undisturbed run of the same seeds.
     same_digest_as_undisturbed: bool = False
+    # With codecs: some compared codec keeps each site's transfer time per step (up and
+    # down, at real size and link speed) within its compute time.
+    comm_within_compute: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +150,13 @@ class Scenario:
     chunk_mib: int = 1
     weight: float = 1000.0
     expect: Expect = field(default_factory=Expect)
+    # The codecs compared, one run each (empty: one run, fp32 both ways).
+    codecs: tuple[CodecPair, ...] = ()
+    # The smoke version's time scale (0: time_scale): a fast link test needs a lower S
+    # than a smoke run can afford.
+    smoke_time_scale: float = 0.0
+    # Real seconds an upload may take per step (0: the uploaders' codec choice is off).
+    upload_budget_s: float = 0.0
 
     # ------------------------------------------------------------ derived quantities
 
@@ -149,11 +184,30 @@ class Scenario:
         """Payload bytes tensor data of the scaled delta (the safetensors header adds ~100)."""
         return self.delta_elements * 4
 
+    @property
+    def uplink_bytes_run(self) -> int:
+        """Bytes one upload of this run sends (the coded size with a lossy codec)."""
+        return self.codec.uplink_bytes_run or self.delta_bytes_run
+
+    @property
+    def downlink_bytes_run(self) -> int:
+        """Bytes of the global update each participant downloads per step."""
+        return self.codec.downlink_bytes_run or self.delta_bytes_run
+
     def scaled(self, real_seconds: float) -> float:
         return real_seconds / self.time_scale
 
     def real(self, run_seconds: float) -> float:
         return run_seconds * self.time_scale
+
+    @property
+    def codec(self) -> CodecPair:
+        """This run's codecs (the first compared pair)."""
+        return self.codecs[0] if self.codecs else CodecPair()
+
+    def with_codec(self, index: int) -> Scenario:
+        """The run of the compared codec `index` alone, in a folder of its own."""
+        return replace(self, name=f"{self.name}-codec{index}", codecs=(self.codecs[index],))
 
     @property
     def late_joiners(self) -> tuple[str, ...]:
@@ -174,7 +228,12 @@ class Scenario:
         steps = min(steps, self.steps)
         nxt = min(self.next_cycle_steps, self.smoke_steps) if self.next_cycle_steps else 0
         return replace(
-            self, name=f"{self.name}-smoke", steps=steps, next_cycle_steps=nxt, smoke_run=True
+            self,
+            name=f"{self.name}-smoke",
+            steps=steps,
+            next_cycle_steps=nxt,
+            smoke_run=True,
+            time_scale=self.smoke_time_scale or self.time_scale,
         )
 
     def undisturbed(self) -> Scenario:
@@ -352,6 +411,7 @@ _EXPECT_KEYS = (
     "goodput_participant",
     "goodput_min",
     "same_digest_as_undisturbed",
+    "comm_within_compute",
 )
 
 
@@ -363,16 +423,42 @@ def _expect(raw: Any, names: tuple[str, ...]) -> Expect:
         value = _str(raw, key, "expect", "")
         if value and value not in names:
             raise ScenarioError(f"expect.{key}: {value!r} is not a participant")
-    same = raw.get("same_digest_as_undisturbed", False)
-    if not isinstance(same, bool):
-        raise ScenarioError(f"expect.same_digest_as_undisturbed: expected true/false, got {same!r}")
+    same, comm = (raw.get(k, False) for k in ("same_digest_as_undisturbed", "comm_within_compute"))
+    for key, value in (("same_digest_as_undisturbed", same), ("comm_within_compute", comm)):
+        if not isinstance(value, bool):
+            raise ScenarioError(f"expect.{key}: expected true/false, got {value!r}")
     return Expect(
         straggler=_str(raw, "straggler", "expect", ""),
         tolerance=_num(raw, "tolerance", "expect", 0.05, exclusive=True, maximum=1.0),
         goodput_participant=_str(raw, "goodput_participant", "expect", ""),
         goodput_min=_num(raw, "goodput_min", "expect", 0.95, exclusive=True, maximum=1.0),
         same_digest_as_undisturbed=same,
+        comm_within_compute=comm,
     )
+
+
+def _codecs(raw: Any) -> tuple[CodecPair, ...]:
+    """`codecs`: a list of specs (both ways) or {uplink, downlink} mappings."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ScenarioError("codecs: expected a non-empty list")
+    out: list[CodecPair] = []
+    for i, entry in enumerate(raw):
+        path = f"codecs[{i}]"
+        if isinstance(entry, str):
+            entry = {"uplink": entry, "downlink": entry}
+        _pick(entry, path, ("name", "uplink", "downlink"))
+        # The specs themselves are checked where the codecs are (runner.size_codecs): this
+        # module, like the codecs, is pure core, and the two layers' siblings stay apart.
+        out.append(
+            CodecPair(
+                _str(entry, "uplink", path),
+                _str(entry, "downlink", path, "fp32:v1"),
+                name=_str(entry, "name", path, ""),
+            )
+        )
+    return tuple(out)
 
 
 _SCENARIO_KEYS = (
@@ -390,6 +476,9 @@ _SCENARIO_KEYS = (
     "chunk_mib",
     "weight",
     "expect",
+    "codecs",
+    "smoke_time_scale",
+    "upload_budget_s",
 )
 
 
@@ -428,7 +517,14 @@ def parse_scenario(raw: Any) -> Scenario:
         chunk_mib=chunk_mib,
         weight=_num(raw, "weight", "", 1000.0, exclusive=True),
         expect=_expect(raw.get("expect"), names),
+        codecs=_codecs(raw.get("codecs")),
+        smoke_time_scale=_num(raw, "smoke_time_scale", "", 0.0),
+        upload_budget_s=_num(raw, "upload_budget_s", "", 0.0),
     )
+    if scenario.smoke_time_scale and scenario.smoke_time_scale < 1:
+        raise ScenarioError("smoke_time_scale: must be >= 1 (or 0: time_scale)")
+    if scenario.expect.comm_within_compute and len(scenario.codecs) < 1:
+        raise ScenarioError("expect.comm_within_compute: needs `codecs`")
     return scenario
 
 

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from foldfed.loadtest.predict import StepPlan, relative_error, totals, transfer_run_seconds
+from foldfed.loadtest.predict import (
+    StepPlan,
+    burst_real_seconds,
+    download_seconds,
+    relative_error,
+    totals,
+    transfer_run_seconds,
+)
 from foldfed.loadtest.scenario import MIB, Scenario
 from foldfed.loadtest.timeline import Goodput, MeasuredStep, idle_totals, straggler_real_idle
 
@@ -56,6 +63,8 @@ class RunResult:
     reference_digest: str = ""
     # The monitor service's /api/state at the end of the run (straggler scenarios).
     monitor: dict[str, object] | None = None
+    # With compared codecs: each codec's own run, in the scenario's order.
+    codec_runs: list[RunResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -229,4 +238,84 @@ def monitor_check(result: RunResult, name: str) -> Check:
         + ", ".join(f"{n} {v * S:,.0f}" for n, v in sorted(idle.items()))
         + f"; stragglers flagged: {flagged or 'none'}; the report's own measure for {name}: "
         f"{ours * S:,.0f} s",
+    )
+
+
+# ---------------------------------------------------------------- compared codecs
+
+# The horizon the issue projects a run to.
+PROJECTED_STEPS = 500
+
+
+@dataclass(frozen=True)
+class CodecFigures:
+    """One codec run in real time and bytes: what one step costs at the scenario's size."""
+
+    label: str
+    uplink_bytes: float  # real bytes per site and step, measured (bytes sent x S)
+    downlink_bytes: float  # real bytes of the global update (wire size of its codec)
+    uplink_s: dict[str, float]  # per site: measured bytes over its link
+    downlink_s: dict[str, float]  # per site: the update over its link (not emulated)
+    compute_s: dict[str, float]  # per site: mean compute per step
+    measured_wall_s: float  # mean per step, as run (downlink not emulated)
+    projected_wall_s: float  # + the token bucket's burst and the downlink
+
+    def comm_s(self, name: str) -> float:
+        return self.uplink_s[name] + self.downlink_s[name]
+
+
+def codec_figures(r: RunResult) -> CodecFigures:
+    s = r.scenario
+    S = s.time_scale
+    sent = [o.bytes_sent for m in r.steps for o in m.participants.values() if o.bytes_sent]
+    up_bytes = statistics.fmean(sent) * S if sent else float(s.uplink_bytes_run) * S
+    links = {p.name: p.bandwidth_bps for p in s.participants}
+    up = {n: up_bytes / b if b > 0 else 0.0 for n, b in links.items()}
+    down = {p.name: download_seconds(p, s) for p in s.participants}
+    compute = {
+        n: statistics.fmean(p.compute_s[n] for p in r.plans if n in p.compute_s) for n in s.names
+    }
+    wall = statistics.fmean(m.wall_s for m in r.steps) * S if r.steps else 0.0
+    added = max(burst_real_seconds(p, s) + down[p.name] for p in s.participants)
+    return CodecFigures(
+        s.codec.label,
+        up_bytes,
+        float(s.downlink_bytes_run) * S,
+        up,
+        down,
+        compute,
+        wall,
+        wall + added,
+    )
+
+
+def check_codec_runs(combined: RunResult) -> list[Check]:
+    """Each codec run's own checks, named by codec, and the issue's bandwidth goal."""
+    checks = [
+        replace(c, name=f"{run.scenario.codec.label}: {c.name}")
+        for run in combined.codec_runs
+        for c in run.checks
+    ]
+    if combined.scenario.expect.comm_within_compute:
+        checks.append(comm_check(combined))
+    return checks
+
+
+def comm_check(combined: RunResult) -> Check:
+    """Some compared codec keeps every site's transfer time (up + down) per step within its
+    compute time, at real size and link speed."""
+    figures = [codec_figures(run) for run in combined.codec_runs]
+    parts, ok = [], False
+    for f in figures:
+        worst = max(f.compute_s, key=lambda n: f.comm_s(n) - f.compute_s[n])
+        fits = all(f.comm_s(n) <= f.compute_s[n] for n in f.compute_s)
+        ok |= fits
+        parts.append(
+            f"{f.label}: up {f.uplink_s[worst]:,.0f} s + down {f.downlink_s[worst]:,.0f} s "
+            f"{'<=' if fits else '>'} compute {f.compute_s[worst]:,.0f} s ({worst})"
+        )
+    return Check(
+        "communication per step (up + down) at most the compute time, for some codec",
+        ok,
+        "; ".join(parts),
     )

@@ -246,6 +246,13 @@ class Settings(BaseSettings):
         "FOLDFED_RATE_LIMIT_BPS", 0, "uploader", "token-bucket rate limit in bytes/s (0 = none)",
         ge=0,
     )  # fmt: skip
+    upload_budget_s: float = _var(
+        "FOLDFED_UPLOAD_BUDGET_S", 0.0, "uploader",
+        "seconds per step an upload may take: with the measured goodput, the least lossy"
+        " codec the cycle allows that fits is used and the choice logged (0 = off;"
+        " docs/format.md 14.8)",
+        ge=0.0,
+    )  # fmt: skip
     inflight_window: int = _var(
         "FOLDFED_INFLIGHT_WINDOW", 8, "all", "unconfirmed publishes at once", ge=1
     )

@@ -18,26 +18,34 @@ Downlink (`decode_update`). A coded global update is decoded (direction "down", 
 "hub") and written as the canonical safetensors file of d_t, so the trainer applies it
 unchanged, and holds bit-identically the θ the hub made from the same d_t.
 
-`pick_spec` is the one place the uplink spec is chosen (the seam for a per-site choice).
+`pick_spec` is the one place the uplink spec is chosen: with an upload budget
+(`FOLDFED_UPLOAD_BUDGET_S`), the least lossy spec the cycle allows whose upload fits it at
+this link's measured goodput (`coding/goodput.json`, smoothed over uploads, kept across
+restarts), logged with the reason (codecs/adaptive.py; docs/format.md 14.8).
 No torch here: numpy, the pure codecs, and files.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from foldfed.aggregation.dtypes import decode_narrow, from_float64
 from foldfed.chunkstore import ChunkStore
 from foldfed.codecs import (
+    CodecChoice,
     CodecContext,
+    Goodput,
     ResidualAlreadyApplied,
     SharedRanges,
     block_stats,
     carried,
+    choose_for_cycle,
     codec_from_spec,
     compensate,
     decode_vector,
@@ -65,11 +73,18 @@ from foldfed.messages import decode, encode
 from foldfed.payloadfile import read_layout
 from foldfed.spool import DeltaRecord
 
+log = structlog.get_logger(__name__)
 
-def pick_spec(coding: CycleCoding) -> str:
-    """The uplink spec for a step: the cycle's. A per-site choice (codecs.choose_codec)
-    plugs in here; it may pick only among specs the cycle allows (docs/format.md)."""
-    return coding.spec
+
+def pick_spec(
+    coding: CycleCoding, goodput: Goodput, budget_s: float, elements: int, chunk_limit: int
+) -> CodecChoice | None:
+    """The uplink spec for a step and why; None without a budget (the cycle's spec). The
+    choice is only among the specs the cycle allows (codecs.allowed_specs, docs/format.md
+    14.2): a spec with shared ranges is the cycle's by construction."""
+    if budget_s <= 0:
+        return None
+    return choose_for_cycle(coding.spec, goodput, budget_s, elements, chunk_limit)
 
 
 @dataclass(frozen=True)
@@ -114,12 +129,55 @@ class UplinkCoder:
             raw["codec"], int(raw["seed"]), int(raw["cycle"]), bytes.fromhex(raw["ranges_digest"])
         )
 
+    # ---------------------------------------------------------------- the link
+
+    def goodput(self) -> Goodput:
+        try:
+            raw = json.loads(self._goodput().read_bytes())
+            return Goodput(float(raw["bytes_per_s"]), int(raw["uploads"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return Goodput()  # never measured, or an unreadable file: measure again
+
+    def record_upload(self, bytes_sent: int, seconds: float) -> Goodput:
+        """Fold one upload into the measured goodput (kept across restarts)."""
+        before = self.goodput()
+        after = before.after(bytes_sent, seconds)
+        if after != before:
+            body = {"bytes_per_s": after.bytes_per_s, "uploads": after.uploads}
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._goodput(), json.dumps(body, sort_keys=True).encode())
+        return after
+
+    def choose(self, delta: DeltaRecord, coding: CycleCoding, budget_s: float) -> str:
+        """The spec delta t travels with; with a budget, the choice is logged and why."""
+        if budget_s <= 0:
+            return coding.spec  # no budget: not even the header is read
+        goodput = self.goodput()
+        elements = _elements(delta.path)
+        choice = pick_spec(coding, goodput, budget_s, elements, self.chunk_limit)
+        if choice is None:
+            return coding.spec
+        say = log.info if choice.fits else log.warning
+        say(
+            "uplink codec chosen",
+            step=delta.step,
+            participant=self.participant,
+            goodput_bps=round(goodput.bytes_per_s),
+            budget_s=budget_s,
+            spec=choice.spec,
+            expected_bytes=choice.wire_bytes,
+            expected_s=round(choice.seconds, 3),
+            fits=choice.fits,
+            reason=choice.reason,
+        )
+        return choice.spec
+
     # ---------------------------------------------------------------- uplink
 
-    def prepare(self, delta: DeltaRecord) -> Prepared | None:
+    def prepare(self, delta: DeltaRecord, budget_s: float = 0.0) -> Prepared | None:
         """The coded delta to send for `delta` (None: send the safetensors file as is)."""
         coding = self.coding_for(delta.step)
-        spec = pick_spec(coding)
+        spec = self.choose(delta, coding, budget_s)
         if spec == CycleCoding().spec:
             return None
         codec = codec_from_spec(spec)
@@ -181,6 +239,9 @@ class UplinkCoder:
         assert isinstance(manifest, Manifest)
         return Prepared(manifest, serialized, self._payload(step))
 
+    def _goodput(self) -> Path:
+        return self.folder / "goodput.json"
+
     def _coding(self, step: int) -> Path:
         return self.folder / f"step-{step:012d}.json"
 
@@ -206,6 +267,11 @@ def decode_update(manifest: Manifest, chunks: list[bytes], path: Path) -> None:
         stored = from_float64(values[t.begin : t.end].astype(np.float64), t.dtype)
         parts.append(np.ascontiguousarray(stored).tobytes())
     atomic_write(path, b"".join(parts))
+
+
+def _elements(path: Path) -> int:
+    """Elements of the delta file's vector (its header only)."""
+    return sum(math.prod(s.shape) for s in read_layout(path))
 
 
 def _read_vector(path: Path) -> tuple[tuple[TensorSpan, ...], np.ndarray]:

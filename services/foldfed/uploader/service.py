@@ -59,6 +59,8 @@ class UploaderService:
         # Test-only knob: seconds to wait before each upload (a slow participant, known
         # exactly, for the monitor's straggler test). 0 in production.
         self._extra_delay_s = load().uploader_extra_delay_s
+        # Seconds an upload may take per step; the coder picks the codec that fits (0: off).
+        self._upload_budget_s = load().upload_budget_s
 
     async def run(self, stop: asyncio.Event) -> None:
         self.inbox.start()
@@ -92,7 +94,7 @@ class UploaderService:
             started = {"bytes_total": float(delta.size), **_finite(delta.metrics)}
             await self._event("upload_started", delta.step, started)
             with tracing.span("code", parent=delta.trace, step=delta.step):
-                coded = await asyncio.to_thread(self.coder.prepare, delta)
+                coded = await asyncio.to_thread(self.coder.prepare, delta, self._upload_budget_s)
             report = await self.uploader.upload(
                 delta.path if coded is None else coded.payload,
                 delta.step,
@@ -102,6 +104,8 @@ class UploaderService:
                 prepared=None if coded is None else (coded.manifest, coded.serialized),
             )
             self._delivered_at = time.monotonic()
+            # This link's goodput, measured on its own transfers: the next choice's input.
+            await asyncio.to_thread(self.coder.record_upload, report.bytes_sent, report.seconds)
             self._state = "waiting"
             metrics = {
                 "upload_s": report.seconds,
