@@ -139,3 +139,25 @@ def test_sim_round_stops_when_asked_and_refuses_an_unknown_step(tmp_path: Path) 
     assert time.monotonic() - started < 1.0
     with pytest.raises(ConfigError, match="no compute time for step 7"):
         backend.train(theta, 7, lambda: False)
+
+
+def test_an_openfold3_family_without_the_of3_extra_says_how_to_install_it() -> None:
+    """`make demo` installs the project alone; asking for OpenFold3 then names the extra."""
+    code = (
+        "import sys\n"
+        "class Absent:\n"  # as if the of3 extra were not installed
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'openfold3':\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "from foldfed.errors import ConfigError\n"
+        "from foldfed.trainer.families import load_family\n"
+        "try:\n"
+        "    load_family('openfold3-tiny')\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True
+    ).stdout
+    assert "FOLDFED_MODEL=openfold3-tiny needs OpenFold3" in out and "of3" in out

@@ -13,6 +13,7 @@ families and the layer and cycle contracts cover them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,17 @@ def _mlp(name: str) -> Family:
 
 
 def _openfold3(name: str) -> Family:
+    # `make demo` installs the project alone; OpenFold3 (~1.9 GB) is an extra. Its modules
+    # load late (inside the backend), so ask now, before anything starts.
+    try:
+        installed = importlib.util.find_spec("openfold3") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        raise ConfigError(
+            f"{MODEL_VAR}={name} needs OpenFold3, the project's `of3` extra: "
+            "`make demo-of3`, or `pip install -e '.[of3]'` next to torch==2.13.0"
+        )
     from foldfed.trainer.backends import openfold3
 
     return openfold3.family(name)
