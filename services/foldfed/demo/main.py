@@ -13,7 +13,14 @@ from tqdm import tqdm
 
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.observer import Observer, RunRecord
-from foldfed.demo.report import codec_env, save_loss_curve, save_timeline, summary_text, wire_text
+from foldfed.demo.report import (
+    codec_env,
+    human_bytes,
+    save_loss_curve,
+    save_timeline,
+    summary_text,
+    wire_text,
+)
 from foldfed.domain import DeliveryReceipt, Event
 from foldfed.errors import FoldfedError
 from foldfed.settings import env_for, load
@@ -141,7 +148,7 @@ def _update_bars(bars: dict[int, tqdm], record: RunRecord, msg: object) -> None:
         bar.n = delivered
         waiting = [p for p in record.participants if entry.of(p).delivered_at is None]
         bar.set_postfix_str(
-            f"{moved / 1e6:.1f} MB moved"
+            f"{human_bytes(moved)} moved"
             + (f", waiting for {', '.join(waiting)}" if waiting else ", all delivered")
         )
         bar.refresh()

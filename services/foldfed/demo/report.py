@@ -8,6 +8,14 @@ from foldfed.demo.observer import RunRecord
 from foldfed.digests import short
 
 
+def human_bytes(n: float) -> str:
+    """1.2 kB, 3.4 MB, 1.5 GB: the demo's model is tiny, the consortium's is not."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def step_wall_times(record: RunRecord) -> dict[int, float]:
     """Release of step t to release of step t+1 (the global step's wall time)."""
     out: dict[int, float] = {}
@@ -51,7 +59,7 @@ def summary_text(record: RunRecord) -> str:
     total_bytes = sum(
         s.bytes_sent for e in record.by_step.values() for s in e.participants.values()
     )
-    lines += ["", f"bytes uploaded in all: {total_bytes / 1e6:.1f} MB"]
+    lines += ["", f"bytes uploaded in all: {human_bytes(total_bytes)}"]
     latencies = sorted(release_latencies_ms(record).values())
     if latencies:
         median = latencies[len(latencies) // 2]
@@ -201,9 +209,9 @@ def wire_text(record: RunRecord, hub_dir: Path) -> str:
     sent = [s.bytes_sent for e in record.by_step.values() for s in e.participants.values()]
     up = sum(sent)
     lines = [
-        f"wire: uplink {up / 1e6:.3f} MB in {len(sent)} deltas "
+        f"wire: uplink {human_bytes(up)} in {len(sent)} deltas "
         f"({fp32 * len(sent) / max(up, 1):.2f}x fewer than fp32)",
-        f"wire: downlink {down / 1e6:.3f} MB in {len(updates)} updates "
+        f"wire: downlink {human_bytes(down)} in {len(updates)} updates "
         f"({fp32 * len(updates) / max(down, 1):.2f}x fewer than fp32)",
     ]
     return "\n".join(lines)
