@@ -367,27 +367,13 @@ def test_fwht_is_the_sylvester_matrix_and_rotation_is_orthonormal() -> None:
     assert hadamard.tail_sizes(705) == [512, 128, 64, 8] and hadamard.tail_sizes(64) == [64]
 
 
-def _plain_fwht(blocks: np.ndarray) -> np.ndarray:
-    """The butterflies of hadamard.py's docstring, one pass over all rows at a time."""
-    rows, size = blocks.shape
-    half = 1
-    while half < size:
-        view = blocks.reshape(rows, size // (2 * half), 2, half)
-        top, bottom = view[:, :, 0, :], view[:, :, 1, :]
-        diff = top - bottom
-        top += bottom
-        bottom[...] = diff
-        half *= 2
-    return blocks
-
-
 @pytest.mark.parametrize("size", [8, 16, 32, 64, 256, 4096])
 def test_fast_fwht_gives_the_plain_passes_bits(size: int) -> None:
     # Batches and transposed low passes reorder memory, never an operation: same bits.
     rows = 3 * max(1, hadamard.BATCH_BYTES // (8 * size)) + 1  # crosses batch boundaries
     scales = 2.0 ** (np.arange(rows) % 40 - 20)  # rows of very different magnitudes
     x = np.random.default_rng(size).standard_normal((rows, size)) * scales[:, None]
-    fast, plain = hadamard.fwht(x.copy()), _plain_fwht(x.copy())
+    fast, plain = hadamard.fwht(x.copy()), hadamard.reference_fwht(x.copy())
     assert np.array_equal(fast.view(np.uint64), plain.view(np.uint64))
 
 

@@ -111,6 +111,23 @@ def _low_passes(rows: np.ndarray, span: int, work: np.ndarray, diffs: np.ndarray
     np.copyto(rows.reshape(n, cols, span), grid.transpose(0, 2, 1))
 
 
+def reference_fwht(blocks: np.ndarray) -> np.ndarray:
+    """The definition fwht must match bit for bit: each pass over all rows at once, in place.
+
+    Kept for the tests (same bits) and bench/codecs.py (the speed-up, measured in one run).
+    """
+    rows, size = blocks.shape
+    half = 1
+    while half < size:
+        view = blocks.reshape(rows, size // (2 * half), 2, half)
+        top, bottom = view[:, :, 0, :], view[:, :, 1, :]
+        diff = top - bottom
+        top += bottom
+        bottom[...] = diff
+        half *= 2
+    return blocks
+
+
 def inverse_sqrt(size: int) -> float:
     """1/√P as the float64 every implementation computes (two correctly rounded ops)."""
     return 1.0 / math.sqrt(size)
