@@ -288,6 +288,7 @@ def speed(row: str, elements: int, seed: int) -> dict[str, float]:
     ranges = shared_ranges(block_stats(x, BLOCK), elements, BLOCK, mult=2.0, floor=0.01, init=1.0)
     ctx = CodecContext(1, 1, "p0", "up", seed, ranges)
     plan = plan_chunks(up, elements, CHUNK)
+    decode_vector(up, encode_vector(up, x, ctx, plan), ctx, plan)  # warm: first calls are slow
     tracemalloc.start()
     started = time.perf_counter()
     chunks = encode_vector(up, x, ctx, plan)
