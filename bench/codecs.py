@@ -68,7 +68,12 @@ CHUNK = 4 << 20
 ZSTD = "+zstd:v1;level=3"
 
 
-def _rot(bits: int, scale: str, mult: float, rounding: str, init: float = 1e-3) -> str:
+# The first step's agreed ranges (docs/format.md 14.6.1): mult · Σ_k lr_k, the Adam bound on
+# a first delta's coordinates, with the CPU task's K = 10, lr = 1e-3 and mult 2.
+FIRST_STEP_INIT = 0.02
+
+
+def _rot(bits: int, scale: str, mult: float, rounding: str, init: float = FIRST_STEP_INIT) -> str:
     from foldfed.codecs.rotated import SharedScaleRule
 
     rule = SharedScaleRule(floor=0.01, init=init) if scale == "shared" else None
@@ -94,10 +99,16 @@ ROWS: dict[str, tuple[str, str]] = {
         _rot(2, "block", 1.5, "nearest") + ZSTD,
     ),
     "rot1": (_rot(1, "shared", 1.0, "nearest"), _rot(1, "block", 1.0, "nearest")),
+    # The seed scenario's asymmetric pair: 2-bit maskable codes up, 1 bit down (the hub's
+    # error feedback carries what the 1-bit downlink drops).
+    "rot2z/rot1z": (
+        _rot(2, "shared", 2.0, "stochastic") + ZSTD,
+        _rot(1, "block", 1.0, "nearest") + ZSTD,
+    ),
 }
-DEFAULT_ROWS = "fp32,bf16,int8,int8+zstd,rot4,rot2,rot2+zstd,rot2n,rot2n+zstd,rot1"
+DEFAULT_ROWS = "fp32,bf16,int8,int8+zstd,rot4,rot2,rot2+zstd,rot2n,rot2n+zstd,rot1,rot2z/rot1z"
 # +zstd is lossless: on the slow task only the variant that sends fewer bytes runs.
-OF3_ROWS = "fp32,bf16,int8+zstd,rot2+zstd,rot2n+zstd,rot1"
+OF3_ROWS = "fp32,bf16,int8+zstd,rot2+zstd,rot2n+zstd,rot1,rot2z/rot1z"
 
 
 @dataclass
@@ -277,6 +288,7 @@ def speed(row: str, elements: int, seed: int) -> dict[str, float]:
     ranges = shared_ranges(block_stats(x, BLOCK), elements, BLOCK, mult=2.0, floor=0.01, init=1.0)
     ctx = CodecContext(1, 1, "p0", "up", seed, ranges)
     plan = plan_chunks(up, elements, CHUNK)
+    decode_vector(up, encode_vector(up, x, ctx, plan), ctx, plan)  # warm: first calls are slow
     tracemalloc.start()
     started = time.perf_counter()
     chunks = encode_vector(up, x, ctx, plan)
@@ -291,6 +303,26 @@ def speed(row: str, elements: int, seed: int) -> dict[str, float]:
         "peak_mib": peak / 2**20,
         "ratio": 4 * elements / wire_bytes(chunks),
     }
+
+
+def transform_speed(elements: int, seed: int) -> dict[str, float]:
+    """The Hadamard transform alone, the definition's passes against hadamard.fwht's batched
+    ones, on the same rows in one run (the same bits: tests/test_codecs.py)."""
+    from foldfed.codecs import hadamard
+
+    rows = np.random.default_rng(seed).standard_normal((max(1, elements // BLOCK), BLOCK))
+    seconds = {}
+    for name, fn in (("reference", hadamard.reference_fwht), ("fwht", hadamard.fwht)):
+        best = float("inf")
+        for _ in range(3):
+            work = rows.copy()
+            started = time.perf_counter()
+            fn(work)
+            best = min(best, time.perf_counter() - started)
+        seconds[name] = best
+    # MB/s of the float32 delta the rows stand for (4 B an element), like the codec rows
+    mbs = {k: 4 * rows.size / 1e6 / v for k, v in seconds.items()}
+    return {**mbs, "ratio": mbs["fwht"] / mbs["reference"]}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -325,6 +357,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         row: speed(row, args.speed_elements, args.seed)
         for row in dict.fromkeys(r.strip() for r in args.codecs.split(",") if r.strip())
     }
+    result["transform"] = transform_speed(args.speed_elements, args.seed)
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -392,6 +425,11 @@ def render(result: dict[str, Any]) -> str:
             f"{row:12}{s['ratio']:8.2f}{s['encode_mbs']:10.1f}{s['decode_mbs']:10.1f}"
             f"{s['peak_mib']:16.1f}"
         )
+    tr = result["transform"]
+    lines.append(
+        f"Hadamard transform alone: reference passes {tr['reference']:.0f} MB/s, batched "
+        f"fwht {tr['fwht']:.0f} MB/s ({tr['ratio']:.2f}x, same bits)"
+    )
     lines.append("\nrows (uplink spec | downlink spec):")
     ran = {r["row"] for f in result["tasks"].values() for r in f["rows"]}
     for row in [r for r in result["rows"] if r in ran]:

@@ -367,6 +367,16 @@ def test_fwht_is_the_sylvester_matrix_and_rotation_is_orthonormal() -> None:
     assert hadamard.tail_sizes(705) == [512, 128, 64, 8] and hadamard.tail_sizes(64) == [64]
 
 
+@pytest.mark.parametrize("size", [8, 16, 32, 64, 256, 4096])
+def test_fast_fwht_gives_the_plain_passes_bits(size: int) -> None:
+    # Batches and transposed low passes reorder memory, never an operation: same bits.
+    rows = 3 * max(1, hadamard.BATCH_BYTES // (8 * size)) + 1  # crosses batch boundaries
+    scales = 2.0 ** (np.arange(rows) % 40 - 20)  # rows of very different magnitudes
+    x = np.random.default_rng(size).standard_normal((rows, size)) * scales[:, None]
+    fast, plain = hadamard.fwht(x.copy()), hadamard.reference_fwht(x.copy())
+    assert np.array_equal(fast.view(np.uint64), plain.view(np.uint64))
+
+
 def test_streams_are_positional() -> None:
     key = randomness.stream_key("rotation", 0, 1, 2, "up")
     assert np.array_equal(randomness.signs(key, 64, 64), randomness.signs(key, 0, 128)[64:])

@@ -204,20 +204,38 @@ class RotatedCodec:
     ) -> tuple[np.ndarray, np.ndarray]:
         rotated, layout = self._rotated(flat, ctx, first_block)
         ranges = self._ranges(ctx, first_block, layout, rotated)
-        y = np.concatenate([g.reshape(-1) for g in rotated]) if rotated else np.zeros(0)
-        r = self._per_coordinate(ranges.astype(np.float64), layout)
+        total = sum(g.size for g in rotated)
+        uniforms = None
+        if self.rounding == "stochastic":
+            uniforms = randomness.uniforms(ctx.rounding_key(), first_block * self.block, total)
+        codes, at, row = np.empty(total, dtype=np.uint8), 0, 0
+        for group in rotated:
+            rows, size = group.shape
+            r = ranges[row : row + rows].astype(np.float64).reshape(rows, 1)
+            u = None if uniforms is None else uniforms[at : at + group.size].reshape(rows, size)
+            codes[at : at + group.size] = self._quantize(group, r, u).reshape(-1)
+            at, row = at + group.size, row + rows
+        return codes, np.asarray(ranges)
+
+    def _quantize(self, y: np.ndarray, r: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+        """The codes of rotated rows `y` (overwritten) with ranges `r` (rows, 1): the grid
+        of the module docstring, in place and one range per row (no per-coordinate copies);
+        each value goes through the same IEEE operations as written there."""
         top = float(self.levels - 1)
+        step = 2.0 * r / top
+        flat_rows = ~(step[:, 0] > 0)  # a block of zeros with its own range 0
+        y += r
         with np.errstate(divide="ignore", invalid="ignore"):
-            step = 2.0 * r / top
-            v = np.where(step > 0, (y + r) / step, 0.0)
-        np.clip(v, 0.0, top, out=v)
-        if self.rounding == "nearest":
-            c = np.rint(v)
-        else:
-            low = np.floor(v)
-            u = randomness.uniforms(ctx.rounding_key(), first_block * self.block, v.size)
-            c = low + (u < v - low)
-        return c.astype(np.uint8), np.asarray(ranges)
+            y /= step
+        y[flat_rows] = 0.0
+        np.clip(y, 0.0, top, out=y)
+        if u is None:
+            return np.rint(y, out=y).astype(np.uint8)
+        low = np.floor(y)
+        y -= low  # the fraction v - ⌊v⌋, exactly
+        codes = low.astype(np.uint8)
+        codes += u < y
+        return codes
 
     def _per_coordinate(self, ranges: np.ndarray, layout: _Layout) -> np.ndarray:
         sizes = [self.block] * layout.full + ([layout.tail_padded] if layout.tail else [])
