@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.foldfed-installed
 STAMP_OF3 := $(VENV)/.foldfed-of3
 STAMP_DEV := $(VENV)/.foldfed-dev
 
-.PHONY: setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
+.PHONY: test-containers setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -70,11 +70,11 @@ loadtest: setup
 of3-sample: setup $(STAMP_OF3)
 	$(VENV)/bin/foldfed data sample --out var/of3-sample --companies 3
 
-test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests containers-prereqs
+test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m 'not containers'
 
 lint: setup $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
@@ -102,3 +102,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+# The container images and a compose federation in podman (tests/test_containers.py). Not
+# part of `make test` yet: on fresh clones the aggregator's broker check timed out at the
+# end of the run (deploy/README.md, "Containers"), a cause still open.
+test-containers: setup $(STAMP_DEV) containers-prereqs
+	$(VENV)/bin/pytest -q -m containers tests/test_containers.py

@@ -38,7 +38,7 @@ GATEWAYS = [f"company-{c}-{r}" for c in "ab" for r in ("uploader", "trainer")]
 WITHOUT = ["jaeger", "prometheus"]
 CYCLE_TIMEOUT_S = 300.0
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(1800)]
 
 
 def load(name: str) -> ModuleType:
