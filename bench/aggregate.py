@@ -22,6 +22,17 @@ per second: for streaming the chunk loop, for naive loading and averaging; the f
 (including finalize / writing θ_t+1) is reported too. Both run on a warm page cache.
 
 Disk: about (N + 5) x size in a temporary directory under --workdir, removed at the end.
+Results also go to bench/results/aggregate-<UTC time>.json. The output ends with one
+machine-readable line:
+
+    RESULT rss_multiple=<x> naive_rss_multiple=<x> per_delta_multiple=<x> speed_ratio=<x>
+        peak_rss_mib=<MiB>                                                (one line)
+
+rss_multiple is the streaming process's peak RSS over all N deltas together (N·S, the
+figure issue 13's hub memory goal uses), naive_rss_multiple the naive one's over the same,
+per_delta_multiple the streaming peak over one delta (the 1.5x goal above), speed_ratio
+streaming / naive MB/s. `--quick` is a smoke run (2 deltas of 16 MiB): the imports
+dominate its memory, so its multiples mean little.
 """
 
 from __future__ import annotations
@@ -34,8 +45,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import benchkit
 
 MIB = 1 << 20
 THIS = Path(__file__).resolve()
@@ -86,10 +100,7 @@ def weights(participants: int) -> list[float]:
 
 def _proc_status(field: str) -> int:
     """A size field of /proc/self/status (VmHWM, VmRSS) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return benchkit.read_status_kib("self", field) * 1024
 
 
 def _reset_peak_rss() -> bool:
@@ -214,13 +225,13 @@ def run_naive(workdir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------ driver
 
 
-def _role(args: argparse.Namespace, role: str) -> dict[str, Any]:
-    cmd = [sys.executable, str(THIS), "--role", role, "--workdir", str(args.run_dir)]
+def _role(run_dir: Path, args: argparse.Namespace, role: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(THIS), "--role", role, "--workdir", str(run_dir)]
     cmd += ["--chunk-mib", str(args.chunk_mib), "--optimizer", args.optimizer]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     sys.stderr.write(done.stderr)
     if done.returncode:
-        raise SystemExit(f"{role} failed with exit code {done.returncode}")
+        raise benchkit.BenchError(f"{role} failed with exit code {done.returncode}")
     *printed, last = done.stdout.strip().splitlines()
     for line in printed:
         print(line)
@@ -228,34 +239,80 @@ def _role(args: argparse.Namespace, role: str) -> dict[str, Any]:
     return result
 
 
-def _report(args: argparse.Namespace, streaming: dict[str, Any], naive: dict[str, Any]) -> None:
-    delta = args.size_mib * MIB
-    n = args.participants
-    mb = streaming["delta_bytes"] / 1e6
-    stream_rate = mb / streaming["stream_s"]
-    naive_rate = mb / naive["average_s"]
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="foldfed-bench-aggregate-"))
+    try:
+        start = time.perf_counter()
+        write_inputs(run_dir, args.size_mib, args.participants)
+        print(f"wrote inputs in {time.perf_counter() - start:.1f} s to {run_dir}")
+        streaming = _role(run_dir, args, "streaming")
+        naive = _role(run_dir, args, "naive")
+        return {
+            "code_version": benchkit.code_version(),
+            "size_mib": args.size_mib,
+            "participants": args.participants,
+            "chunk_mib": args.chunk_mib,
+            "optimizer": args.optimizer,
+            "streaming": streaming,
+            "naive": naive,
+            "max_model_difference": _same_model(run_dir),
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _rates(result: dict[str, Any]) -> tuple[float, float]:
+    """MB/s of deltas aggregated: streaming's chunk loop, naive's loading and averaging."""
+    mb = result["streaming"]["delta_bytes"] / 1e6
+    return mb / result["streaming"]["stream_s"], mb / result["naive"]["average_s"]
+
+
+def render(result: dict[str, Any]) -> str:
+    streaming, naive = result["streaming"], result["naive"]
+    delta = result["size_mib"] * MIB
+    n = result["participants"]
+    stream_rate, naive_rate = _rates(result)
     full_stream = streaming["stream_s"] + streaming["finalize_ms"] / 1000
-    print(f"\n{n} deltas of {args.size_mib} MiB, chunks of {args.chunk_mib} MiB, {args.optimizer}")
-    print(f"{'':28}{'streaming':>14}{'naive':>14}")
     peaks = streaming["peak_bytes"] / MIB, naive["peak_bytes"] / MIB
-    print(f"{'peak RSS, MiB':28}{peaks[0]:14.0f}{peaks[1]:14.0f}")
-    print(
+    lines = [
+        f"{n} deltas of {result['size_mib']} MiB, chunks of {result['chunk_mib']} MiB, "
+        f"{result['optimizer']}",
+        f"{'':28}{'streaming':>14}{'naive':>14}",
+        f"{'peak RSS, MiB':28}{peaks[0]:14.0f}{peaks[1]:14.0f}",
         f"{'peak RSS / one delta':28}{streaming['peak_bytes'] / delta:13.2f}x"
-        f"{naive['peak_bytes'] / delta:13.2f}x   (goal streaming <= 1.5x; naive ~ N+2 = {n + 2})"
-    )
-    print(
+        f"{naive['peak_bytes'] / delta:13.2f}x   (goal streaming <= 1.5x; naive ~ N+2 = {n + 2})",
         f"{'  of it: imports, MiB':28}{streaming['import_floor_bytes'] / MIB:14.0f}"
-        f"{naive['import_floor_bytes'] / MIB:14.0f}"
-    )
+        f"{naive['import_floor_bytes'] / MIB:14.0f}",
+    ]
     if streaming["finalize_peak_bytes"] is not None:
-        print(f"{'finalize alone, peak MiB':28}{streaming['finalize_peak_bytes'] / MIB:14.0f}")
-    print(f"{'aggregate, MB/s of deltas':28}{stream_rate:14.0f}{naive_rate:14.0f}")
-    print(f"{'streaming / naive, MB/s':28}{stream_rate / naive_rate:13.2f}x")
-    print(f"{'aggregate + new model, s':28}{full_stream:14.1f}{naive['total_s']:14.1f}")
-    print(f"{'finalize (update+model), ms':28}{streaming['finalize_ms']:14.0f}")
+        lines.append(
+            f"{'finalize alone, peak MiB':28}{streaming['finalize_peak_bytes'] / MIB:14.0f}"
+        )
+    lines += [
+        f"{'aggregate, MB/s of deltas':28}{stream_rate:14.0f}{naive_rate:14.0f}",
+        f"{'streaming / naive, MB/s':28}{stream_rate / naive_rate:13.2f}x",
+        f"{'aggregate + new model, s':28}{full_stream:14.1f}{naive['total_s']:14.1f}",
+        f"{'finalize (update+model), ms':28}{streaming['finalize_ms']:14.0f}",
+        f"{'max |θ streaming - θ naive|':28}{result['max_model_difference']:14.2e}",
+    ]
+    return "\n".join(lines)
 
 
-def main() -> None:
+def result_fields(result: dict[str, Any]) -> dict[str, benchkit.ResultValue]:
+    streaming, naive = result["streaming"], result["naive"]
+    all_deltas = streaming["delta_bytes"]  # N·S: the N delta files as written
+    stream_rate, naive_rate = _rates(result)
+    return {
+        "rss_multiple": streaming["peak_bytes"] / all_deltas,
+        "naive_rss_multiple": naive["peak_bytes"] / all_deltas,
+        "per_delta_multiple": streaming["peak_bytes"] / (result["size_mib"] * MIB),
+        "speed_ratio": stream_rate / naive_rate,
+        "peak_rss_mib": streaming["peak_bytes"] / MIB,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--participants", type=int, default=5)
@@ -264,26 +321,23 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--role", choices=["streaming", "naive"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    benchkit.add_quick_option(parser, {"size_mib": 16, "participants": 2}, argv)
+    args = parser.parse_args(argv)
     if args.role == "streaming":
         print(json.dumps(run_streaming(args.workdir, args.chunk_mib * MIB, args.optimizer)))
-        return
+        return 0
     if args.role == "naive":
         print(json.dumps(run_naive(args.workdir)))
-        return
-    args.run_dir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="foldfed-bench-aggregate-"))
-    try:
-        start = time.perf_counter()
-        write_inputs(args.run_dir, args.size_mib, args.participants)
-        print(f"wrote inputs in {time.perf_counter() - start:.1f} s to {args.run_dir}")
-        streaming = _role(args, "streaming")
-        naive = _role(args, "naive")
-        same = _same_model(args.run_dir)
-        _report(args, streaming, naive)
-        print(f"{'max |θ streaming - θ naive|':28}{same:14.2e}")
-    finally:
-        if not args.keep:
-            shutil.rmtree(args.run_dir, ignore_errors=True)
+        return 0
+    return benchkit.run_bench(
+        args,
+        bench,
+        render,
+        "aggregate",
+        result_fields=result_fields,
+        interrupted="interrupted",
+        failed="aggregate: ",
+    )
 
 
 def _same_model(run_dir: Path) -> float:
@@ -297,4 +351,4 @@ def _same_model(run_dir: Path) -> float:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    main()
+    sys.exit(main())

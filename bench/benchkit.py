@@ -1,18 +1,32 @@
-"""Shared plumbing of the benchmarks: process status, signal handling, result files.
+"""Shared plumbing of the benchmarks: process status, signal handling, the RESULT line,
+the `--quick` option, the OpenFold3 sample, result files.
 
 The scripts run as `python bench/<name>.py`, which puts bench/ on sys.path, so they import
-this module as `benchkit`. Standard library only: the bare roles of transfer.py import it too.
+this module as `benchkit`. Standard library only at import time: the bare roles of
+transfer.py import it too (load_of3_sample imports foldfed when it is called).
+
+Every benchmark ends its output with one machine-readable line, after the human table:
+
+    RESULT key=value key=value ...
+
+keys are lower-case identifiers, values contain no space and no "=" (numbers as Python
+prints them, nan when a figure could not be measured), so anyone can compare runs with
+`parse_result_line` (or `grep ^RESULT` and a split) without parsing prose.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +36,9 @@ RESULTS_DIR = BENCH_DIR / "results"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 A = TypeVar("A")
+ResultValue = float | int | str | bool
+_RESULT_KEY = re.compile(r"[a-z][a-z0-9_]*\Z")
+_RESULT_DIGITS = 4  # significant digits of a float: run-to-run noise is larger
 
 
 class BenchError(Exception):
@@ -39,6 +56,11 @@ def read_status_kib(pid: int | str, key: str) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """The kernel's peak RSS (VmHWM) of a process in MiB, pid "self" for this one."""
+    return read_status_kib(pid, "VmHWM") / 1024
 
 
 def clean_env(**defaults: str) -> dict[str, str]:
@@ -97,17 +119,110 @@ def save(result: dict[str, Any], name: str) -> Path:
     return path
 
 
+def _result_value(value: ResultValue) -> str:
+    if isinstance(value, bool):  # before int: bool is one
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if value == 0 or 1e-3 <= abs(value) < 10**_RESULT_DIGITS:
+            return f"{value:.{_RESULT_DIGITS}g}"
+        # Large figures (bytes, ms) whole; tiny ones in exponent form, float() reads both.
+        return f"{value:.0f}" if abs(value) >= 1 else f"{value:.{_RESULT_DIGITS - 1}e}"
+    if not value or any(c.isspace() or c == "=" for c in value):
+        raise ValueError(f"RESULT value {value!r}: must be non-empty, no space, no '='")
+    return value
+
+
+def result_line(fields: Mapping[str, ResultValue]) -> str:
+    """`RESULT key=value ...` in the order given; floats to 4 significant digits."""
+    if not fields:
+        raise ValueError("a RESULT line needs at least one field")
+    for key in fields:
+        if not _RESULT_KEY.match(key):
+            raise ValueError(f"RESULT key {key!r}: lower-case letters, digits and _")
+    return "RESULT " + " ".join(f"{k}={_result_value(v)}" for k, v in fields.items())
+
+
+def parse_result_line(output: str) -> dict[str, str]:
+    """The fields of the last RESULT line in a benchmark's output, as strings."""
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise ValueError("no RESULT line in the output")
+    fields: dict[str, str] = {}
+    for item in lines[-1].split()[1:]:
+        key, sep, value = item.partition("=")
+        if not sep or not _RESULT_KEY.match(key) or not value:
+            raise ValueError(f"bad RESULT field {item!r}")
+        fields[key] = value
+    return fields
+
+
+def add_quick_option(
+    parser: argparse.ArgumentParser, quick: Mapping[str, Any], argv: Sequence[str] | None
+) -> None:
+    """Add `--quick`, the smallest run that still prints every line (a smoke test, not a
+    measurement): it sets `quick`'s option values as defaults, so options given explicitly
+    still win. Call before parser.parse_args(argv)."""
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in quick.items())
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run, not a measurement: {given or 'the defaults'} (explicit options win)",
+    )
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--quick", action="store_true")
+    if probe.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**quick)
+
+
+@dataclass(frozen=True)
+class Of3Sample:
+    """The real OpenFold3 sample as the OpenFold3 benches use it."""
+
+    folder: Path
+    companies: list[str]
+    train: dict[str, list[Path]]  # company -> its training entries' feature files
+    heldout: list[Any]  # every company's held-out SampleEntry (entry_id, company, features)
+
+
+def load_of3_sample(folder: str = "", companies: str = "") -> Of3Sample:
+    """The prepared sample at `folder` (default: the test sample, prepared if missing),
+    restricted to the comma-separated `companies` (default all). Held-out entries are every
+    company's, also those left out: the held-out set must not depend on the subset."""
+    from foldfed.of3.data.sample import open_sample
+    from foldfed.of3.testing import prepared_sample
+
+    sample_dir = Path(folder) if folder else prepared_sample()
+    sample = open_sample(sample_dir)
+    names = list(sample.companies)
+    if companies:
+        wanted = [c.strip() for c in companies.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown or not wanted:
+            raise BenchError(
+                f"--companies {companies!r}: unknown {unknown}; this sample has {', '.join(names)}"
+            )
+        names = wanted
+    train = {c: [e.features for e in sample.of(c, "train")] for c in names}
+    return Of3Sample(sample_dir, names, train, sample.heldout())
+
+
 def run_bench(
     args: A,
     bench: Callable[[A], dict[str, Any]],
     render: Callable[[dict[str, Any]], str],
     name: str,
     *,
+    result_fields: Callable[[dict[str, Any]], Mapping[str, ResultValue]],
     interrupted: str,
     failed: str,
 ) -> int:
     """main()'s common part: run `bench` with signals turned into KeyboardInterrupt, print
-    its table and save its result as `name`; the exit status (130 interrupted, 1 failed)."""
+    its table, save its result as `name` and end with its RESULT line (`result_fields`, also
+    saved under "result"); the exit status (130 interrupted, 1 failed)."""
     interrupt_on_signals()
     try:
         result = bench(args)
@@ -117,7 +232,10 @@ def run_bench(
     except BenchError as exc:
         print(f"{failed}{exc}", file=sys.stderr)
         return 1
+    fields = result_fields(result)
+    result["result"] = dict(fields)
     print()
     print(render(result))
     print(f"\nresults: {save(result, name)}")
+    print(result_line(fields))
     return 0

@@ -26,8 +26,11 @@ Result: the row with the highest min(uplink ratio, downlink ratio) whose held-ou
 within 1 % of fp32's on every task run:
 
     RESULT codec=<row> uplink_ratio=<x> downlink_ratio=<x> loss_delta_pct=<signed %>
+        peak_rss_mib=<MiB>              (one line)
 
-(loss_delta_pct: the worst task's). This is a measurement, not a test (not in CI).
+(loss_delta_pct: the worst task's; peak_rss_mib: this process's VmHWM at the end).
+`--quick` is a smoke run (CPU task, fp32 and int8, 2 steps). This is a measurement, not a
+test (not in CI).
 
 Over 400 lines, one concept: this one benchmark (its two task adapters, the simulation
 loop and its table); the adapters are the only code that touches trainer modules.
@@ -39,9 +42,8 @@ import argparse
 import resource
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import benchkit
@@ -109,6 +111,8 @@ ROWS: dict[str, tuple[str, str]] = {
 DEFAULT_ROWS = "fp32,bf16,int8,int8+zstd,rot4,rot2,rot2+zstd,rot2n,rot2n+zstd,rot1,rot2z/rot1z"
 # +zstd is lossless: on the slow task only the variant that sends fewer bytes runs.
 OF3_ROWS = "fp32,bf16,int8+zstd,rot2+zstd,rot2n+zstd,rot1,rot2z/rot1z"
+# --quick: the CPU task only, two rows, two steps, a small speed vector.
+QUICK = {"tasks": "cpu", "codecs": "fp32,int8", "rounds": 2, "speed_elements": 1 << 16}
 
 
 @dataclass
@@ -174,8 +178,6 @@ def of3_task(args: argparse.Namespace) -> Task:
     warnings.filterwarnings("ignore")
     from foldfed.of3.backend import Of3Settings, build
     from foldfed.of3.data.features import load_batch
-    from foldfed.of3.data.sample import open_sample
-    from foldfed.of3.testing import prepared_sample
     from foldfed.of3.training import (
         BatchCache,
         Of3TrainConfig,
@@ -185,11 +187,9 @@ def of3_task(args: argparse.Namespace) -> Task:
         trainable_state,
     )
 
-    sample_dir = Path(args.of3_sample) if args.of3_sample else prepared_sample()
-    sample = open_sample(sample_dir)
-    companies = list(sample.companies)
-    train_files = {c: [e.features for e in sample.of(c, "train")] for c in companies}
-    heldout = [e.features for e in sample.heldout()]
+    sample = benchkit.load_of3_sample(args.of3_sample)
+    sample_dir, companies, train_files = sample.folder, sample.companies, sample.train
+    heldout = [e.features for e in sample.heldout]
     warmup = max(1, round(0.1 * args.of3_rounds * args.of3_local_steps))
     overrides = {"settings.blocks_per_ckpt": None, "settings.ckpt_intermediate_steps": False}
     settings = Of3Settings(
@@ -359,6 +359,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     result["transform"] = transform_speed(args.speed_elements, args.seed)
     result["seconds"] = time.perf_counter() - started
+    result["peak_rss_mib"] = benchkit.peak_rss_mib()
     return result
 
 
@@ -436,18 +437,22 @@ def render(result: dict[str, Any]) -> str:
         up, down = result["rows"][row]
         lines.append(f"  {row:12}{up} | {down}")
     lines.append(f"({result['seconds']:.0f} s)")
-    best = best_row(result)
-    if best is None:
-        lines.append("RESULT codec=none uplink_ratio=1 downlink_ratio=1 loss_delta_pct=nan")
-    else:
-        lines.append(
-            f"RESULT codec={best['row']} uplink_ratio={best['up']:.2f} "
-            f"downlink_ratio={best['down']:.2f} loss_delta_pct={best['loss_pct']:+.2f}"
-        )
     return "\n".join(lines)
 
 
-def main() -> int:
+def result_fields(result: dict[str, Any]) -> dict[str, benchkit.ResultValue]:
+    """The RESULT line: the best row (best_row) and this process's peak RSS."""
+    best = best_row(result) or {"row": "none", "up": 1, "down": 1, "loss_pct": float("nan")}
+    return {
+        "codec": best["row"],
+        "uplink_ratio": f"{best['up']:.2f}",
+        "downlink_ratio": f"{best['down']:.2f}",
+        "loss_delta_pct": f"{best['loss_pct']:+.2f}",
+        "peak_rss_mib": result["peak_rss_mib"],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="cpu,of3", help="comma-separated: cpu, of3")
     parser.add_argument("--codecs", default=DEFAULT_ROWS, help="rows for the CPU task")
@@ -464,11 +469,12 @@ def main() -> int:
     parser.add_argument("--speed-elements", type=int, default=4 << 20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args()
+    benchkit.add_quick_option(parser, QUICK, argv)
+    args = parser.parse_args(argv)
     if min(args.rounds, args.of3_rounds) < 1:
         parser.error("rounds must be >= 1")
     return benchkit.run_bench(
-        args, bench, render, "codecs",
+        args, bench, render, "codecs", result_fields=result_fields,
         interrupted="interrupted", failed="codecs bench failed: ",
     )  # fmt: skip
 

@@ -39,7 +39,14 @@ Activation checkpointing is off by default (`--checkpointing` keeps OpenFold3's)
 recomputes the forward in the backward pass, and the deltas are bit-identical without it
 (checked: max |Δ difference| = 0.0 on one K=1, G=3 round), ~30 % less CPU per micro-batch.
 
+The output ends with one machine-readable line (held-out loss ratios against the mean alone
+company, measured in the same run; this process's peak RSS, VmHWM):
+
+    RESULT federation_vs_alone=<x> pooled_vs_alone=<x> federation_beats_every_alone=<yes|no>
+        peak_rss_mib=<MiB>                                                (one line)
+
 This runs minutes to tens of minutes on a CPU; it is a measurement, not a test (not in CI).
+`--quick` is a smoke run (two companies, R = K = 1).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +76,8 @@ LABELS = {
 }
 LIGAND_SUCCESS = 2.0  # Å, as foldfed.of3.metrics
 NO_CHECKPOINTING = {"settings.blocks_per_ckpt": None, "settings.ckpt_intermediate_steps": False}
+# --quick: two companies, one round of one optimizer step per arm.
+QUICK = {"rounds": 1, "local_steps": 1, "companies": "company-a,company-b"}
 
 
 def warmup_steps(args: argparse.Namespace) -> int:
@@ -102,8 +112,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     from foldfed.of3.backend import Of3Settings, build
     from foldfed.of3.data.features import load_batch
-    from foldfed.of3.data.sample import open_sample
-    from foldfed.of3.testing import prepared_sample
     from foldfed.of3.training import (
         BatchCache,
         Of3TrainConfig,
@@ -113,20 +121,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         trainable_state,
     )
 
-    sample_dir = Path(args.sample) if args.sample else prepared_sample()
-    sample = open_sample(sample_dir)
-    companies = list(sample.companies)
-    if args.companies:
-        wanted = [c.strip() for c in args.companies.split(",") if c.strip()]
-        unknown = sorted(set(wanted) - set(companies))
-        if unknown or not wanted:
-            raise benchkit.BenchError(
-                f"--companies {args.companies!r}: unknown {unknown}; "
-                f"this sample has {', '.join(companies)}"
-            )
-        companies = wanted
-    train = {c: [e.features for e in sample.of(c, "train")] for c in companies}
-    heldout = sample.heldout()  # every company's, also those left out of --companies
+    sample = benchkit.load_of3_sample(args.sample, args.companies)
+    sample_dir, companies, train = sample.folder, sample.companies, sample.train
+    heldout = sample.heldout  # every company's, also those left out of --companies
     warmup = warmup_steps(args)
     arms = {a.strip() for a in args.arms.split(",") if a.strip()}
     if not arms or arms - set(ARMS):
@@ -239,7 +236,29 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     result["arms"] = {arm: aggregate(values) for arm, values in per_structure.items()}
     result["train_loss"] = train_loss
     result["seconds"] = time.perf_counter() - started
+    result["peak_rss_mib"] = benchkit.peak_rss_mib()
     return result
+
+
+def result_fields(result: dict[str, Any]) -> dict[str, benchkit.ResultValue]:
+    """Held-out loss of the federation and of pooled over the mean alone company's (below 1:
+    better than going it alone), whether the federation beats every company alone, and this
+    process's peak RSS; nan / "na" for an arm not run."""
+    arms: dict[str, dict[str, float]] = result["arms"]
+    alone = [arms[a]["eval_loss"] for a in arms if a.startswith("alone ")]
+    mean_alone = sum(alone) / len(alone) if alone else math.nan
+    nan = {"eval_loss": math.nan}
+    federation = arms.get("federation", nan)["eval_loss"]
+    pooled = arms.get("pooled", nan)["eval_loss"]
+    beats: benchkit.ResultValue = (
+        federation < min(alone) if alone and "federation" in arms else "na"
+    )
+    return {
+        "federation_vs_alone": federation / mean_alone,
+        "pooled_vs_alone": pooled / mean_alone,
+        "federation_beats_every_alone": beats,
+        "peak_rss_mib": result["peak_rss_mib"],
+    }
 
 
 def _fmt(value: float | None, width: int = 11) -> str:
@@ -306,7 +325,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="global steps R")
     parser.add_argument("--local-steps", type=int, default=8, help="K")
@@ -325,7 +344,8 @@ def main() -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset")
     parser.add_argument("--sample", default="", help="a prepared sample folder")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    benchkit.add_quick_option(parser, QUICK, argv)
+    args = parser.parse_args(argv)
     for name in ("rounds", "local_steps", "grad_accum"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -334,8 +354,8 @@ def main() -> int:
     if args.warmup > args.rounds * args.local_steps:
         print("note: the warm-up is longer than the run; the lr never reaches its peak")
     return benchkit.run_bench(
-        args, bench, render, "federation_payoff", interrupted="interrupted",
-        failed="federation_payoff: ",
+        args, bench, render, "federation_payoff", result_fields=result_fields,
+        interrupted="interrupted", failed="federation_payoff: ",
     )  # fmt: skip
 
 

@@ -16,7 +16,12 @@ step      what the trainer does (foldfed.of3.training.train_round): G micro-batc
 build time: tens of seconds and several GB on a CPU (one step on 27 tokens took 43 s and
 7.5 GB: docs/of3_training.md, "Facts this code relies on").
 One thread per process, as the trainer runs; the first micro-batch of each role is a
-warm-up and is not counted.
+warm-up and is not counted. `--quick` is a smoke run (one step of one micro-batch).
+
+The output ends with one machine-readable line (the tiny model's; peak RSS of the step's
+process, VmHWM; with `--full` also full_step_s and full_peak_rss_mib):
+
+    RESULT step_s=<s> micro_batch_over_forward=<x> peak_rss_mib=<MiB>
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,14 +158,28 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def result_fields(result: dict[str, Any]) -> dict[str, benchkit.ResultValue]:
+    t = result["tiny"]
+    fields: dict[str, benchkit.ResultValue] = {
+        "step_s": t["step_s"],
+        "micro_batch_over_forward": t["micro_batch_over_forward"],
+        "peak_rss_mib": t["peak_rss_mib"],
+    }
+    if "full" in result:
+        fields["full_step_s"] = result["full"]["step_s"]
+        fields["full_peak_rss_mib"] = result["full"]["peak_rss_mib"]
+    return fields
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps measured")
     parser.add_argument("--grad-accum", type=int, default=8, help="micro-batches per step (G)")
     parser.add_argument("--full", action="store_true", help="also one full-size step")
     parser.add_argument("--role", choices=["forward", "step"], help=argparse.SUPPRESS)
     parser.add_argument("--size", default="tiny", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    benchkit.add_quick_option(parser, {"steps": 1, "grad_accum": 1}, argv)
+    args = parser.parse_args(argv)
     if args.role is not None:
         import warnings
 
@@ -167,7 +187,13 @@ def main() -> int:
         print(json.dumps(role(args)))
         return 0
     return benchkit.run_bench(
-        args, bench, render, "of3_step", interrupted="interrupted", failed="of3_step: "
+        args,
+        bench,
+        render,
+        "of3_step",
+        result_fields=result_fields,
+        interrupted="interrupted",
+        failed="of3_step: ",
     )
 
 

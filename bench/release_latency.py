@@ -53,6 +53,14 @@ anonymous RSS seen, polled from /proc every 50 ms.
 Results also go to bench/results/release-latency-<UTC time>.json. Children run in their own
 sessions: Ctrl-C or SIGTERM reaches only this script, which then ends the uploads, the hub
 and the broker, and deletes its temporary folder (unless --workdir was given).
+
+The output ends with one machine-readable line (median over the steps; confirm_ms: the
+confirmed-publish baseline; peak RSS: VmHWM, MiB):
+
+    RESULT median_ms=<ms> size_mib=<MiB> confirm_ms=<ms> median_over_confirm=<x>
+        aggregator_peak_rss_mib=<x> barrier_peak_rss_mib=<x>              (one line)
+
+`--quick` is a smoke run (8 MiB, 2 participants, 2 steps).
 """
 
 from __future__ import annotations
@@ -83,6 +91,8 @@ import torch
 # Run as `python bench/<name>.py`, which puts bench/ on sys.path: benchkit is a sibling.
 from benchkit import (
     BenchError,
+    ResultValue,
+    add_quick_option,
     clean_env,
     code_version,
     read_status_kib,
@@ -625,6 +635,20 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def result_fields(result: dict[str, Any]) -> dict[str, ResultValue]:
+    median_ms = result["median"]["latency_ms"]
+    confirm_ms = result["baseline"]["persistent_confirm_ms"]
+    rss = result["peak_rss_mib"]
+    return {
+        "median_ms": median_ms,
+        "size_mib": result["params"]["size_mib"],
+        "confirm_ms": confirm_ms,
+        "median_over_confirm": median_ms / confirm_ms,
+        "aggregator_peak_rss_mib": rss["aggregator"]["vm_hwm_mib"],
+        "barrier_peak_rss_mib": rss["barrier"]["vm_hwm_mib"],
+    }
+
+
 def medians(rows: Sequence[StepRow]) -> dict[str, float]:
     out: dict[str, float] = {}
     for _, key, _ in COLUMNS[1:]:
@@ -797,6 +821,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-mib", type=int, default=4, help="chunk size (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of θ_0 and the deltas")
     parser.add_argument("--workdir", default="", help="a new folder to keep (default: a temp)")
+    add_quick_option(parser, {"size_mib": 8, "participants": 2, "steps": 2}, argv)
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.participants < 1 or args.steps < 1:
         parser.error("--size-mib, --participants and --steps must be >= 1")
@@ -810,6 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench,
         render,
         "release-latency",
+        result_fields=result_fields,
         interrupted="\ninterrupted: uploads and hub ended, broker stopped",
         failed="\nfailed: ",
     )

@@ -22,7 +22,12 @@ the spans per step counted in the traced runs' files, this estimates the overhea
 without the noise of whole runs.
 
 Memory: peak RSS (VmHWM) of every service process, polled from /proc, summed per mode.
-Results also go to bench/results/tracing-overhead-<UTC time>.json.
+Results also go to bench/results/tracing-overhead-<UTC time>.json. The output ends with one
+machine-readable line:
+
+    RESULT ratio_on_off=<x> cpu_fraction=<x> peak_rss_mib_on=<MiB> peak_rss_mib_off=<MiB>
+
+`--quick` is a smoke run (2 participants, one pair of 2-step runs, K = 1).
 """
 
 from __future__ import annotations
@@ -41,7 +46,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchError, clean_env, code_version, read_status_kib, run_bench
+from benchkit import (
+    BenchError,
+    ResultValue,
+    add_quick_option,
+    clean_env,
+    code_version,
+    read_status_kib,
+    run_bench,
+)
 
 from foldfed import tracing
 from foldfed.demo.cluster import FederationSpec, LocalFederation
@@ -50,6 +63,8 @@ from foldfed.demo.observer import RunRecord
 from foldfed.errors import FoldfedError
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 from foldfed.tracing.tree import read_folder
+
+QUICK = {"participants": 2, "steps": 2, "pairs": 1, "local_steps": 1, "messages": 500}
 
 
 class PeakRss:
@@ -279,6 +294,15 @@ def render(r: dict[str, Any]) -> str:
     )
 
 
+def result_fields(r: dict[str, Any]) -> dict[str, ResultValue]:
+    return {
+        "ratio_on_off": r["ratio_on_off"],
+        "cpu_fraction": r["estimated_cpu_fraction"],
+        "peak_rss_mib_on": r["peak_rss_kib_on"] / 1024,
+        "peak_rss_mib_off": r["peak_rss_kib_off"] / 1024,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--participants", type=int, default=3)
@@ -287,6 +311,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=3, help="K optimizer steps")
     parser.add_argument("--messages", type=int, default=5000, help="per-message loop size")
     parser.add_argument("--timeout-s", type=float, default=600.0)
+    add_quick_option(parser, QUICK, argv)
     args = parser.parse_args(argv)
     if args.steps < 2 or args.pairs < 1 or args.participants < 1:
         parser.error("need --steps >= 2, --pairs >= 1, --participants >= 1")
@@ -304,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench,
         render,
         "tracing-overhead",
+        result_fields=result_fields,
         interrupted="interrupted: runs stopped, broker stopped",
         failed="tracing overhead benchmark failed: ",
     )

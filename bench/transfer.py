@@ -42,6 +42,13 @@ SIGTERM reaches only this script, which then ends the children and stops the bro
 
 The bare roles run this same file (`--role bare-publish|bare-consume`); they import only
 the standard library and aio-pika, so their start-up is that of a minimal client.
+
+The output ends with one machine-readable line (medians; peak RSS in MiB):
+
+    RESULT ratio=<foldfed/bare> foldfed_mib_s=<x> bare_mib_s=<x> uploader_peak_rss_mib=<x>
+        ingest_peak_rss_mib=<x>                                           (one line)
+
+`--quick` is a smoke run (a 16 MiB delta): start-up dominates, so its ratio means little.
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ from urllib.parse import quote, urlparse
 # Run as `python bench/<name>.py`, which puts bench/ on sys.path: benchkit is a sibling.
 from benchkit import (
     BenchError,
+    ResultValue,
+    add_quick_option,
     clean_env,
     code_version,
     read_status_kib,
@@ -772,6 +781,17 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def result_fields(result: dict[str, Any]) -> dict[str, ResultValue]:
+    f, b = result["foldfed_median"], result["bare_median"]
+    return {
+        "ratio": result["ratio"],
+        "foldfed_mib_s": f["mib_s"],
+        "bare_mib_s": b["mib_s"],
+        "uploader_peak_rss_mib": f["uploader_rss_mib"],
+        "ingest_peak_rss_mib": f["ingest_rss_mib"],
+    }
+
+
 def machine_line(broker_version: str) -> str:
     return (
         f"Python {platform.python_version()}, RabbitMQ {broker_version}, "
@@ -896,6 +916,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, help=hidden)
     parser.add_argument("--count", type=int, help=hidden)
     parser.add_argument("--prefetch", type=int, help=hidden)
+    add_quick_option(parser, {"size_mib": 16}, argv)
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.repeats < 1 or args.timeout_s < 0:
         parser.error("--size-mib and --repeats must be >= 1, --timeout-s >= 0")
@@ -918,6 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench,
         render,
         "transfer",
+        result_fields=result_fields,
         interrupted="\ninterrupted: children ended, broker stopped",
         failed="bench failed: ",
     )
