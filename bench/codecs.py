@@ -112,7 +112,7 @@ DEFAULT_ROWS = "fp32,bf16,int8,int8+zstd,rot4,rot2,rot2+zstd,rot2n,rot2n+zstd,ro
 # +zstd is lossless: on the slow task only the variant that sends fewer bytes runs.
 OF3_ROWS = "fp32,bf16,int8+zstd,rot2+zstd,rot2n+zstd,rot1,rot2z/rot1z"
 # --quick: the CPU task only, two rows, two steps, a small speed vector.
-QUICK = {"tasks": "cpu", "codecs": "fp32,int8", "rounds": 2, "speed_elements": 1 << 16}
+QUICK = {"tasks": "cpu", "codecs": "fp32,int8", "rounds": 2, "speed_elements": 1 << 18}
 
 
 @dataclass
