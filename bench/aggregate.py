@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/aggregate.py [--size-mib 512] [--participants 5] [--chunk-mib 4]
                                         [--optimizer fedavg] [--workdir /tmp] [--keep]
+                                        [--quick]
 
 One run, side by side, on the same files (written first, seeded, with deltafile.write_delta:
 N deltas of --size-mib MiB of float32 each, and the model θ_t they apply to):

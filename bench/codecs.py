@@ -1,7 +1,7 @@
 """Update codecs in a federation: wire bytes against held-out loss, same seeds for all.
 
     nice -n 19 .venv/bin/python bench/codecs.py [--tasks cpu,of3] [--rounds 30]
-        [--of3-rounds 20] [--of3-local-steps 2] [--codecs fp32,bf16,int8,rot2,rot1,...]
+        [--of3-rounds 20] [--of3-local-steps 2] [--codecs fp32,bf16,int8,rot2,rot1,...] [--quick]
 
 One process simulates the federation with the real code: each of N participants trains a
 round from θ_t (the CPU task: foldfed.trainer.task + trainer.local.train_round; tiny

@@ -4,7 +4,7 @@ held-out structures:
     nice -n 19 .venv/bin/python bench/federation_payoff.py --sample var/of3-sample \\
         [--rounds 10] [--local-steps 8] [--grad-accum 1] [--lr 1e-3] [--warmup -1]
         [--companies company-a,company-b,...] [--pooled-grad-accum G_p]
-        [--arms alone,federation,pooled] [--checkpointing] [--seed 0]
+        [--arms alone,federation,pooled] [--checkpointing] [--seed 0] [--quick]
 
 alone       each company trains only on its own training split: R rounds of K optimizer
             steps from θ_0, each round starting where its last ended;

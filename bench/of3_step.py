@@ -1,7 +1,7 @@
 """Seconds per OpenFold3 optimizer step and peak memory, against a forward pass measured in
 the same run.
 
-    .venv/bin/python bench/of3_step.py [--steps 3] [--grad-accum 8] [--full]
+    .venv/bin/python bench/of3_step.py [--steps 3] [--grad-accum 8] [--full] [--quick]
 
 On the real sample (foldfed.of3.testing: plinder complexes cropped to 64 tokens), the tiny
 preset, each role in a subprocess of its own so its peak RSS (VmHWM) is its own:

@@ -2,6 +2,7 @@
 release of the next step, with the real hub services and a realistic model size.
 
     .venv/bin/python bench/release_latency.py [--size-mib 64] [--participants 5] [--steps 3]
+        [--quick]
 
 Why it matters: training is synchronous, so every participant idles from the moment its
 delta is delivered until the next step is released. Upload time belongs to the participants'

@@ -1,6 +1,7 @@
 """What tracing costs: global steps of a whole federation with tracing on vs off, same run.
 
     .venv/bin/python bench/tracing_overhead.py [--participants 3] [--steps 4] [--pairs 2]
+        [--quick]
 
 What runs: one private RabbitMQ, then `--pairs` pairs of whole federated runs (hub and, per
 participant, trainer and uploader, every one a real process, foldfed.demo.cluster), the two

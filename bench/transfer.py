@@ -1,6 +1,7 @@
 """Throughput and memory of one foldfed delta transfer, against the bare broker pipe.
 
     .venv/bin/python bench/transfer.py [--size-mib 1024] [--chunk-mib 4] [--repeats 1]
+        [--quick]
 
 What is compared, in one run, on one private RabbitMQ (foldfed.localbroker.LocalBroker):
 

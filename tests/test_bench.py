@@ -1,0 +1,185 @@
+"""The benchmarks' shared contract: each one's --help works and offers --quick, and the
+RESULT line they end with is one parseable `RESULT key=value ...` line (bench/benchkit.py).
+
+The benches themselves are measurements, not tests: they are not run here (`--quick` is
+the smoke run, by hand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCHES = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "benchkit")
+
+
+@pytest.fixture
+def benchkit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """bench/benchkit.py as the scripts import it, saving results under tmp_path."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import benchkit
+
+    monkeypatch.setattr(benchkit, "RESULTS_DIR", tmp_path / "results")
+    return benchkit
+
+
+def test_every_bench_is_listed() -> None:
+    assert BENCHES == [
+        "aggregate",
+        "codecs",
+        "federation_payoff",
+        "of3_step",
+        "release_latency",
+        "tracing_overhead",
+        "transfer",
+    ]
+
+
+def test_every_bench_help_works_and_documents_quick() -> None:
+    # All at once: each pays its own imports (torch for some), and they are independent.
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(BENCH / f"{name}.py"), "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in BENCHES
+    }
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name} --help:\n{out}"
+        assert "--quick" in out, f"{name} --help does not offer --quick"
+
+
+def test_benchkit_imports_only_the_standard_library() -> None:
+    # transfer.py's bare roles import benchkit and must start like a minimal client.
+    code = (
+        "import sys; before = set(sys.modules); import benchkit; "
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith(('foldfed', 'torch'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=BENCH, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_result_line_round_trips_through_the_parser(benchkit: Any) -> None:
+    line = benchkit.result_line(
+        {"ratio": 0.41234567, "median_ms": 5812.37, "hub_peak_bytes": 1 << 31, "ok": True}
+    )
+    assert line == "RESULT ratio=0.4123 median_ms=5812 hub_peak_bytes=2147483648 ok=yes"
+    assert "\n" not in line
+    fields = benchkit.parse_result_line(f"a table\nRESULT old=1\n{line}\n")
+    assert fields == {
+        "ratio": "0.4123",
+        "median_ms": "5812",
+        "hub_peak_bytes": "2147483648",
+        "ok": "yes",
+    }
+    assert float(fields["ratio"]) == pytest.approx(0.41234567, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1.0, "1"),
+        (0.0, "0"),
+        (123456.7, "123457"),
+        (2.5e-6, "2.500e-06"),
+        (-0.57, "-0.57"),
+        (math.nan, "nan"),
+        (math.inf, "inf"),
+        (7, "7"),
+        (False, "no"),
+        ("+0.57", "+0.57"),
+        ("rot2z/rot1z", "rot2z/rot1z"),
+    ],
+)
+def test_result_values_are_single_tokens_that_float_or_str_reads(
+    benchkit: Any, value: object, text: str
+) -> None:
+    line = benchkit.result_line({"x": value})
+    assert line == f"RESULT x={text}"
+    if isinstance(value, float):
+        parsed = float(benchkit.parse_result_line(line)["x"])
+        assert parsed == pytest.approx(value, rel=1e-3, nan_ok=True)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"Ratio": 1.0}, {"peak rss": 1.0}, {"a-b": 1.0}, {"codec": "a b"}, {"codec": "a=b"}],
+)
+def test_result_line_rejects_what_would_not_parse(benchkit: Any, fields: dict) -> None:
+    with pytest.raises(ValueError):
+        benchkit.result_line(fields)
+
+
+@pytest.mark.parametrize("output", ["no result here\n", "RESULT ratio\n", "RESULT =1\n"])
+def test_parse_result_line_rejects_missing_or_malformed_lines(benchkit: Any, output: str) -> None:
+    with pytest.raises(ValueError):
+        benchkit.parse_result_line(output)
+
+
+def _parser(benchkit: Any, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    benchkit.add_quick_option(parser, {"size_mib": 16, "repeats": 1}, argv)
+    return parser.parse_args(argv)
+
+
+def test_quick_sets_small_defaults_and_explicit_options_win(benchkit: Any) -> None:
+    full = _parser(benchkit, [])
+    assert (full.quick, full.size_mib, full.repeats) == (False, 1024, 3)
+    quick = _parser(benchkit, ["--quick"])
+    assert (quick.quick, quick.size_mib, quick.repeats) == (True, 16, 1)
+    mixed = _parser(benchkit, ["--size-mib", "64", "--quick"])
+    assert (mixed.size_mib, mixed.repeats) == (64, 1)
+
+
+def test_run_bench_ends_with_the_result_line_and_saves_it(
+    benchkit: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def bench(_args: None) -> dict[str, Any]:
+        return {"seconds": 2.0, "baseline_s": 1.0}
+
+    code = benchkit.run_bench(
+        None,
+        bench,
+        lambda r: f"table: {r['seconds']} s",
+        "fake",
+        result_fields=lambda r: {"ratio": r["seconds"] / r["baseline_s"], "peak_rss_mib": 12.5},
+        interrupted="interrupted",
+        failed="failed: ",
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.rstrip("\n").splitlines()[-1] == "RESULT ratio=2 peak_rss_mib=12.5"
+    (saved,) = (benchkit.RESULTS_DIR).glob("fake-*.json")
+    assert json.loads(saved.read_text())["result"] == {"ratio": 2.0, "peak_rss_mib": 12.5}
+
+
+def test_aggregate_rss_multiple_is_peak_over_all_deltas(benchkit: Any) -> None:
+    import aggregate  # bench/aggregate.py: standard library and benchkit at import time
+
+    mib = 1 << 20
+    result = {
+        "size_mib": 100,
+        "streaming": {"peak_bytes": 250 * mib, "delta_bytes": 500 * mib, "stream_s": 2.0},
+        "naive": {"peak_bytes": 700 * mib, "average_s": 1.0},
+    }
+    fields = aggregate.result_fields(result)
+    assert next(iter(fields)) == "rss_multiple"  # the key issue 13 names comes first
+    assert fields["rss_multiple"] == pytest.approx(0.5)  # 250 MiB over N·S = 500 MiB
+    assert fields["naive_rss_multiple"] == pytest.approx(1.4)
+    assert fields["per_delta_multiple"] == pytest.approx(2.5)
+    assert fields["speed_ratio"] == pytest.approx(0.5)
+    assert fields["peak_rss_mib"] == pytest.approx(250)
