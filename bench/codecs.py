@@ -1,7 +1,8 @@
 """Update codecs in a federation: wire bytes against held-out loss, same seeds for all.
 
     nice -n 19 .venv/bin/python bench/codecs.py [--tasks cpu,of3] [--rounds 30]
-        [--of3-rounds 20] [--of3-local-steps 2] [--codecs fp32,bf16,int8,rot2,rot1,...] [--quick]
+        [--of3-rounds 20] [--of3-local-steps 2] [--codecs fp32,bf16,int8,rot2,rot1,...]
+        [--seeds 0,1,2] [--quick]
 
 One process simulates the federation with the real code: each of N participants trains a
 round from θ_t (the CPU task: foldfed.trainer.task + trainer.local.train_round; tiny
@@ -334,13 +335,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "tasks": {},
     }
     started = time.perf_counter()
-    for name in tasks:
+    seeds = _seeds(args.seeds)
+    for name, seed in [(n, s) for n in tasks for s in seeds]:
+        run = argparse.Namespace(**{**vars(args), "seed": seed})
         if name == "cpu":
-            task, rounds, rows = cpu_task(args), args.rounds, args.codecs
+            task, rounds, rows = cpu_task(run), args.rounds, args.codecs
         elif name == "of3":
-            task, rounds, rows = of3_task(args), args.of3_rounds, args.of3_codecs
+            task, rounds, rows = of3_task(run), args.of3_rounds, args.of3_codecs
         else:
             raise benchkit.BenchError(f"--tasks: unknown task {name!r} (cpu, of3)")
+        name = name if len(seeds) == 1 else f"{name} seed={seed}"
         print(f"{name}: {task.members} participants, {task.theta0.size:,} parameters, "
               f"R={rounds}", flush=True)  # fmt: skip
         found = {"elements": int(task.theta0.size), "rounds": rounds, "members": task.members}
@@ -349,7 +353,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for row in [r.strip() for r in rows.split(",") if r.strip()]:
             if row not in ROWS:
                 raise benchkit.BenchError(f"unknown codec row {row!r}; known: {', '.join(ROWS)}")
-            found["rows"].append(simulate(task, row, rounds, args))
+            found["rows"].append(simulate(task, row, rounds, run))
             print(f"  [{time.perf_counter() - started:6.0f} s] {name} {row} done, loss "
                   f"{found['rows'][-1]['loss']:.6g}", flush=True)  # fmt: skip
         result["tasks"][name] = found
@@ -361,6 +365,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mib"] = benchkit.peak_rss_mib()
     return result
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise benchkit.BenchError(f"--seeds: comma-separated integers, got {text!r}") from exc
+    if not seeds:
+        raise benchkit.BenchError("--seeds: at least one seed")
+    return seeds
 
 
 def _rows_with_ratios(found: dict[str, Any]) -> list[dict[str, Any]]:
@@ -467,7 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--of3-lr", type=float, default=1e-3, help="OpenFold3: peak lr")
     parser.add_argument("--of3-sample", default="", help="a prepared sample folder")
     parser.add_argument("--speed-elements", type=int, default=4 << 20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the speed table's seed")
+    parser.add_argument(
+        "--seeds", default="0",
+        help="comma-separated: every task runs once per seed (data, θ_0, codec streams); "
+        "the RESULT row must be within 1 %% on every run",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     benchkit.add_quick_option(parser, QUICK, argv)
     args = parser.parse_args(argv)
