@@ -202,9 +202,41 @@ def assert_healthy(container: str) -> None:
         if probe.returncode == 0:
             return
         time.sleep(HEALTH_INTERVAL_S)
-    # Still failing: say why, with the service's own /readyz answer.
+    # Still failing: say why, with the service's own /readyz answer, and where a new
+    # connection to the broker stops (name lookup, TCP, or AMQP): a CI run once saw
+    # "broker did not answer within 5 s" here while the federation had finished.
     why = podman("exec", container, "foldfed", "health", check=False)
-    pytest.fail(f"{container} stayed unhealthy after {HEALTH_RETRIES} probes: {why}")
+    where = podman("exec", container, "python3", "-c", BROKER_PATH_PROBE, check=False)
+    dns = subprocess.run(["pgrep", "-a", "aardvark-dns"], capture_output=True, text=True)
+    pytest.fail(
+        f"{container} stayed unhealthy after {HEALTH_RETRIES} probes: {why}\n"
+        f"new connection to the broker, step by step: {where}\n"
+        f"host's aardvark-dns: {dns.stdout.strip() or 'not running'}"
+    )
+
+
+# Times each step of a new connection from inside a container: the resolver, TCP, and the
+# broker's AMQP greeting (it answers a protocol header with its connection.start).
+BROKER_PATH_PROBE = """
+import socket, time
+t = time.monotonic()
+try:
+    addr = socket.getaddrinfo("broker", 5672, type=socket.SOCK_STREAM)[0][4]
+    print(f"lookup {addr[0]} in {time.monotonic() - t:.2f} s")
+except OSError as exc:
+    print(f"lookup failed after {time.monotonic() - t:.2f} s: {exc}")
+    raise SystemExit
+t = time.monotonic()
+try:
+    s = socket.create_connection(addr[:2], timeout=10)
+    print(f"tcp in {time.monotonic() - t:.2f} s")
+    s.settimeout(10)
+    s.sendall(b"AMQP\\x00\\x00\\x09\\x01")
+    print(f"amqp answered {len(s.recv(64))} bytes in {time.monotonic() - t:.2f} s")
+except OSError as exc:
+    print(f"tcp/amqp failed after {time.monotonic() - t:.2f} s: {exc}")
+print(open("/etc/resolv.conf").read().replace(chr(10), " | "))
+"""
 
 
 def test_broker_loaded_the_definitions_at_boot(federation: Federation) -> None:
