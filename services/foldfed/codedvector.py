@@ -33,7 +33,7 @@ from foldfed.codecs import (
     codec_from_spec,
     plan_chunks,
     pooled,
-    require_cycle_codec,
+    require_allowed_codec,
     shared_ranges,
 )
 from foldfed.codecs.hadamard import padded_size
@@ -58,6 +58,8 @@ class CycleCoding:
     seed: int = 0
     cycle: int = 0
     ranges_digest: bytes = b""
+    # Per-member specs a member may send instead of `spec` (no shared ranges).
+    choices: tuple[str, ...] = ()
 
     @property
     def reference(self) -> bool:
@@ -176,7 +178,7 @@ def stats_from_bytes(data: bytes, elements: int, block: int) -> BlockStats:
 def check_coding(m: Manifest, coding: CycleCoding) -> Codec | None:
     """The codec of a member's manifest (None: a safetensors payload), if it codes exactly
     as the step's members must; Reject naming the first difference otherwise."""
-    if coding.reference:
+    if coding.reference and not (m.coded and m.codec_spec in coding.choices):
         if m.coded:
             raise Reject(
                 f"manifest codec {m.codec_spec!r} does not match the cycle's {REFERENCE_CODEC!r} "
@@ -186,7 +188,7 @@ def check_coding(m: Manifest, coding: CycleCoding) -> Codec | None:
     if not m.coded:
         raise Reject(f"manifest sends a safetensors payload; the cycle's codec is {coding.spec!r}")
     try:
-        codec = require_cycle_codec(m.codec_spec, coding.spec)
+        codec = require_allowed_codec(m.codec_spec, coding.spec, coding.choices)
     except CodecError as exc:
         raise Reject(f"manifest codec: {exc}") from None
     if (m.cycle, m.codec_seed) != (coding.cycle, coding.seed):
@@ -194,10 +196,12 @@ def check_coding(m: Manifest, coding: CycleCoding) -> Codec | None:
             f"manifest codes for cycle {m.cycle} seed {m.codec_seed}; "
             f"the step's are cycle {coding.cycle} seed {coding.seed}"
         )
-    if m.shared_ranges_digest != coding.ranges_digest:
+    shared = shared_rule(codec) is not None
+    if m.shared_ranges_digest != (coding.ranges_digest if shared else b""):
         raise Reject(
             f"manifest coded with shared ranges {short(m.shared_ranges_digest) or '(none)'}; "
-            f"the step's are {short(coding.ranges_digest) or '(none)'}"
+            f"the step's are {short(coding.ranges_digest) if shared else '(none)'} for "
+            f"{m.codec_spec!r}"
         )
     check_vector_layout(m, codec)
     if shared_rule(codec) is not None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from foldfed.errors import ConfigError
+from foldfed.codecs import check_choices
+from foldfed.errors import CodecError, ConfigError
 from foldfed.settings import Settings, load, required, variable
 
 
@@ -166,6 +167,14 @@ class AggregatorSettings:
         )
 
 
+def cycle_choices(codec: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """The cycle's member choices, checked against its codec (registry.check_choices)."""
+    try:
+        return check_choices(codec, choices)
+    except CodecError as exc:
+        raise ConfigError(f"{variable('codec_choices')}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class BarrierSettings:
     bus: BusSettings
@@ -179,6 +188,8 @@ class BarrierSettings:
     # The cycle's uplink codec and seed, announced with every release.
     codec: str = "fp32:v1"
     codec_seed: int = 0
+    # Per-member specs a member may send instead of `codec` (docs/format.md 14.8).
+    codec_choices: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> BarrierSettings:
@@ -194,4 +205,5 @@ class BarrierSettings:
             cycle=s.cycle,
             codec=s.codec,
             codec_seed=s.codec_seed,
+            codec_choices=cycle_choices(s.codec, s.codec_choices),
         )

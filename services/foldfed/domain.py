@@ -112,6 +112,7 @@ class StepReleased:
     final: bool = False
     codec: str = REFERENCE_CODEC  # the cycle's uplink codec spec
     codec_seed: int = 0
+    codec_choices: tuple[str, ...] = ()  # per-member specs a member may send instead
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,7 @@ def _to_proto(msg: AnyMessage) -> ProtobufMessage:
                 # The reference is written as absent: releases of fp32 cycles keep their bytes.
                 codec="" if msg.codec == REFERENCE_CODEC else msg.codec,
                 codec_seed=msg.codec_seed,
+                codec_choices=list(msg.codec_choices),
             )
         case FinalizeRequest():
             return step_pb2.FinalizeRequest(
@@ -317,6 +318,7 @@ def _from_proto(p: ProtobufMessage) -> AnyMessage:
                 final=p.final,
                 codec=p.codec or REFERENCE_CODEC,
                 codec_seed=p.codec_seed,
+                codec_choices=tuple(p.codec_choices),
             )
         case step_pb2.FinalizeRequest():
             return FinalizeRequest(step=p.step, participants=tuple(p.participants), cycle=p.cycle)

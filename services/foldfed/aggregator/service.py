@@ -296,7 +296,8 @@ class AggregatorService(IngestService):
         for participant in sorted(request.participants):
             m = self.ledger.manifest(step, participant)
             assert m is not None
-            reports.append(stats_from_bytes(m.block_stats, elements, codec.block))
+            if m.codec_spec == coding.spec:  # a member choice has no shared ranges to report
+                reports.append(stats_from_bytes(m.block_stats, elements, codec.block))
         data = ranges_to_bytes(ranges_for(codec, elements, reports))
         digest = digest_of(data)
         self.ledger.store.put(digest, data)

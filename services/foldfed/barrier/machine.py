@@ -73,6 +73,7 @@ class CycleStarted:
     # The cycle's uplink codec spec and seed, announced with every release of the cycle.
     codec: str = "fp32:v1"
     codec_seed: int = 0
+    codec_choices: tuple[str, ...] = ()  # per-member specs members may send instead
 
     def __post_init__(self) -> None:
         _require(self.cycle >= 0 and self.first_step >= 0, "cycle and first_step must be >= 0")
@@ -193,6 +194,7 @@ class BarrierState:
     mismatches: tuple[FlagMismatch, ...]
     codec: str = "fp32:v1"  # the cycle's uplink codec spec
     codec_seed: int = 0
+    codec_choices: tuple[str, ...] = ()
 
     @property
     def last_step(self) -> int:
@@ -228,6 +230,7 @@ class Release:
     update_manifest: bytes  # empty for a cycle's first step: no update to apply
     codec: str = "fp32:v1"
     codec_seed: int = 0
+    codec_choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ class CycleDone:
     update_manifest: bytes
     codec: str = "fp32:v1"
     codec_seed: int = 0
+    codec_choices: tuple[str, ...] = ()
 
 
 Effect = RequestFinalize | Release | FlagMismatch | Ignored | CycleDone
@@ -302,8 +306,9 @@ def pending(state: BarrierState | None) -> Effects:
 
 def _release(s: BarrierState) -> Release:
     return Release(
-        s.cycle, s.step, s.model_digest, s.participants, s.update_manifest, s.codec, s.codec_seed
-    )
+        s.cycle, s.step, s.model_digest, s.participants, s.update_manifest,
+        s.codec, s.codec_seed, s.codec_choices,
+    )  # fmt: skip
 
 
 def _request_finalize(s: BarrierState) -> RequestFinalize:
@@ -312,8 +317,9 @@ def _request_finalize(s: BarrierState) -> RequestFinalize:
 
 def _cycle_done(s: BarrierState) -> CycleDone:
     return CycleDone(
-        s.cycle, s.step, s.model_digest, s.participants, s.update_manifest, s.codec, s.codec_seed
-    )
+        s.cycle, s.step, s.model_digest, s.participants, s.update_manifest,
+        s.codec, s.codec_seed, s.codec_choices,
+    )  # fmt: skip
 
 
 def _ignore(state: BarrierState | None, reason: str) -> tuple[BarrierState | None, Effects]:
@@ -344,6 +350,7 @@ def _on_cycle_started(
         mismatches=(),
         codec=e.codec,
         codec_seed=e.codec_seed,
+        codec_choices=e.codec_choices,
     )
     return new, (_release(new),)
 

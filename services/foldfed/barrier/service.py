@@ -92,6 +92,7 @@ class BarrierService:
                 at_ms=now_ms(),
                 codec=self.settings.codec,
                 codec_seed=self.settings.codec_seed,
+                codec_choices=self.settings.codec_choices,
             )
             log.info("cycle starts", model=short(initial), steps=self.settings.steps)
             await self._apply(start)
@@ -208,6 +209,7 @@ class BarrierService:
             cycle=effect.cycle,
             codec=effect.codec,
             codec_seed=effect.codec_seed,
+            codec_choices=effect.codec_choices,
         )
         # The aggregator first, so the step is open before any participant can deliver
         # (the update's chunks already wait in every participant's queue).
@@ -255,6 +257,7 @@ class BarrierService:
             final=True,
             codec=effect.codec,
             codec_seed=effect.codec_seed,
+            codec_choices=effect.codec_choices,
         )
         await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release, headers=headers)
         log.info("cycle done", final_model=effect.final_model_digest.hex())

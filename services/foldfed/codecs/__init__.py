@@ -38,7 +38,13 @@ from foldfed.codecs.feedback import (
     compensate,
 )
 from foldfed.codecs.plan import ChunkPlan, ChunkSpan, plan_chunks
-from foldfed.codecs.registry import NAMES, codec_from_spec, require_cycle_codec
+from foldfed.codecs.registry import (
+    NAMES,
+    check_choices,
+    codec_from_spec,
+    require_allowed_codec,
+    require_cycle_codec,
+)
 from foldfed.codecs.scale import BlockStats, SharedRanges, block_stats, pooled, shared_ranges
 from foldfed.codecs.vector import decode_vector, encode_vector, wire_bytes
 
@@ -59,6 +65,7 @@ __all__ = [
     "allowed_specs",
     "block_stats",
     "carried",
+    "check_choices",
     "choose_codec",
     "choose_for_cycle",
     "codec_from_spec",
@@ -67,6 +74,7 @@ __all__ = [
     "encode_vector",
     "plan_chunks",
     "pooled",
+    "require_allowed_codec",
     "require_cycle_codec",
     "ring_bits",
     "shared_ranges",

@@ -7,20 +7,20 @@ fixed-size codecs, an upper bound with +zstd) meets W / G ≤ T; if none does, t
 (most compressing) one, with a reason that says it does not fit. Pure arithmetic: the
 uploader measures G, logs the returned reason, and acts on the choice.
 
-When the choice may change. A codec with shared parameters (linear_shared: a shared grid
-and rotation) only decodes, and only composes with masking, when every member of a step
-uses it, so the uploader passes `at_cycle_start=False` mid-cycle and a change into or out
-of such a codec waits for the next cycle (the reason says so). A per-member codec (fp32,
-bf16, int8, rotated with scale=block) may change at any step, among the specs the cycle
-allows.
+When the choice may change. The hub decodes each member's delta with the spec its manifest
+names, so without masking a member may change its spec at any step among those the cycle
+allows, and its residual carries over (it lives in value space, not code space). A codec
+with shared parameters (linear_shared: a shared grid and rotation) composes with masking
+only when every member of a masked step uses it, so once steps are masked the uploader
+must pass `at_cycle_start=False` mid-cycle: a change into or out of such a codec then waits
+for the next cycle (the reason says so).
 
-Which specs a cycle allows (`allowed_specs`): today exactly its own. The hub accepts a
-manifest only when its spec equals the cycle's (`require_cycle_codec`, docs/format.md
-14.2), so a member that sent another spec, however it fits its link, would be
-dead-lettered. The per-site choice therefore picks among the cycle's one spec, and says
-when even that does not fit the budget: the signal for the operator to choose a stronger
-`FOLDFED_CODEC` for the next cycle. A cycle that allows several per-member specs widens
-`allowed_specs` and nothing else changes.
+Which specs a cycle allows (`allowed_specs`): its own spec, and the member choices its
+release lists (`FOLDFED_CODEC_CHOICES`, registry.check_choices: per-member specs, no shared
+ranges). The hub accepts exactly these (`require_allowed_codec`, docs/format.md 14.8). The
+candidates are ordered least lossy first by their wire size for this vector (more bytes
+per element, less loss: true within each codec family and across the ones registered,
+bf16 > int8 > rotated 4 > 2 > 1 bits), ties in the cycle's order.
 
 Goodput (`Goodput`): bytes the uploader sent over the seconds its upload took, smoothed
 over uploads; an upload that sent too little to measure the link (all chunks already held
@@ -70,13 +70,26 @@ class Goodput:
         return Goodput(smoothed, self.uploads + 1)
 
 
-def allowed_specs(cycle_spec: str) -> tuple[str, ...]:
-    """The specs a member may send in a cycle of `cycle_spec`, least lossy first."""
-    return (cycle_spec,)
+def allowed_specs(
+    cycle_spec: str,
+    choices: tuple[str, ...] = (),
+    elements: int = 1 << 20,
+    max_chunk_bytes: int = 4 << 20,
+) -> tuple[str, ...]:
+    """The specs a member may send in a cycle of `cycle_spec` with member `choices`, least
+    lossy (most bytes for `elements`) first."""
+    specs = (cycle_spec, *choices)
+    sizes = {spec: wire_size(spec, elements, max_chunk_bytes) for spec in specs}
+    return tuple(sorted(specs, key=lambda spec: -sizes[spec]))  # stable: ties keep order
 
 
 def choose_for_cycle(
-    cycle_spec: str, goodput: Goodput, budget_s: float, elements: int, max_chunk_bytes: int
+    cycle_spec: str,
+    goodput: Goodput,
+    budget_s: float,
+    elements: int,
+    max_chunk_bytes: int,
+    choices: tuple[str, ...] = (),
 ) -> CodecChoice:
     """The uplink spec for a step of a cycle coding with `cycle_spec`, and why."""
     if goodput.bytes_per_s <= 0:
@@ -86,7 +99,7 @@ def choose_for_cycle(
         goodput.bytes_per_s,
         budget_s,
         elements,
-        allowed_specs(cycle_spec),
+        allowed_specs(cycle_spec, choices, elements, max_chunk_bytes),
         max_chunk_bytes=max_chunk_bytes,
     )
 

@@ -11,8 +11,12 @@
 
 An unknown name or version, a parameter the codec does not define, a missing one, or a
 spec that is not canonical raises CodecError with the reason. `require_cycle_codec`
-compares a manifest's spec with the cycle's: a member may not pick its own coding inside a
-cycle, since shared parameters (rotation, ranges) only mean something if all agree.
+compares a manifest's spec with the cycle's: shared parameters (rotation, ranges) only
+mean something if all agree. A cycle may also allow *member choices* (`check_choices`):
+per-member specs (no shared ranges) a member may send instead of the cycle's spec when its
+link needs them (adaptive.py); `require_allowed_codec` accepts the cycle's spec or one of
+those. The fp32 reference is never a choice: it travels as a safetensors payload, outside
+error feedback, so a member that switched to it would drop its residual.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from foldfed.codecs.zstdlayer import ZstdLayer
 from foldfed.errors import CodecError
 
 NAMES = ("fp32", "bf16", "int8", "rotated")
+REFERENCE_SPEC = "fp32:v1"
 _ROTATED_SHARED = ("bits", "block", "floor", "init", "mult", "rounding", "scale")
 _ROTATED_BLOCK = ("bits", "block", "mult", "rounding", "scale")
 
@@ -92,6 +97,37 @@ def require_cycle_codec(manifest_spec: str, cycle_spec: str) -> Codec:
     if manifest_spec != cycle_spec:
         raise CodecError(_difference(manifest_spec, cycle_spec))
     return codec
+
+
+def check_choices(cycle_spec: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """`choices` if each is a canonical coded spec without shared ranges, distinct and not the
+    cycle's own; CodecError naming the first that is not."""
+    seen: set[str] = set()
+    for spec in choices:
+        codec = codec_from_spec(spec)
+        if spec == REFERENCE_SPEC:
+            raise CodecError(f"member choice {spec!r}: the fp32 reference is not a choice "
+                             "(it travels outside error feedback)")  # fmt: skip
+        if codec.linear_shared:
+            raise CodecError(f"member choice {spec!r} has shared ranges: only the cycle's "
+                             "spec may (every member of a step must agree on them)")  # fmt: skip
+        if spec == cycle_spec or spec in seen:
+            raise CodecError(f"member choice {spec!r} is listed twice (or is the cycle's spec)")
+        seen.add(spec)
+    return choices
+
+
+def require_allowed_codec(manifest_spec: str, cycle_spec: str, choices: tuple[str, ...]) -> Codec:
+    """The manifest's codec, if it is the cycle's or one of the cycle's member choices."""
+    if manifest_spec in choices:
+        return codec_from_spec(manifest_spec)
+    try:
+        return require_cycle_codec(manifest_spec, cycle_spec)
+    except CodecError as exc:
+        if not choices:
+            raise
+        raise CodecError(f"{exc}; nor is it one of the cycle's member choices "
+                         f"{', '.join(repr(c) for c in choices)}") from None  # fmt: skip
 
 
 def _difference(got: str, want: str) -> str:

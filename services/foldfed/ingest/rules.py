@@ -100,7 +100,7 @@ def coding_of(msg: StepReleased, next_ranges_digest: bytes) -> CycleCoding:
     """The coding a release asks of its step's deltas. `next_ranges_digest`: what the
     release's update manifest names (b"": the first step of a cycle, coded with the spec's
     `init` ranges, or a codec without shared ranges)."""
-    return CycleCoding(msg.codec, msg.codec_seed, msg.cycle, next_ranges_digest)
+    return CycleCoding(msg.codec, msg.codec_seed, msg.cycle, next_ranges_digest, msg.codec_choices)
 
 
 def release_verdict(open_step: OpenStep, msg: StepReleased) -> Verdict:

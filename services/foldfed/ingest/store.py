@@ -259,6 +259,7 @@ def _coding_to_json(coding: CycleCoding) -> str:
             "ranges_digest": coding.ranges_digest.hex(),
             "seed": coding.seed,
             "spec": coding.spec,
+            **({"choices": list(coding.choices)} if coding.choices else {}),
         },
         sort_keys=True,
     )
@@ -269,5 +270,9 @@ def _coding_from_json(raw: object) -> CycleCoding:
         return REFERENCE_CODING
     data = json.loads(str(raw))
     return CycleCoding(
-        data["spec"], int(data["seed"]), int(data["cycle"]), bytes.fromhex(data["ranges_digest"])
+        data["spec"],
+        int(data["seed"]),
+        int(data["cycle"]),
+        bytes.fromhex(data["ranges_digest"]),
+        tuple(str(c) for c in data.get("choices", ())),  # absent in rows from before choices
     )

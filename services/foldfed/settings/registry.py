@@ -158,8 +158,30 @@ def _from_spec(spec: str) -> object:
         raise ValueError(str(exc)) from None
 
 
+def _spec_list(raw: object) -> object:
+    # Specs hold ';', '=', ':' and '+', never ',': a comma separates them.
+    if isinstance(raw, str):
+        return tuple(spec.strip() for spec in raw.split(",") if spec.strip())
+    return raw
+
+
+def _member_choice(spec: str) -> str:
+    codec = _from_spec(spec)
+    if spec == "fp32:v1" or getattr(codec, "linear_shared", False):
+        raise ValueError(
+            f"{spec!r}: a member choice is a coded spec without shared ranges (not fp32:v1)"
+        )
+    return spec
+
+
 CodecSpec = Annotated[
     str, AfterValidator(_codec_spec), Label("codec spec, e.g. `fp32:v1` (docs/format.md)")
+]
+MemberChoices = Annotated[
+    tuple[Annotated[str, AfterValidator(_member_choice)], ...],
+    NoDecode,
+    BeforeValidator(_spec_list),
+    Label("codec specs without shared ranges, comma-separated"),
 ]
 DownlinkSpec = Annotated[
     str, AfterValidator(_downlink_spec), Label("codec spec without shared ranges")
@@ -231,6 +253,12 @@ class Settings(BaseSettings):
         "FOLDFED_CODEC", "fp32:v1", "barrier",
         "the cycle's uplink codec spec, announced with every release; `fp32:v1` sends exact"
         " safetensors payloads (docs/format.md, \"Codec specs\")",
+    )  # fmt: skip
+    codec_choices: MemberChoices = _var(
+        "FOLDFED_CODEC_CHOICES", (), "barrier",
+        "member choices: per-member codec specs a member may send instead of the cycle's when"
+        " its upload budget needs them, announced with every release (docs/format.md 14.8)",
+        shown="none",
     )  # fmt: skip
     downlink_codec: DownlinkSpec = _var(
         "FOLDFED_DOWNLINK_CODEC", "fp32:v1", "aggregator",

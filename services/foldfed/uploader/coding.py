@@ -80,11 +80,14 @@ def pick_spec(
     coding: CycleCoding, goodput: Goodput, budget_s: float, elements: int, chunk_limit: int
 ) -> CodecChoice | None:
     """The uplink spec for a step and why; None without a budget (the cycle's spec). The
-    choice is only among the specs the cycle allows (codecs.allowed_specs, docs/format.md
-    14.2): a spec with shared ranges is the cycle's by construction."""
+    choice is only among the specs the cycle allows: its own and its member choices
+    (codecs.allowed_specs, docs/format.md 14.8); a spec with shared ranges is the cycle's
+    by construction."""
     if budget_s <= 0:
         return None
-    return choose_for_cycle(coding.spec, goodput, budget_s, elements, chunk_limit)
+    return choose_for_cycle(
+        coding.spec, goodput, budget_s, elements, chunk_limit, choices=coding.choices
+    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class UplinkCoder:
     def remember(self, release: StepReleased, update: Manifest | None) -> None:
         """Keep what release t asks of delta t (written before the release is acked)."""
         coding = {
+            "choices": list(release.codec_choices),
             "codec": release.codec,
             "cycle": release.cycle,
             "ranges_digest": update.next_ranges_digest.hex() if update else "",
@@ -126,7 +130,11 @@ class UplinkCoder:
         except FileNotFoundError:
             return CycleCoding()  # a release from before codecs: the reference
         return CycleCoding(
-            raw["codec"], int(raw["seed"]), int(raw["cycle"]), bytes.fromhex(raw["ranges_digest"])
+            raw["codec"],
+            int(raw["seed"]),
+            int(raw["cycle"]),
+            bytes.fromhex(raw["ranges_digest"]),
+            tuple(raw.get("choices", ())),  # absent in files from before member choices
         )
 
     # ---------------------------------------------------------------- the link
