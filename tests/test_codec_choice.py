@@ -10,14 +10,27 @@ import pytest
 from structlog.testing import capture_logs
 
 from foldfed.chunkstore import ChunkStore
-from foldfed.codecs import Goodput, allowed_specs, choose_for_cycle, wire_size
+from foldfed.codecs import (
+    Goodput,
+    allowed_specs,
+    check_choices,
+    choose_for_cycle,
+    require_allowed_codec,
+    wire_size,
+)
 from foldfed.codecs.adaptive import MIN_MEASURED_BYTES
 from foldfed.codedvector import CycleCoding
+from foldfed.errors import CodecError
 from foldfed.format import TensorSpec, encode_header
 from foldfed.spool import DeltaRecord
 from foldfed.uploader.coding import UplinkCoder, pick_spec
 
 ROT2 = "rotated:v1;bits=2;block=4096;mult=2.0;rounding=stochastic;scale=block+zstd:v1;level=3"
+ROT1 = "rotated:v1;bits=1;block=4096;mult=1.0;rounding=nearest;scale=block"
+INT8 = "int8:v1;block=4096"
+SHARED = (
+    "rotated:v1;bits=2;block=4096;floor=0.01;init=0.02;mult=2.0;rounding=stochastic;scale=shared"
+)
 N = 1 << 20
 
 
@@ -33,10 +46,49 @@ def test_an_upload_too_small_to_measure_leaves_the_estimate(sent: int, seconds: 
     assert known.after(sent, seconds) is known
 
 
-def test_a_cycle_allows_only_its_own_spec() -> None:
+def test_without_member_choices_a_cycle_allows_only_its_own_spec() -> None:
     # The hub accepts exactly the cycle's spec (require_cycle_codec), whatever it is.
     assert allowed_specs(ROT2) == (ROT2,)
     assert allowed_specs("fp32:v1") == ("fp32:v1",)
+
+
+def test_member_choices_are_ordered_least_lossy_first() -> None:
+    # More bytes for the same vector, less loss: bf16 > int8 > the cycle's 2-bit > 1 bit.
+    assert allowed_specs(ROT2, (ROT1, INT8, "bf16:v1"), N) == ("bf16:v1", INT8, ROT2, ROT1)
+
+
+def test_the_least_lossy_allowed_spec_that_fits_is_chosen() -> None:
+    choices = (INT8, ROT1)
+    budget = 10.0
+    for spec in (INT8, ROT2, ROT1):  # a link that fits exactly this one, not the one above
+        goodput = Goodput(wire_size(spec, N) / budget, 1)
+        choice = choose_for_cycle(ROT2, goodput, budget, N, 4 << 20, choices=choices)
+        assert choice.spec == spec and choice.fits, choice.reason
+    slowest = choose_for_cycle(ROT2, Goodput(1.0, 1), budget, N, 4 << 20, choices=choices)
+    assert slowest.spec == ROT1 and not slowest.fits
+
+
+@pytest.mark.parametrize(
+    ("choices", "why"),
+    [
+        (("fp32:v1",), "not a choice"),
+        ((SHARED,), "shared ranges"),
+        ((INT8, INT8), "listed twice"),
+        ((ROT2,), "listed twice"),
+        (("int8:v1;block=4096;x=1",), "x"),
+    ],
+)
+def test_member_choices_that_cannot_be_are_refused(choices: tuple[str, ...], why: str) -> None:
+    with pytest.raises(CodecError, match=why):
+        check_choices(ROT2, choices)
+    assert check_choices(ROT2, (INT8, ROT1)) == (INT8, ROT1)
+
+
+def test_the_hub_accepts_the_cycle_spec_or_a_member_choice_and_names_them() -> None:
+    assert require_allowed_codec(INT8, ROT2, (INT8,)).spec == INT8
+    assert require_allowed_codec(ROT2, ROT2, (INT8,)).spec == ROT2
+    with pytest.raises(CodecError, match="nor is it one of the cycle's member choices"):
+        require_allowed_codec(ROT1, ROT2, (INT8,))
 
 
 def test_the_cycle_spec_with_whether_it_fits() -> None:

@@ -31,6 +31,7 @@ def run_federation(
     *,
     crash: tuple[str, str] | None = None,
     env: dict[str, str] | None = None,
+    participant_env: dict[str, dict[str, str]] | None = None,
 ) -> tuple[LocalFederation, RunRecord]:
     """A whole run; `crash=(process, FOLDFED_CRASH_AT value)` arms a crash point in one
     process, which is restarted (without it) once it has died."""
@@ -40,6 +41,7 @@ def run_federation(
         steps=STEPS,
         workdir=workdir,
         common_env={"FOLDFED_SEED": "7", **(env or {})},
+        participant_env=participant_env or {},
     )
     federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)
     federation.start_broker()

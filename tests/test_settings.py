@@ -144,6 +144,7 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "codec": "fp32:v1",
         "downlink_codec": "fp32:v1",
         "codec_seed": 0,
+        "codec_choices": (),
         # Added with the per-site codec choice: off.
         "upload_budget_s": 0.0,
     }
