@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from foldfed.digests import digest_of
@@ -29,7 +29,7 @@ from foldfed.errors import ConfigError
 SCHEMA_VERSION = "foldfed.data/1"
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     PASSED = "passed"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -235,9 +235,7 @@ def quality_checks(
             results.append(skipped("r_gap", "no R-work in the file"))
         elif abs(meta.r_work - meta.r_free) > limits.max_r_gap:
             gap = abs(meta.r_work - meta.r_free)
-            results.append(
-                failed("r_gap", f"|R - R-free| = {gap:.4f} > {limits.max_r_gap}")
-            )
+            results.append(failed("r_gap", f"|R - R-free| = {gap:.4f} > {limits.max_r_gap}"))
         else:
             results.append(passed("r_gap"))
     results.append(_ligand_completeness(meta, criteria, limits))

@@ -81,7 +81,9 @@ def read_structure(data: bytes) -> ParsedStructure:
         resolution=_resolution(block),
         r_work=_first_float(block, "refine", ("ls_R_factor_R_work", "ls_R_factor_obs")),
         r_free=_first_float(block, "refine", ("ls_R_factor_R_free",)),
-        release_date=min(_column(block, "pdbx_audit_revision_history", "revision_date"), default=""),
+        release_date=min(
+            _column(block, "pdbx_audit_revision_history", "revision_date"), default=""
+        ),
         polymer_chains=len(polymers),
         ligands=tuple(_census(atoms, c) for c in ligand_chains),
     )
@@ -130,7 +132,9 @@ def _entity_types(block: Any) -> dict[str, str]:
         zip(_column(block, "entity", "id"), _column(block, "entity", "type"), strict=False)
     )
     asym = zip(
-        _column(block, "struct_asym", "id"), _column(block, "struct_asym", "entity_id"), strict=False
+        _column(block, "struct_asym", "id"),
+        _column(block, "struct_asym", "entity_id"),
+        strict=False,
     )
     return {chain: types.get(entity, "") for chain, entity in asym}
 
@@ -187,14 +191,17 @@ def element_problems(parsed: ParsedStructure) -> list[str]:
     """Atoms whose element is not a real one, or (ligands) differs from the CCD's."""
     atoms = parsed.atoms
     problems = []
-    for symbol in sorted({str(e) for e in atoms.element.tolist() if str(e).upper() not in ELEMENTS}):
+    for symbol in sorted(
+        {str(e) for e in atoms.element.tolist() if str(e).upper() not in ELEMENTS}
+    ):
         count = int((atoms.element == symbol).sum())
         problems.append(f"unknown element {symbol!r} on {count} atom(s)")
     for chain in parsed.ligand_chains:
         mine = atoms[atoms.chain_id == chain]
-        for name, atom, element in zip(mine.res_name, mine.atom_name, mine.element, strict=True):
+        for name, atom, symbol in zip(mine.res_name, mine.atom_name, mine.element, strict=True):
             expected = ccd_elements(str(name)).get(str(atom))
-            if expected is not None and expected.upper() != str(element).upper():
+            element = str(symbol)
+            if expected is not None and expected.upper() != element.upper():
                 problems.append(
                     f"ligand {name} ({chain}) atom {atom}: element {element!r}, "
                     f"the CCD says {expected!r}"

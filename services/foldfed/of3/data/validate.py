@@ -38,8 +38,8 @@ from foldfed.of3.data.schema import (
     inclusion_checks,
     is_valid,
     passed,
-    quality_checks,
     qualifying_ligands,
+    quality_checks,
     skip_all,
     skipped,
 )
@@ -98,9 +98,8 @@ def check_structure(data: bytes, criteria: InclusionCriteria) -> list[CheckResul
     try:
         parsed = read_structure(data)
     except StructureParseError as exc:
-        return [failed("parse", f"not a readable mmCIF: {exc}")] + skip_all(
-            CHECK_IDS[1:], "the file did not parse"
-        )
+        not_parsed = skip_all(CHECK_IDS[1:], "the file did not parse")
+        return [failed("parse", f"not a readable mmCIF: {exc}"), *not_parsed]
     results = [passed("parse")]
     problems = element_problems(parsed)
     results.append(failed("elements", _join(problems)) if problems else passed("elements"))
