@@ -12,4 +12,8 @@ primary ligand and the crop around it), `featurize` (`build_features`: the whole
 `cachekey` (its name), `cache` (`featurize_cached`); `partition` (the held-out and
 company rule, pure), `plinder` (the real sample's source files), `sample`
 (`prepare_sample`, `open_sample`), `commands` (`foldfed data ...`).
+Validation (docs/data_schema.md): `schema` (version, checks, thresholds, inclusion
+criteria; pure), `structure_file` (one mmCIF read with biotite), `plausibility` (RDKit
+sanitization, PoseBusters), `datacard` (the aggregate-only card; pure), `validate`
+(`validate_dir`: the whole pass and its local report).
 """

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,22 +43,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sample.set_defaults(func=cmd_sample)
 
+    validate = actions.add_parser(
+        "validate",
+        help="check every structure in DIR against the consortium data schema",
+        description=(
+            "Check every mmCIF under DIR (parse, elements, chains, RDKit sanitization, the "
+            "PLINDER quality thresholds, PoseBusters plausibility, the consortium's inclusion "
+            "criteria), print per-check pass rates, and write the local report and the "
+            "aggregate-only data card to --out (see docs/data_schema.md)."
+        ),
+    )
+    validate.add_argument("dir", help="folder of structure files (e.g. a sample folder)")
+    validate.add_argument(
+        "--out", default=None, help="report folder (default DIR/validation; stays local)"
+    )
+    validate.add_argument(
+        "--consortium", default=None, help="consortium config TOML ([data] inclusion criteria)"
+    )
+    validate.set_defaults(func=cmd_validate)
+
     show = actions.add_parser("summary", help="print a prepared sample's table")
     show.add_argument("dir", help="sample folder")
     show.set_defaults(func=cmd_summary)
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _progress_bar(desc: str, unit: str) -> Callable[[Sequence[T]], Iterator[T]]:
+    """A tqdm bar on stderr over the items, showing the current one."""
 
+    def progress(items: Sequence[T]) -> Iterator[T]:
+        from tqdm import tqdm
+
+        bar = tqdm(items, desc=desc, unit=unit, file=sys.stderr)
+        for item in bar:
+            bar.set_postfix_str(getattr(item, "name", str(item)))
+            yield item
+
+    return progress
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
     from foldfed.of3.data import partition
     from foldfed.of3.data.sample import prepare_sample, summary_table
 
-    def progress(ids: list[str]) -> object:
-        bar = tqdm(ids, desc="featurizing", unit="entry", file=sys.stderr)
-        for entry_id in bar:
-            bar.set_postfix_str(entry_id)
-            yield entry_id
+    progress = _progress_bar("featurizing", "entry")
 
     only = [e.strip().lower() for e in args.entries.split(",") if e.strip()] or None
     report = prepare_sample(
@@ -87,4 +118,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from foldfed.of3.data.sample import open_sample, summary_table
 
     print(summary_table(open_sample(Path(args.dir))))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from foldfed.of3.data.datacard import pass_rate_table
+    from foldfed.of3.data.validate import load_criteria, validate_dir
+
+    root = Path(args.dir)
+    out = Path(args.out) if args.out else root / "validation"
+    criteria = load_criteria(Path(args.consortium) if args.consortium else None)
+    run = validate_dir(root, out, criteria, progress=_progress_bar("validating", "file"))
+    print(pass_rate_table(run.card))
+    print(
+        f"local report: {out / 'report.json'} and {out / 'report.csv'} (stay here); "
+        f"data card: {out / 'datacard.json'} (aggregates only, the one file meant to leave)"
+    )
     return 0
