@@ -132,10 +132,14 @@ def start_ingest(env: dict[str, str], log_path: Path) -> Service:
     return service
 
 
-def release(env: dict[str, str], step: int, model_digest: str = "") -> None:
+def release(
+    env: dict[str, str], step: int, model_digest: str = "", participants: str = ""
+) -> None:
     args = [*FOLDFED, "release", str(step)]
     if model_digest:
         args += ["--model-digest", model_digest]
+    if participants:
+        args += ["--participants", participants]
     subprocess.run(args, env=env, check=True, timeout=60)
 
 
