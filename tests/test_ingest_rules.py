@@ -98,8 +98,26 @@ def test_releases_only_move_forward() -> None:
     with pytest.raises(Reject, match="already released"):
         release_verdict(OPEN, StepReleased(3, digest_of(b"other"), members))
     # The first step opened by configuration has no model yet: its release names one.
-    unnamed = OpenStep(1, b"", frozenset(members))
+    unnamed = OpenStep(1, b"", frozenset(members), released=False)
     assert release_verdict(unnamed, StepReleased(1, MODEL, members)) is Verdict.ACCEPT
+    assert release_verdict(unnamed, StepReleased(1, b"", members)) is Verdict.ACCEPT
+
+
+def test_a_released_step_is_never_released_again() -> None:
+    """Opening a step again would zero its running sum under counted deliveries."""
+    by_hand = OpenStep(1, b"", frozenset({"org-a"}))  # released without a model
+    assert release_verdict(by_hand, StepReleased(1, b"", ("org-a",))) is Verdict.DUPLICATE
+    with pytest.raises(Reject, match=r"already released with model \(none\)"):
+        release_verdict(by_hand, StepReleased(1, MODEL, ("org-a",)))
+
+
+def test_nothing_is_accepted_for_a_step_before_its_release() -> None:
+    waiting = OpenStep(1, b"", PARTICIPANTS, released=False)
+    for participant in sorted(PARTICIPANTS):
+        with pytest.raises(Reject, match="step 1 is not released yet"):
+            check_sender(PARTICIPANTS, waiting, 1, participant)
+    with pytest.raises(Reject, match="unknown participant"):  # still the first check
+        check_sender(PARTICIPANTS, waiting, 1, "mallory")
 
 
 # ------------------------------------------------------------------------------- manifests

@@ -10,6 +10,9 @@ What the hub accepts, in one place:
 - a sender must be a configured participant, a member of the open step's cycle, and
   speak about the open step. A closed step is fine only for the very delta that was
   delivered in full (a restarted uploader asking again for its receipt);
+- a step counts nothing before its release: the configured first step is not open until
+  its release names the model, members and codec every delta is checked against (see
+  "Releases and the running sum" below);
 - step releases only move forward; the same release again is a duplicate, a second model
   for one step is refused;
 - one manifest per (step, participant): the same bytes again are a duplicate, other bytes
@@ -19,6 +22,16 @@ What the hub accepts, in one place:
   Marking a chunk present a second time counts a duplicate;
 - a delivery is complete when no chunk of its manifest is missing; the first time only,
   it yields a receipt.
+
+Releases and the running sum (docs/format.md, section 9.5). The aggregator's running sum
+holds exactly the chunks the ledger counts for the open step, and is zeroed only when a
+*new* step opens. That is safe only if no delivery of a step is counted before the step
+is opened, and a step is opened once. Both are rules here: the first step is not open
+until released (`check_sender`), and a step once released is never released again
+(`release_verdict`). Counting a delta early and keeping it instead would need checks
+against a release not yet seen (its model, members, codec): a delta counted and then found
+wrong cannot be taken back once its receipt is out. An honest participant never sends
+early: it trains from the release, which the barrier publishes to the hub's queue first.
 """
 
 from __future__ import annotations
@@ -58,6 +71,8 @@ class OpenStep:
     model_digest: bytes
     members: frozenset[str]
     coding: CycleCoding = REFERENCE_CODING  # what its deltas must be coded with
+    # False only for the configured first step before its release: nothing counts yet.
+    released: bool = True
 
 
 class Verdict(enum.Enum):
@@ -89,6 +104,11 @@ def check_sender(
         raise Reject(f"step {step} is closed (step {current} is open): replay?")
     if step > current:
         raise Reject(f"unknown step {step}: step {current} is open")
+    if not open_step.released:
+        raise Reject(
+            f"step {step} is not released yet: the hub counts a delta only once its "
+            "step's release named the model, members and codec"
+        )
     if participant not in open_step.members:
         raise Reject(
             f"{participant!r} is not a member of the cycle of step {current}: "
@@ -104,16 +124,21 @@ def coding_of(msg: StepReleased, next_ranges_digest: bytes) -> CycleCoding:
 
 
 def release_verdict(open_step: OpenStep, msg: StepReleased) -> Verdict:
-    """Whether `msg` opens a new step (ACCEPT) or repeats one (DUPLICATE)."""
+    """Whether `msg` opens a new step (ACCEPT) or repeats one (DUPLICATE).
+
+    A step is released once: opening it again would zero the running sum under the
+    deliveries already counted for it, so another model for a released step is refused,
+    even when the first release named none (a step opened by hand)."""
     if msg.step < open_step.step:
         return Verdict.DUPLICATE
-    if msg.step == open_step.step and msg.model_digest == open_step.model_digest:
+    if msg.step > open_step.step or not open_step.released:
+        return Verdict.ACCEPT
+    if msg.model_digest == open_step.model_digest:
         return Verdict.DUPLICATE
-    if msg.step == open_step.step and open_step.model_digest:
-        raise Reject(
-            f"step {msg.step} was already released with model {short(open_step.model_digest)}"
-        )
-    return Verdict.ACCEPT
+    raise Reject(
+        f"step {msg.step} was already released with model "
+        f"{short(open_step.model_digest) or '(none)'}"
+    )
 
 
 def manifest_verdict(

@@ -8,8 +8,10 @@ changes something is one transaction, so a crash leaves a fact entirely or not a
 Tables:
   hub_state(key, value)       'open_step', 'model_digest', 'members' (comma-separated
                               names of the open step's cycle; '' = every participant),
-                              'coding' (the open step's CycleCoding as JSON; absent:
-                              the reference, fp32:v1)
+                              'released' (1 once a release opened 'open_step'; 0 for
+                              the configured first step before its release, when no
+                              delta counts), 'coding' (the open step's CycleCoding as
+                              JSON; absent: the reference, fp32:v1)
   manifests(step, participant, manifest_id, chunk_count, received_ms, completed_ms,
             duplicates)       one row per accepted manifest; completed_ms set once
   manifest_chunks(step, participant, idx, digest, present)
@@ -77,6 +79,9 @@ class IngestStore:
             # waiting for the next one) must not reach the running sum: finalize weights
             # only members, so its delta would skew the average unseen.
             self._db.execute("INSERT OR IGNORE INTO hub_state VALUES ('members', '')")
+            # The configured first step waits for its release: a delta counted before it
+            # would be checked against no model, members or codec (ingest/rules.py).
+            self._db.execute("INSERT OR IGNORE INTO hub_state VALUES ('released', 0)")
 
     def close(self) -> None:
         self._db.close()
@@ -100,7 +105,13 @@ class IngestStore:
         named = str(rows["members"])
         members = frozenset(named.split(",")) if named else self.participants
         coding = _coding_from_json(rows.get("coding"))
-        return OpenStep(int(rows["open_step"]), bytes(rows["model_digest"]), members, coding)
+        return OpenStep(
+            int(rows["open_step"]),
+            bytes(rows["model_digest"]),
+            members,
+            coding,
+            released=bool(int(rows["released"])),
+        )
 
     def open(
         self,
@@ -121,6 +132,7 @@ class IngestStore:
                 "UPDATE hub_state SET value = ? WHERE key = 'members'",
                 (",".join(sorted(members)),),
             )
+            self._db.execute("UPDATE hub_state SET value = 1 WHERE key = 'released'")
 
     # ---------------------------------------------------------------- manifests
 
