@@ -22,7 +22,7 @@ from foldfed.bus import Bus
 from foldfed.config import BusSettings
 from foldfed.deltafile import load_delta, write_delta
 from foldfed.digests import file_digest
-from foldfed.messages import FinalizeRequest
+from foldfed.messages import FinalizeRequest, StepReleased
 
 from conftest import (
     FOLDFED,
@@ -56,12 +56,16 @@ def _upload(
     return subprocess.run([*FOLDFED, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
-async def _finalize(admin_url: str) -> None:
-    bus = await Bus.connect(BusSettings(admin_url, 10.0, 8), name="test-finalize")
+async def _as_hub(admin_url: str, message: FinalizeRequest | StepReleased) -> None:
+    bus = await Bus.connect(BusSettings(admin_url, 10.0, 8), name="test-hub")
     try:
-        await bus.publish(topology.CONTROL_EXCHANGE, "", FinalizeRequest(1, MEMBERS, 0))
+        await bus.publish(topology.CONTROL_EXCHANGE, "", message)
     finally:
         await bus.close()
+
+
+def _finalize(admin_url: str) -> None:
+    asyncio.run(_as_hub(admin_url, FinalizeRequest(1, MEMBERS, 0)))
 
 
 def _weighted_mean(deltas: list[tuple[Path, float]]) -> dict[str, np.ndarray]:
@@ -126,7 +130,7 @@ def test_a_delta_sent_before_the_release_never_leaves_the_sum_short(
             aggregator = Service(["aggregator"], env, next(logs))
             aggregator.wait_for_log("ingest ready")
         assert _upload(env_b, delta_b, weight_b, base).returncode == 0
-        asyncio.run(_finalize(broker.admin_url))
+        _finalize(broker.admin_url)
         update_path = state / "updates" / "update-000000000001.safetensors"
         _wait_for(update_path, aggregator)
         aggregator.wait_for_log("step finalized")
@@ -142,3 +146,46 @@ def test_a_delta_sent_before_the_release_never_leaves_the_sum_short(
     # A's delivery after the release is the one that counts.
     assert early.returncode != 0, early.stdout
     assert "not released yet" in early.stderr, early.stderr
+
+
+def test_a_forged_weight_is_rejected_and_the_honest_members_complete_the_step(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """Issue 14 item 1: weights are agreed per cycle. The release announces 1.0 for each
+    member (FOLDFED_MEMBER_WEIGHTS' default); a manifest claiming 1e9 is rejected with its
+    reason, and the update is the plain mean of the honest members' deltas."""
+    asyncio.run(reset_topology(broker.admin_url))
+    theta0 = tmp_path / "theta0.safetensors"
+    write_delta(theta0, _tensors(0, 1.0))
+    base = file_digest(theta0)
+    delta_a, delta_b = tmp_path / "delta-a.safetensors", tmp_path / "delta-b.safetensors"
+    write_delta(delta_a, _tensors(1, 0.01))
+    write_delta(delta_b, _tensors(2, 0.01))
+
+    state = tmp_path / "hub"
+    env = hub_env(broker, state, FOLDFED_INITIAL_MODEL=str(theta0))
+    aggregator = Service(["aggregator"], env, tmp_path / "aggregator.log")
+    aggregator.wait_for_log("ingest ready")
+    env_a = participant_env(broker, A, tmp_path / "spool-a")
+    env_b = participant_env(broker, B, tmp_path / "spool-b")
+    try:
+        release_1 = StepReleased(1, base, MEMBERS, weights=(1.0, 1.0))
+        asyncio.run(_as_hub(broker.admin_url, release_1))
+        aggregator.wait_for_log("step open")
+        forged = _upload(env_a, delta_a, 1e9, base)
+        assert forged.returncode != 0, forged.stdout
+        assert "differs from the weight the cycle agreed" in forged.stderr, forged.stderr
+        aggregator.wait_for_log("differs from the weight the cycle agreed for 'org-a': 1.0")
+        assert _upload(env_a, delta_a, 1.0, base).returncode == 0
+        assert _upload(env_b, delta_b, 1.0, base).returncode == 0
+        _finalize(broker.admin_url)
+        update_path = state / "updates" / "update-000000000001.safetensors"
+        _wait_for(update_path, aggregator)
+        aggregator.wait_for_log("step finalized")
+    finally:
+        aggregator.stop()
+
+    expected = _weighted_mean([(delta_a, 1.0), (delta_b, 1.0)])
+    update = load_delta(update_path)
+    for name, value in expected.items():
+        assert np.array_equal(update[name].numpy(), value), name

@@ -23,6 +23,7 @@ from foldfed.ingest.rules import (
     Verdict,
     check_chunk,
     check_sender,
+    check_weight,
     chunk_verdict,
     have_reply,
     is_complete,
@@ -203,3 +204,21 @@ def test_the_rules_load_no_database_and_no_wire_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------- weights
+
+
+def test_a_manifest_must_declare_the_weight_the_cycle_agreed() -> None:
+    agreed = OpenStep(3, MODEL, frozenset({"org-a", "org-b"}), weights=(("org-a", 2.0),))
+    check_weight(manifest(), agreed)  # manifest() declares 2.0
+    forged = Manifest(**{**manifest().__dict__, "weight": 1e9})
+    with pytest.raises(Reject) as info:
+        check_weight(forged, agreed)
+    assert info.value.reason == (
+        "manifest weight 1000000000.0 differs from the weight the cycle agreed for 'org-a': 2.0"
+    )
+    check_weight(forged, OPEN)  # a step opened by hand fixes no weight
+    other = Manifest(**{**manifest().__dict__, "participant": "org-b"})
+    with pytest.raises(Reject, match="agreed no weight for 'org-b'"):
+        check_weight(other, agreed)

@@ -747,3 +747,27 @@ def test_a_configured_participant_outside_the_steps_cycle_is_refused(
         assert reopened.members == frozenset({"org-a"})
     finally:
         reopened.close()
+
+
+def test_a_forged_weight_is_refused_and_the_honest_delta_completes(
+    tmp_path: Path, delta: Delta
+) -> None:
+    """Weights are agreed per cycle: the release fixes 1.0 for each member."""
+    ledger = open_ledger(tmp_path / "hub", release=False)
+    try:
+        ledger.on_step_released(StepReleased(1, MODEL, PARTICIPANTS, weights=(1.0, 1.0)))
+        forged, forged_ser = manifest_for(delta, weight=1e9)
+        with pytest.raises(Reject, match="differs from the weight the cycle agreed"):
+            ledger.on_manifest(forged, forged_ser)
+        assert ledger.manifest(1, "org-a") is None
+        honest, honest_ser = manifest_for(delta, weight=1.0)
+        assert ledger.on_manifest(honest, honest_ser) == Effects()
+        assert len(receipts_of(send_chunks(ledger, delta, range(4)))) == 1
+        assert ledger.weights(1) == {"org-a": 1.0}
+    finally:
+        ledger.close()
+    reopened = open_ledger(tmp_path / "hub", release=False)  # the agreement is durable
+    try:
+        assert dict(reopened.facts.open_step().weights) == {"org-a": 1.0, "org-b": 1.0}
+    finally:
+        reopened.close()

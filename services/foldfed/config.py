@@ -27,6 +27,22 @@ def existing_initial_model(settings: Settings) -> Path:
     return initial
 
 
+def _member_weights(settings: Settings) -> tuple[tuple[str, float], ...]:
+    """FOLDFED_MEMBER_WEIGHTS: empty (1.0 each), or a weight for every participant and no
+    one else, so that no member's weight is left to a default by a typo."""
+    given = dict(settings.member_weights)
+    if not given:
+        return ()
+    participants = set(required(settings.participants, "participants"))
+    strangers, missing = sorted(set(given) - participants), sorted(participants - set(given))
+    if strangers or missing:
+        raise ConfigError(
+            f"{variable('member_weights')} must name every participant and no one else: "
+            f"unknown {strangers}, missing {missing}"
+        )
+    return tuple(sorted(given.items()))
+
+
 def spool_dir_of(settings: Settings, participant: str) -> Path:
     """FOLDFED_SPOOL_DIR, by default var/spool/<participant>."""
     return settings.spool_dir or Path(f"var/spool/{participant}")
@@ -179,6 +195,14 @@ class BarrierSettings:
     # The cycle's uplink codec and seed, announced with every release.
     codec: str = "fp32:v1"
     codec_seed: int = 0
+    # Each participant's agreed aggregation weight, announced with every release; every
+    # participant has one (FOLDFED_MEMBER_WEIGHTS, default 1.0 each).
+    member_weights: tuple[tuple[str, float], ...] = ()
+
+    def agreed_weights(self, members: tuple[str, ...]) -> tuple[float, ...]:
+        """The weights a release of `members` announces, in that order."""
+        fixed = dict(self.member_weights)
+        return tuple(fixed.get(member, 1.0) for member in members)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> BarrierSettings:
@@ -194,4 +218,5 @@ class BarrierSettings:
             cycle=s.cycle,
             codec=s.codec,
             codec_seed=s.codec_seed,
+            member_weights=_member_weights(s),
         )

@@ -15,6 +15,9 @@ What the hub accepts, in one place:
   "Releases and the running sum" below);
 - step releases only move forward; the same release again is a duplicate, a second model
   for one step is refused;
+- a manifest's weight must be the one the cycle agreed for its sender, as the release
+  announced it (docs/format.md, "Agreed weights"); a release that announces none (a step
+  opened by hand) fixes none;
 - one manifest per (step, participant): the same bytes again are a duplicate, other bytes
   a conflict (a replay or a forgery). It must be computed against the released model and
   be in canonical encoding, because a manifest's id is the hash of its bytes;
@@ -73,6 +76,8 @@ class OpenStep:
     coding: CycleCoding = REFERENCE_CODING  # what its deltas must be coded with
     # False only for the configured first step before its release: nothing counts yet.
     released: bool = True
+    # (participant, agreed weight), sorted, as the release announced them; () = none fixed.
+    weights: tuple[tuple[str, float], ...] = ()
 
 
 class Verdict(enum.Enum):
@@ -171,6 +176,23 @@ def manifest_verdict(
         # encoder's ordering) would give one delta two ids.
         raise Reject("manifest is not in canonical form (unknown fields?)")
     return Verdict.ACCEPT
+
+
+def check_weight(m: Manifest, open_step: OpenStep) -> None:
+    """Reject a manifest whose weight is not the one the cycle agreed for its sender.
+
+    Weights are agreed per cycle, never claimed per step: a sender that declared 1e9
+    samples would otherwise decide the update alone."""
+    if not open_step.weights:
+        return
+    agreed = dict(open_step.weights).get(m.participant)
+    if agreed is None:
+        raise Reject(f"the cycle agreed no weight for {m.participant!r}")
+    if m.weight != agreed:
+        raise Reject(
+            f"manifest weight {m.weight!r} differs from the weight the cycle agreed for "
+            f"{m.participant!r}: {agreed!r}"
+        )
 
 
 def check_chunk(c: Chunk, manifest: Manifest | None, actual_digest: bytes) -> None:

@@ -11,7 +11,9 @@ Tables:
                               'released' (1 once a release opened 'open_step'; 0 for
                               the configured first step before its release, when no
                               delta counts), 'coding' (the open step's CycleCoding as
-                              JSON; absent: the reference, fp32:v1)
+                              JSON; absent: the reference, fp32:v1), 'weights' (the
+                              agreed weight of each member as a JSON object; absent or
+                              {}: none fixed)
   manifests(step, participant, manifest_id, chunk_count, received_ms, completed_ms,
             duplicates)       one row per accepted manifest; completed_ms set once
   manifest_chunks(step, participant, idx, digest, present)
@@ -105,12 +107,14 @@ class IngestStore:
         named = str(rows["members"])
         members = frozenset(named.split(",")) if named else self.participants
         coding = _coding_from_json(rows.get("coding"))
+        weights = json.loads(str(rows.get("weights", "{}")))
         return OpenStep(
             int(rows["open_step"]),
             bytes(rows["model_digest"]),
             members,
             coding,
             released=bool(int(rows["released"])),
+            weights=tuple(sorted((str(p), float(w)) for p, w in weights.items())),
         )
 
     def open(
@@ -119,10 +123,15 @@ class IngestStore:
         model_digest: bytes,
         members: Sequence[str],
         coding: CycleCoding = REFERENCE_CODING,
+        weights: Sequence[tuple[str, float]] = (),
     ) -> None:
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO hub_state VALUES ('coding', ?)", (_coding_to_json(coding),)
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO hub_state VALUES ('weights', ?)",
+                (json.dumps(dict(weights), sort_keys=True),),
             )
             self._db.execute("UPDATE hub_state SET value = ? WHERE key = 'open_step'", (step,))
             self._db.execute(
