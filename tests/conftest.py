@@ -132,19 +132,23 @@ def start_ingest(env: dict[str, str], log_path: Path) -> Service:
     return service
 
 
-def release(env: dict[str, str], step: int, model_digest: str = "") -> None:
+def release(env: dict[str, str], step: int, model_digest: str = "", participants: str = "") -> None:
     args = [*FOLDFED, "release", str(step)]
     if model_digest:
         args += ["--model-digest", model_digest]
+    if participants:
+        args += ["--participants", participants]
     subprocess.run(args, env=env, check=True, timeout=60)
 
 
 @pytest.fixture
 def hub(broker: BrokerHandle, tmp_path: Path) -> Iterator[tuple[dict[str, str], Service]]:
-    """A fresh topology and a running ingest service with step 1 open."""
+    """A fresh topology and a running ingest service with step 1 open (released by hand:
+    deltas for it may name any base model)."""
     asyncio.run(reset_topology(broker.admin_url))
     env = hub_env(broker, tmp_path / "hub")
     service = start_ingest(env, tmp_path / "ingest.log")
+    release(env, 1)
     try:
         yield env, service
     finally:

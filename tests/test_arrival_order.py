@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from foldfed.aggregation import ServerOptimizer, finalize_step, weight_total
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.deltafile import write_delta
 from foldfed.digests import file_digest
-from foldfed.domain import CODEC_SAFETENSORS, Chunk, Manifest
+from foldfed.domain import CODEC_SAFETENSORS, Chunk, Manifest, StepReleased
 from foldfed.errors import Reject
 from foldfed.ingest.ledger import IngestLedger
 from foldfed.messages import encode
@@ -74,7 +75,8 @@ def aggregate(state: Path, base: Path, messages: list[Manifest | Chunk], restart
     restarted aggregator does (the sum is rebuilt from the store)."""
     sink = AggregationSink(state)
     ledger = IngestLedger(state, PARTICIPANTS, 1, 1 << 30, sink)
-    sink.open_step(base)
+    ledger.on_step_released(StepReleased(1, b"", PARTICIPANTS))  # opened by hand: any base
+    sink.open_step(1, base)
     serialized = {m.participant: encode(m)[1] for m in messages if isinstance(m, Manifest)}
     for n, message in enumerate(messages):
         if n == restart_at:
@@ -82,7 +84,7 @@ def aggregate(state: Path, base: Path, messages: list[Manifest | Chunk], restart
             ledger.close()
             sink = AggregationSink(state)
             ledger = IngestLedger(state, PARTICIPANTS, 1, 1 << 30, sink)
-            sink.open_step(base)
+            sink.open_step(1, base)
             ledger.replay_open_step()
         if isinstance(message, Manifest):
             ledger.on_manifest(message, serialized[message.participant])
@@ -149,10 +151,43 @@ def test_a_chunk_with_non_finite_values_is_refused_and_counts_for_nothing(
     state = tmp_path / "hub"
     sink = AggregationSink(state)
     ledger = IngestLedger(state, PARTICIPANTS, 1, 1 << 30, sink)
-    sink.open_step(base)
+    ledger.on_step_released(StepReleased(1, b"", PARTICIPANTS))
+    sink.open_step(1, base)
     ledger.on_manifest(bad_manifest, encode(bad_manifest)[1])
     with pytest.raises(Reject, match="non-finite"):
         ledger.on_chunk(Chunk(1, "org-a", 0, plan.chunk_digests[0], read_chunk(path, CHUNK, 0)))
     assert not ledger.store.has(plan.chunk_digests[0])  # nothing of it was kept
     ledger.close()
+    sink.close()
+
+
+def test_the_sum_of_a_step_is_kept_when_that_step_is_opened_again(
+    files: tuple[Path, list[Delivery]], tmp_path: Path
+) -> None:
+    """The running sum belongs to one step: opening that step again (a release the
+    aggregator sees after the sum was opened at start) keeps what it counted, a new step
+    starts from zero, and a chunk of another step is refused before it is stored."""
+    base, deliveries = files
+    first = deliveries[0]
+    (tmp_path / "hub").mkdir()
+    sink = AggregationSink(tmp_path / "hub")
+    sink.open_step(1, base)
+    prepared = sink.validate(first.manifest, 0, first.chunks[0].body)
+    sink.apply(first.manifest, 0, prepared)
+
+    def total() -> np.ndarray:
+        _, accumulator = sink._ready()
+        return accumulator.read(0, accumulator.elements).copy()
+
+    counted = total()
+    assert counted.any()
+
+    sink.open_step(1, base)
+    assert np.array_equal(total(), counted)
+    later = Manifest(**{**first.manifest.__dict__, "step": 2})
+    with pytest.raises(RuntimeError, match="step 1's, not step 2's"):
+        sink.validate(later, 0, first.chunks[0].body)
+
+    sink.open_step(2, base)
+    assert not total().any()
     sink.close()

@@ -97,7 +97,7 @@ def _open(root: Path, base: Path) -> tuple[IngestLedger, AggregationSink]:
     ledger = IngestLedger(root, PARTICIPANTS, 1, 1 << 30, sink)
     release = StepReleased(1, MODEL, PARTICIPANTS, cycle=CYCLE, codec=SPEC, codec_seed=SEED)
     ledger.on_step_released(release)
-    sink.open_step(base)
+    sink.open_step(1, base)
     elements = sum(int(np.prod(s)) for s in SHAPES.values())
     sink.ranges = ranges_for(codec_from_spec(SPEC), elements, [])  # a first step: init
     return ledger, sink

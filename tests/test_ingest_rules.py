@@ -23,6 +23,7 @@ from foldfed.ingest.rules import (
     Verdict,
     check_chunk,
     check_sender,
+    check_weight,
     chunk_verdict,
     have_reply,
     is_complete,
@@ -98,8 +99,26 @@ def test_releases_only_move_forward() -> None:
     with pytest.raises(Reject, match="already released"):
         release_verdict(OPEN, StepReleased(3, digest_of(b"other"), members))
     # The first step opened by configuration has no model yet: its release names one.
-    unnamed = OpenStep(1, b"", frozenset(members))
+    unnamed = OpenStep(1, b"", frozenset(members), released=False)
     assert release_verdict(unnamed, StepReleased(1, MODEL, members)) is Verdict.ACCEPT
+    assert release_verdict(unnamed, StepReleased(1, b"", members)) is Verdict.ACCEPT
+
+
+def test_a_released_step_is_never_released_again() -> None:
+    """Opening a step again would zero its running sum under counted deliveries."""
+    by_hand = OpenStep(1, b"", frozenset({"org-a"}))  # released without a model
+    assert release_verdict(by_hand, StepReleased(1, b"", ("org-a",))) is Verdict.DUPLICATE
+    with pytest.raises(Reject, match=r"already released with model \(none\)"):
+        release_verdict(by_hand, StepReleased(1, MODEL, ("org-a",)))
+
+
+def test_nothing_is_accepted_for_a_step_before_its_release() -> None:
+    waiting = OpenStep(1, b"", PARTICIPANTS, released=False)
+    for participant in sorted(PARTICIPANTS):
+        with pytest.raises(Reject, match="step 1 is not released yet"):
+            check_sender(PARTICIPANTS, waiting, 1, participant)
+    with pytest.raises(Reject, match="unknown participant"):  # still the first check
+        check_sender(PARTICIPANTS, waiting, 1, "mallory")
 
 
 # ------------------------------------------------------------------------------- manifests
@@ -185,3 +204,21 @@ def test_the_rules_load_no_database_and_no_wire_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------- weights
+
+
+def test_a_manifest_must_declare_the_weight_the_cycle_agreed() -> None:
+    agreed = OpenStep(3, MODEL, frozenset({"org-a", "org-b"}), weights=(("org-a", 2.0),))
+    check_weight(manifest(), agreed)  # manifest() declares 2.0
+    forged = Manifest(**{**manifest().__dict__, "weight": 1e9})
+    with pytest.raises(Reject) as info:
+        check_weight(forged, agreed)
+    assert info.value.reason == (
+        "manifest weight 1000000000.0 differs from the weight the cycle agreed for 'org-a': 2.0"
+    )
+    check_weight(forged, OPEN)  # a step opened by hand fixes no weight
+    other = Manifest(**{**manifest().__dict__, "participant": "org-b"})
+    with pytest.raises(Reject, match="agreed no weight for 'org-b'"):
+        check_weight(other, agreed)

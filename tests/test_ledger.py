@@ -92,7 +92,7 @@ def manifest_for(
     participant: str = "org-a",
     *,
     weight: float = 10.0,
-    base: bytes = b"",
+    base: bytes = MODEL,
 ) -> tuple[Manifest, bytes]:
     """As the uploader builds it (services/foldfed/uploader/upload.py `_manifest`)."""
     plan = delta.plan
@@ -162,8 +162,13 @@ def assert_stored(ledger: IngestLedger, delta: Delta) -> None:
     assert digest_of(b"".join(bodies)) == delta.plan.payload_digest
 
 
-def open_ledger(state_dir: Path, first_step: int = 1) -> IngestLedger:
-    return IngestLedger(state_dir, PARTICIPANTS, first_step, MAX_PAYLOAD)
+def open_ledger(state_dir: Path, first_step: int = 1, *, release: bool = True) -> IngestLedger:
+    """A hub ledger; `release`: with step `first_step` released on MODEL, as the barrier
+    does first (a reopened ledger has it already: the release is then a duplicate)."""
+    ledger = IngestLedger(state_dir, PARTICIPANTS, first_step, MAX_PAYLOAD)
+    if release:
+        ledger.on_step_released(StepReleased(first_step, MODEL, PARTICIPANTS))
+    return ledger
 
 
 @pytest.fixture
@@ -527,18 +532,51 @@ def test_an_unknown_field_in_an_accepted_manifest_is_no_duplicate(
     assert ledger.on_manifest(m, ser) == Effects(duplicate=True)
 
 
-def test_a_manifest_on_any_base_model_is_accepted_before_the_first_release(
-    ledger: IngestLedger, delta: Delta
-) -> None:
-    assert ledger.model_digest == b""
-    m, ser = manifest_for(delta, base=OTHER_MODEL)
-    assert ledger.on_manifest(m, ser) == Effects()
+def test_nothing_counts_before_the_first_release(tmp_path: Path, delta: Delta) -> None:
+    """The race of issue 14: a delta counted before its step's release was wiped from the
+    sum when the release opened the step. Now nothing of it is accepted or stored; after
+    the release the same delta goes through as if nothing had come before."""
+    ledger = open_ledger(tmp_path / "hub", release=False)
+    try:
+        assert (ledger.open_step, ledger.model_digest) == (1, b"")
+        m, ser = manifest_for(delta)
+        with pytest.raises(Reject, match="step 1 is not released yet"):
+            ledger.on_manifest(m, ser)
+        with pytest.raises(Reject, match="step 1 is not released yet"):
+            ledger.on_chunk(chunk_of(delta, 0))
+        with pytest.raises(Reject, match="step 1 is not released yet"):
+            ledger.on_have_request(HaveRequest(1, "org-a", id_of(m), "r"))
+        assert ledger.manifest(1, "org-a") is None
+        assert list(ledger.store.digests()) == []
+        ledger.on_step_released(StepReleased(1, MODEL, PARTICIPANTS))
+        assert ledger.on_manifest(m, ser) == Effects()
+        (receipt,) = receipts_of(send_chunks(ledger, delta, range(4)))
+        assert_receipt(receipt, m, ser, duplicates=0)
+    finally:
+        ledger.close()
+
+
+def test_a_step_opened_by_hand_is_not_opened_again(tmp_path: Path, delta: Delta) -> None:
+    """A release without a model (`foldfed release`) opens the step once: a second release
+    naming a model would zero the running sum under what the step already counted."""
+    ledger = open_ledger(tmp_path / "hub", release=False)
+    try:
+        ledger.on_step_released(StepReleased(1, b"", PARTICIPANTS))
+        m, ser = manifest_for(delta, base=b"")
+        ledger.on_manifest(m, ser)
+        with pytest.raises(Reject, match=r"already released with model \(none\)"):
+            ledger.on_step_released(StepReleased(1, MODEL, PARTICIPANTS))
+        assert ledger.on_step_released(StepReleased(1, b"", PARTICIPANTS)).duplicate
+        assert ledger.manifest(1, "org-a") == m
+    finally:
+        ledger.close()
 
 
 # ------------------------------------------------------------------------ step release
 
 
-def test_step_releases_only_move_forward(ledger: IngestLedger) -> None:
+def test_step_releases_only_move_forward(tmp_path: Path) -> None:
+    ledger = open_ledger(tmp_path / "hub", release=False)
     assert (ledger.open_step, ledger.model_digest) == (1, b"")
     first = StepReleased(1, MODEL, PARTICIPANTS)
     assert ledger.on_step_released(first).released == [first]
@@ -560,6 +598,7 @@ def test_step_releases_only_move_forward(ledger: IngestLedger) -> None:
         assert ledger.on_step_released(stale) == Effects(duplicate=True)
         assert (ledger.open_step, ledger.model_digest) == (2, OTHER_MODEL)
     assert ledger.on_step_released(second) == Effects(duplicate=True)
+    ledger.close()
 
 
 def test_a_release_closes_the_previous_step(ledger: IngestLedger, delta: Delta) -> None:
@@ -691,7 +730,7 @@ def test_a_configured_participant_outside_the_steps_cycle_is_refused(
 ) -> None:
     # org-b is configured at the hub but the release of step 1 names only org-a (org-b
     # joins at the next cycle): its delta must not reach the running sum.
-    ledger = open_ledger(tmp_path / "hub")
+    ledger = open_ledger(tmp_path / "hub", release=False)
     try:
         ledger.on_step_released(StepReleased(1, MODEL, ("org-a",)))
         m, ser = manifest_for(delta, base=MODEL, participant="org-b")
@@ -703,8 +742,32 @@ def test_a_configured_participant_outside_the_steps_cycle_is_refused(
     finally:
         ledger.close()
     # The membership is durable: a restarted ingest still refuses org-b.
-    reopened = open_ledger(tmp_path / "hub")
+    reopened = open_ledger(tmp_path / "hub", release=False)
     try:
         assert reopened.members == frozenset({"org-a"})
+    finally:
+        reopened.close()
+
+
+def test_a_forged_weight_is_refused_and_the_honest_delta_completes(
+    tmp_path: Path, delta: Delta
+) -> None:
+    """Weights are agreed per cycle: the release fixes 1.0 for each member."""
+    ledger = open_ledger(tmp_path / "hub", release=False)
+    try:
+        ledger.on_step_released(StepReleased(1, MODEL, PARTICIPANTS, weights=(1.0, 1.0)))
+        forged, forged_ser = manifest_for(delta, weight=1e9)
+        with pytest.raises(Reject, match="differs from the weight the cycle agreed"):
+            ledger.on_manifest(forged, forged_ser)
+        assert ledger.manifest(1, "org-a") is None
+        honest, honest_ser = manifest_for(delta, weight=1.0)
+        assert ledger.on_manifest(honest, honest_ser) == Effects()
+        assert len(receipts_of(send_chunks(ledger, delta, range(4)))) == 1
+        assert ledger.weights(1) == {"org-a": 1.0}
+    finally:
+        ledger.close()
+    reopened = open_ledger(tmp_path / "hub", release=False)  # the agreement is durable
+    try:
+        assert dict(reopened.facts.open_step().weights) == {"org-a": 1.0, "org-b": 1.0}
     finally:
         reopened.close()

@@ -30,7 +30,7 @@ from foldfed.messages import (
     manifest_id,
     manifest_to_proto,
 )
-from foldfed.v1 import delta_pb2, events_pb2
+from foldfed.v1 import delta_pb2, events_pb2, step_pb2
 
 MiB = 1 << 20
 D0, D1, D2 = digest_of(b"chunk 0"), digest_of(b"chunk 1"), digest_of(b"chunk 2")
@@ -75,6 +75,10 @@ ALL_MESSAGES = {
         "foldfed.v1.StepReleased",
     ),
     "step-released-first": (StepReleased(1, b"", ("org-a",)), "foldfed.v1.StepReleased"),
+    "step-released-weights": (
+        StepReleased(2, D2, ("org-a", "org-b"), weights=(1.0, 2.5)),
+        "foldfed.v1.StepReleased",
+    ),
     "event": (
         Event("delivered", "ingest", "org-a", 3, "ok", {"bytes": 1e9, "seconds": 0.25}, 17),
         "foldfed.v1.Event",
@@ -351,3 +355,14 @@ def test_the_retired_created_unix_ms_field_is_neither_written_nor_kept() -> None
     assert encode(decoded)[1].hex() == GOLDEN_MANIFEST_HEX
     assert not hasattr(GOLDEN, "created_unix_ms")
     assert "created_unix_ms" not in delta_pb2.DeltaManifest.DESCRIPTOR.fields_by_name
+
+
+@pytest.mark.parametrize(
+    ("weights", "reason"),
+    [((1.0,), "lists 1 weights for 2 participants"), ((1.0, math.nan), "agreed weight nan")],
+)
+def test_decode_rejects_agreed_weights_that_do_not_fit(
+    weights: tuple[float, ...], reason: str
+) -> None:
+    proto = step_pb2.StepReleased(step=1, participants=["org-a", "org-b"], weights=weights)
+    _assert_decode_error("foldfed.v1.StepReleased", proto.SerializeToString(), reason)

@@ -147,6 +147,8 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "codec_choices": (),
         # Added with the per-site codec choice: off.
         "upload_budget_s": 0.0,
+        # Added with agreed weights (issue 14): none listed = 1.0 for every member.
+        "member_weights": (),
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before
@@ -301,3 +303,22 @@ def test_a_default_and_whether_the_environment_gave_a_value() -> None:
     assert settings.was_given(s, "spool_dir")
     # Empty is unset: the default applies and was not given.
     assert not settings.was_given(s, "state_dir") and s.state_dir == Path("var/hub")
+
+
+def test_member_weights_are_agreed_for_every_participant(tmp_path: Path) -> None:
+    theta = tmp_path / "theta.safetensors"
+    theta.write_bytes(b"")
+    env = {
+        "FOLDFED_AMQP_URL": "amqp://hub:pw@localhost:5672/",
+        "FOLDFED_PARTICIPANTS": "org-a,org-b",
+        "FOLDFED_INITIAL_MODEL": str(theta),
+    }
+    default = BarrierSettings.from_env(env)
+    assert default.agreed_weights(("org-a", "org-b")) == (4096.0, 4096.0)
+    given = BarrierSettings.from_env({**env, "FOLDFED_MEMBER_WEIGHTS": "org-b=3, org-a=0.5"})
+    assert given.agreed_weights(("org-a", "org-b")) == (0.5, 3.0)
+    with pytest.raises(ConfigError, match=r"unknown \['org-x'\], missing \['org-b'\]"):
+        BarrierSettings.from_env({**env, "FOLDFED_MEMBER_WEIGHTS": "org-a=1,org-x=1"})
+    for bad in ("org-a", "org-a=0", "org-a=nan", "org-a=1,org-a=2"):
+        with pytest.raises(ConfigError, match="FOLDFED_MEMBER_WEIGHTS"):
+            settings.load({"FOLDFED_MEMBER_WEIGHTS": bad})

@@ -242,3 +242,11 @@ def test_drop_update_removes_consumed_updates_only(tmp_path: Path) -> None:
     spool.drop_update(3)
     assert [spool.update_path(s).exists() for s in (2, 3, 4)] == [False, False, True]
     assert spool.release_path(3).exists()  # the small record of the release stays
+
+
+def test_a_release_carries_the_agreed_weight(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write_release(1, D1, None, weight=2.5)
+    assert spool.next_release(0) == Release(1, D1, None, weight=2.5)
+    with pytest.raises(ValueError, match="positive finite"):
+        spool.write_release(2, D1, None, weight=math.inf)

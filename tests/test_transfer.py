@@ -152,6 +152,7 @@ def test_ingest_sigkill_mid_transfer_loses_nothing(broker: BrokerHandle, tmp_pat
     asyncio.run(reset_topology(broker.admin_url))
     env = hub_env(broker, tmp_path / "hub")
     ingest = start_ingest(env, tmp_path / "ingest-1.log")
+    release(env, 1)
     delta = make_delta(tmp_path / "delta.safetensors", 128, seed=4)
     store = ChunkStore(Path(env["FOLDFED_STATE_DIR"]) / "store")
     penv = participant_env(

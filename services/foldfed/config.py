@@ -28,6 +28,28 @@ def existing_initial_model(settings: Settings) -> Path:
     return initial
 
 
+# Equal weights by default. Any equal value gives the same mean; this one keeps the grid of
+# docs/format.md 9.3 fine (one step is 2^-24 / w in delta units: 2^-36 here, where 1.0
+# would give 6e-8, coarse for deltas of 1e-5), and as a power of two w·x is exact.
+DEFAULT_MEMBER_WEIGHT = 4096.0
+
+
+def _member_weights(settings: Settings) -> tuple[tuple[str, float], ...]:
+    """FOLDFED_MEMBER_WEIGHTS: empty (DEFAULT_MEMBER_WEIGHT each), or a weight for every
+    participant and no one else, so that no member's weight is left to a default by a typo."""
+    given = dict(settings.member_weights)
+    if not given:
+        return ()
+    participants = set(required(settings.participants, "participants"))
+    strangers, missing = sorted(set(given) - participants), sorted(participants - set(given))
+    if strangers or missing:
+        raise ConfigError(
+            f"{variable('member_weights')} must name every participant and no one else: "
+            f"unknown {strangers}, missing {missing}"
+        )
+    return tuple(sorted(given.items()))
+
+
 def spool_dir_of(settings: Settings, participant: str) -> Path:
     """FOLDFED_SPOOL_DIR, by default var/spool/<participant>."""
     return settings.spool_dir or Path(f"var/spool/{participant}")
@@ -190,6 +212,14 @@ class BarrierSettings:
     codec_seed: int = 0
     # Per-member specs a member may send instead of `codec` (docs/format.md 14.8).
     codec_choices: tuple[str, ...] = ()
+    # Each participant's agreed aggregation weight, announced with every release; every
+    # participant has one (FOLDFED_MEMBER_WEIGHTS, default DEFAULT_MEMBER_WEIGHT each).
+    member_weights: tuple[tuple[str, float], ...] = ()
+
+    def agreed_weights(self, members: tuple[str, ...]) -> tuple[float, ...]:
+        """The weights a release of `members` announces, in that order."""
+        fixed = dict(self.member_weights)
+        return tuple(fixed.get(member, DEFAULT_MEMBER_WEIGHT) for member in members)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> BarrierSettings:
@@ -206,4 +236,5 @@ class BarrierSettings:
             codec=s.codec,
             codec_seed=s.codec_seed,
             codec_choices=cycle_choices(s.codec, s.codec_choices),
+            member_weights=_member_weights(s),
         )

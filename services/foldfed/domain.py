@@ -113,6 +113,14 @@ class StepReleased:
     codec: str = REFERENCE_CODEC  # the cycle's uplink codec spec
     codec_seed: int = 0
     codec_choices: tuple[str, ...] = ()  # per-member specs a member may send instead
+    # The cycle's agreed weight of each participant, in `participants` order (() = none).
+    weights: tuple[float, ...] = ()
+
+    def agreed_weights(self) -> dict[str, float]:
+        """Participant -> the weight its manifests must declare ({} when none is fixed)."""
+        if not self.weights:
+            return {}
+        return dict(zip(self.participants, self.weights, strict=True))
 
 
 @dataclass(frozen=True)

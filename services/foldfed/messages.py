@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message as ProtobufMessage
@@ -161,6 +162,7 @@ def _to_proto(msg: AnyMessage) -> ProtobufMessage:
                 codec="" if msg.codec == REFERENCE_CODEC else msg.codec,
                 codec_seed=msg.codec_seed,
                 codec_choices=list(msg.codec_choices),
+                weights=list(msg.weights),
             )
         case FinalizeRequest():
             return step_pb2.FinalizeRequest(
@@ -221,6 +223,17 @@ def _digest(value: bytes, what: str, *, allow_empty: bool = False) -> bytes:
     if len(value) != DIGEST_SIZE:
         raise DecodeError(f"{what} must be {DIGEST_SIZE} bytes, got {len(value)}")
     return bytes(value)
+
+
+def _agreed_weights(weights: Iterable[float], members: int) -> tuple[float, ...]:
+    """A release's agreed weights: none, or one finite positive weight per participant."""
+    out = tuple(float(w) for w in weights)
+    if out and len(out) != members:
+        raise DecodeError(f"release lists {len(out)} weights for {members} participants")
+    for weight in out:
+        if not (math.isfinite(weight) and weight > 0):
+            raise DecodeError(f"agreed weight {weight} must be finite and > 0")
+    return out
 
 
 def manifest_from_proto(p: delta_pb2.DeltaManifest) -> Manifest:
@@ -319,6 +332,7 @@ def _from_proto(p: ProtobufMessage) -> AnyMessage:
                 codec=p.codec or REFERENCE_CODEC,
                 codec_seed=p.codec_seed,
                 codec_choices=tuple(p.codec_choices),
+                weights=_agreed_weights(p.weights, len(p.participants)),
             )
         case step_pb2.FinalizeRequest():
             return FinalizeRequest(step=p.step, participants=tuple(p.participants), cycle=p.cycle)

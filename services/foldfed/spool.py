@@ -17,8 +17,11 @@ Layout (`<step>` is the global step as 12 zero-padded decimal digits):
 
 JSON files (UTF-8, one object, each with `"format": 1`, which readers check first):
 
-    release  {"format", "step", "model_digest", "update", "final"[, "trace", "update_trace"]}
-             update: file name or null; final: true once the cycle is over (no training)
+    release  {"format", "step", "model_digest", "update", "final"[, "weight", "trace",
+              "update_trace"]}
+             update: file name or null; final: true once the cycle is over (no training);
+             weight: the aggregation weight the cycle agreed for this participant
+             (absent: none agreed, the delta counts its samples)
     delta    {"format", "step", "tensors", "size", "weight", "base_model_digest", "metrics"
               [, "trace"]}
     model    {"format", "step", "model_digest", "metrics"[, "trace"]}
@@ -26,8 +29,9 @@ JSON files (UTF-8, one object, each with `"format": 1`, which readers check firs
 
 Digests are blake3-256 in lower-case hex. `model_digest` is the digest of θ_t written
 canonically by `foldfed.deltafile.write_delta` with no metadata. `metrics` maps names to
-numbers; a non-finite value is written as null and read back as NaN. `weight` is how
-much this delta counts in the weighted mean (the number of training samples it used).
+numbers; a non-finite value is written as null and read back as NaN. A delta's `weight`
+is how much it counts in the weighted mean: its release's agreed weight, else the number
+of training samples it used.
 `trace` (optional) is the W3C trace context of the span that wrote the file, as
 {"traceparent": ..., "tracestate": ...}: the trainer's spans join the step's trace through
 the release, the gateway's upload joins it through the delta (docs/tracing.md).
@@ -83,6 +87,8 @@ class Release:
     update_path: Path | None
     # The cycle is over: build θ_t and report it, train no more.
     final: bool = False
+    # The weight the cycle agreed for this participant (None: none, count the samples).
+    weight: float | None = None
     # Trace context of this step's release, and of the step whose update this applies.
     trace: Mapping[str, str] = field(default_factory=dict)
     update_trace: Mapping[str, str] = field(default_factory=dict)
@@ -175,9 +181,12 @@ class Spool:
         final: bool = False,
         trace: Mapping[str, str] | None = None,
         update_trace: Mapping[str, str] | None = None,
+        weight: float | None = None,
     ) -> None:
         """Release step `step`. An update not yet at `update_path(step)` is moved there."""
         _check_digest(model_digest)
+        if weight is not None:
+            _check_weight(weight)
         update_name: str | None = None
         if update_path is not None:
             target = self.update_path(step)
@@ -196,6 +205,8 @@ class Spool:
         }
         if update_trace:
             body["update_trace"] = _check_trace(update_trace)
+        if weight is not None:
+            body["weight"] = weight
         _write_json(self.release_path(step), body)
 
     def next_release(self, after_step: int) -> Release | None:
@@ -214,6 +225,7 @@ class Spool:
             model_digest=_digest_field(body, "model_digest", path),
             update_path=None if update is None else self.update_path(step),
             final=body.get("final") is True,
+            weight=_agreed_weight_field(body, path),
             trace=_trace_field(body, "trace", path),
             update_trace=_trace_field(body, "update_trace", path),
         )
@@ -237,8 +249,7 @@ class Spool:
     ) -> DeltaRecord:
         """Publish Δ_step, whose tensors are already written (moved to delta_path if not)."""
         _check_digest(base_model_digest)
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+        _check_weight(weight)
         target = self.delta_path(step)
         if Path(tensors_path) != target:
             os.replace(tensors_path, target)
@@ -476,3 +487,20 @@ def _metrics_field(body: Mapping[str, Any], path: Path) -> dict[str, float]:
         else:
             raise StoreError(f"{path.name}: metric {key!r} is not a number")
     return out
+
+
+def _check_weight(weight: object) -> None:
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+        raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+
+
+def _agreed_weight_field(body: Mapping[str, Any], path: Path) -> float | None:
+    weight = body.get("weight")
+    if weight is None:
+        return None
+    try:
+        _check_weight(weight)
+    except ValueError as exc:
+        raise StoreError(f"{path.name}: {exc}") from None
+    assert isinstance(weight, int | float)
+    return float(weight)

@@ -126,8 +126,9 @@ class AggregatorService(IngestService):
         return effects
 
     def _open_sum(self, step: int) -> None:
-        """An empty sum for `step`, with the step's shared ranges if its codec has them."""
-        self.sink.open_step(self.model_path(step))
+        """The sum of `step` (empty if new, kept if the sink holds it already), with the
+        step's shared ranges if its codec has them."""
+        self.sink.open_step(step, self.model_path(step))
         layout, _ = self.sink._ready()
         self.sink.ranges = self._step_ranges(self.ledger.coding, layout.elements)
 

@@ -9,6 +9,11 @@ Memory stays about one chunk whatever the model size or the number of participan
 int64 sum lives in a file (aggregation.Accumulator). The file is a cache of the store:
 after a crash the ledger replays every counted chunk into a fresh one, and integer sums
 do not depend on order, so the rebuilt sum is bit-identical.
+
+The sum belongs to one step (`step`): opening the step it already holds keeps it, and a
+chunk of any other step is refused before anything is stored. So the sum is never zeroed
+under a delivery the ledger counted for that step (docs/format.md, section 9.5); the
+ledger's rules make sure nothing counts for a step before it is opened.
 """
 
 from __future__ import annotations
@@ -35,16 +40,22 @@ Pieces = list[tuple[int, np.ndarray]]
 class AggregationSink:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
+        self.step: int | None = None  # the step whose deltas the sum holds
         self.layout: ModelLayout | None = None
         self.accumulator: Accumulator | None = None
         self.base_model: Path | None = None
         self.ranges: SharedRanges | None = None
         self._codecs: dict[str, Codec] = {}
 
-    def open_step(self, base_model: Path, ranges: SharedRanges | None = None) -> None:
-        """Start an empty sum for deltas against `base_model` (θ_t of the open step);
-        `ranges`: the step's shared ranges, for codecs that share them."""
+    def open_step(self, step: int, base_model: Path, ranges: SharedRanges | None = None) -> None:
+        """Hold the sum of `step`'s deltas against `base_model` (θ_t): an empty one, unless
+        the sum is already `step`'s, which is kept with what it counted. `ranges`: the
+        step's shared ranges, for codecs that share them."""
+        if step == self.step and self.accumulator is not None:
+            self.ranges = ranges
+            return
         self.close()
+        self.step = step
         self.base_model = base_model
         self.ranges = ranges
         self.layout = ModelLayout.from_spans(read_layout(base_model))
@@ -55,6 +66,7 @@ class AggregationSink:
         if self.accumulator is not None:
             self.accumulator.close()
             self.accumulator = None
+        self.step = None
 
     def _ready(self) -> tuple[ModelLayout, Accumulator]:
         if self.layout is None or self.accumulator is None:
@@ -69,6 +81,10 @@ class AggregationSink:
 
     def validate(self, m: Manifest, index: int, body: bytes) -> Pieces:
         layout, _ = self._ready()
+        if m.step != self.step:
+            # The ledger's rules never count such a chunk: failing loudly here (before it
+            # is stored) beats mixing two steps in one sum.
+            raise RuntimeError(f"the running sum is step {self.step}'s, not step {m.step}'s")
         if m.coded:
             return self._validate_coded(layout, m, index, body)
         return quantize_chunk(

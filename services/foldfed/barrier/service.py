@@ -200,16 +200,19 @@ class BarrierService:
             await self._publish_release(effect, headers)
 
     async def _publish_release(self, effect: Release, headers: dict[str, str]) -> None:
+        members = tuple(sorted(effect.participants))
         release = StepReleased(
             step=effect.step,
             model_digest=effect.model_digest,
-            participants=tuple(sorted(effect.participants)),
+            participants=members,
             released_unix_ms=now_ms(),
             update_manifest=effect.update_manifest,
             cycle=effect.cycle,
             codec=effect.codec,
             codec_seed=effect.codec_seed,
             codec_choices=effect.codec_choices,
+            # Agreed per cycle, never claimed per step: the hub checks every manifest's.
+            weights=self.settings.agreed_weights(members),
         )
         # The aggregator first, so the step is open before any participant can deliver
         # (the update's chunks already wait in every participant's queue).
@@ -258,6 +261,7 @@ class BarrierService:
             codec=effect.codec,
             codec_seed=effect.codec_seed,
             codec_choices=effect.codec_choices,
+            weights=self.settings.agreed_weights(tuple(sorted(effect.participants))),
         )
         await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release, headers=headers)
         log.info("cycle done", final_model=effect.final_model_digest.hex())

@@ -149,7 +149,8 @@ class IngestLedger:
             assert isinstance(update, Manifest)
             next_ranges = update.next_ranges_digest
         coding = rules.coding_of(msg, next_ranges)
-        self.facts.open(msg.step, msg.model_digest, msg.participants, coding)
+        weights = tuple(sorted(msg.agreed_weights().items()))
+        self.facts.open(msg.step, msg.model_digest, msg.participants, coding, weights)
         return Effects(released=[msg])
 
     def on_manifest(self, m: Manifest, serialized: bytes) -> Effects:
@@ -165,6 +166,7 @@ class IngestLedger:
         )
         if verdict is Verdict.DUPLICATE:
             return Effects(duplicate=True)
+        rules.check_weight(m, open_step)
         check_coding(m, open_step.coding)
         self.sink.check_manifest(m)
         held = [i for i, d in enumerate(m.chunk_digests) if self._holds(m.participant, d)]

@@ -10,8 +10,14 @@ What the hub accepts, in one place:
 - a sender must be a configured participant, a member of the open step's cycle, and
   speak about the open step. A closed step is fine only for the very delta that was
   delivered in full (a restarted uploader asking again for its receipt);
+- a step counts nothing before its release: the configured first step is not open until
+  its release names the model, members and codec every delta is checked against (see
+  "Releases and the running sum" below);
 - step releases only move forward; the same release again is a duplicate, a second model
   for one step is refused;
+- a manifest's weight must be the one the cycle agreed for its sender, as the release
+  announced it (docs/format.md, "Agreed weights"); a release that announces none (a step
+  opened by hand) fixes none;
 - one manifest per (step, participant): the same bytes again are a duplicate, other bytes
   a conflict (a replay or a forgery). It must be computed against the released model and
   be in canonical encoding, because a manifest's id is the hash of its bytes;
@@ -19,6 +25,16 @@ What the hub accepts, in one place:
   Marking a chunk present a second time counts a duplicate;
 - a delivery is complete when no chunk of its manifest is missing; the first time only,
   it yields a receipt.
+
+Releases and the running sum (docs/format.md, section 9.5). The aggregator's running sum
+holds exactly the chunks the ledger counts for the open step, and is zeroed only when a
+*new* step opens. That is safe only if no delivery of a step is counted before the step
+is opened, and a step is opened once. Both are rules here: the first step is not open
+until released (`check_sender`), and a step once released is never released again
+(`release_verdict`). Counting a delta early and keeping it instead would need checks
+against a release not yet seen (its model, members, codec): a delta counted and then found
+wrong cannot be taken back once its receipt is out. An honest participant never sends
+early: it trains from the release, which the barrier publishes to the hub's queue first.
 """
 
 from __future__ import annotations
@@ -58,6 +74,10 @@ class OpenStep:
     model_digest: bytes
     members: frozenset[str]
     coding: CycleCoding = REFERENCE_CODING  # what its deltas must be coded with
+    # False only for the configured first step before its release: nothing counts yet.
+    released: bool = True
+    # (participant, agreed weight), sorted, as the release announced them; () = none fixed.
+    weights: tuple[tuple[str, float], ...] = ()
 
 
 class Verdict(enum.Enum):
@@ -89,6 +109,11 @@ def check_sender(
         raise Reject(f"step {step} is closed (step {current} is open): replay?")
     if step > current:
         raise Reject(f"unknown step {step}: step {current} is open")
+    if not open_step.released:
+        raise Reject(
+            f"step {step} is not released yet: the hub counts a delta only once its "
+            "step's release named the model, members and codec"
+        )
     if participant not in open_step.members:
         raise Reject(
             f"{participant!r} is not a member of the cycle of step {current}: "
@@ -104,16 +129,21 @@ def coding_of(msg: StepReleased, next_ranges_digest: bytes) -> CycleCoding:
 
 
 def release_verdict(open_step: OpenStep, msg: StepReleased) -> Verdict:
-    """Whether `msg` opens a new step (ACCEPT) or repeats one (DUPLICATE)."""
+    """Whether `msg` opens a new step (ACCEPT) or repeats one (DUPLICATE).
+
+    A step is released once: opening it again would zero the running sum under the
+    deliveries already counted for it, so another model for a released step is refused,
+    even when the first release named none (a step opened by hand)."""
     if msg.step < open_step.step:
         return Verdict.DUPLICATE
-    if msg.step == open_step.step and msg.model_digest == open_step.model_digest:
+    if msg.step > open_step.step or not open_step.released:
+        return Verdict.ACCEPT
+    if msg.model_digest == open_step.model_digest:
         return Verdict.DUPLICATE
-    if msg.step == open_step.step and open_step.model_digest:
-        raise Reject(
-            f"step {msg.step} was already released with model {short(open_step.model_digest)}"
-        )
-    return Verdict.ACCEPT
+    raise Reject(
+        f"step {msg.step} was already released with model "
+        f"{short(open_step.model_digest) or '(none)'}"
+    )
 
 
 def manifest_verdict(
@@ -146,6 +176,23 @@ def manifest_verdict(
         # encoder's ordering) would give one delta two ids.
         raise Reject("manifest is not in canonical form (unknown fields?)")
     return Verdict.ACCEPT
+
+
+def check_weight(m: Manifest, open_step: OpenStep) -> None:
+    """Reject a manifest whose weight is not the one the cycle agreed for its sender.
+
+    Weights are agreed per cycle, never claimed per step: a sender that declared 1e9
+    samples would otherwise decide the update alone."""
+    if not open_step.weights:
+        return
+    agreed = dict(open_step.weights).get(m.participant)
+    if agreed is None:
+        raise Reject(f"the cycle agreed no weight for {m.participant!r}")
+    if m.weight != agreed:
+        raise Reject(
+            f"manifest weight {m.weight!r} differs from the weight the cycle agreed for "
+            f"{m.participant!r}: {agreed!r}"
+        )
 
 
 def check_chunk(c: Chunk, manifest: Manifest | None, actual_digest: bytes) -> None:

@@ -8,8 +8,12 @@ changes something is one transaction, so a crash leaves a fact entirely or not a
 Tables:
   hub_state(key, value)       'open_step', 'model_digest', 'members' (comma-separated
                               names of the open step's cycle; '' = every participant),
-                              'coding' (the open step's CycleCoding as JSON; absent:
-                              the reference, fp32:v1)
+                              'released' (1 once a release opened 'open_step'; 0 for
+                              the configured first step before its release, when no
+                              delta counts), 'coding' (the open step's CycleCoding as
+                              JSON; absent: the reference, fp32:v1), 'weights' (the
+                              agreed weight of each member as a JSON object; absent or
+                              {}: none fixed)
   manifests(step, participant, manifest_id, chunk_count, received_ms, completed_ms,
             duplicates)       one row per accepted manifest; completed_ms set once
   manifest_chunks(step, participant, idx, digest, present)
@@ -77,6 +81,9 @@ class IngestStore:
             # waiting for the next one) must not reach the running sum: finalize weights
             # only members, so its delta would skew the average unseen.
             self._db.execute("INSERT OR IGNORE INTO hub_state VALUES ('members', '')")
+            # The configured first step waits for its release: a delta counted before it
+            # would be checked against no model, members or codec (ingest/rules.py).
+            self._db.execute("INSERT OR IGNORE INTO hub_state VALUES ('released', 0)")
 
     def close(self) -> None:
         self._db.close()
@@ -100,7 +107,15 @@ class IngestStore:
         named = str(rows["members"])
         members = frozenset(named.split(",")) if named else self.participants
         coding = _coding_from_json(rows.get("coding"))
-        return OpenStep(int(rows["open_step"]), bytes(rows["model_digest"]), members, coding)
+        weights = json.loads(str(rows.get("weights", "{}")))
+        return OpenStep(
+            int(rows["open_step"]),
+            bytes(rows["model_digest"]),
+            members,
+            coding,
+            released=bool(int(rows["released"])),
+            weights=tuple(sorted((str(p), float(w)) for p, w in weights.items())),
+        )
 
     def open(
         self,
@@ -108,10 +123,15 @@ class IngestStore:
         model_digest: bytes,
         members: Sequence[str],
         coding: CycleCoding = REFERENCE_CODING,
+        weights: Sequence[tuple[str, float]] = (),
     ) -> None:
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO hub_state VALUES ('coding', ?)", (_coding_to_json(coding),)
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO hub_state VALUES ('weights', ?)",
+                (json.dumps(dict(weights), sort_keys=True),),
             )
             self._db.execute("UPDATE hub_state SET value = ? WHERE key = 'open_step'", (step,))
             self._db.execute(
@@ -121,6 +141,7 @@ class IngestStore:
                 "UPDATE hub_state SET value = ? WHERE key = 'members'",
                 (",".join(sorted(members)),),
             )
+            self._db.execute("UPDATE hub_state SET value = 1 WHERE key = 'released'")
 
     # ---------------------------------------------------------------- manifests
 

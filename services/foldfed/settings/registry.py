@@ -18,6 +18,7 @@ no alias is kept for a name that never worked.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,28 @@ def _participant_list(raw: object) -> object:
     return raw
 
 
+def _member_weights(raw: object) -> object:
+    # "org-a=2,org-b=1" -> (("org-a", 2.0), ("org-b", 1.0)), sorted by name like the cycle.
+    if not isinstance(raw, str):
+        return raw
+    pairs: dict[str, float] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, sep, number = item.partition("=")
+        name = _participant_id(name.strip())
+        try:
+            weight = float(number) if sep else math.nan
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"{item!r}: expected member=weight, a finite weight > 0")
+        if name in pairs:
+            raise ValueError(f"{name!r} is listed twice")
+        pairs[name] = weight
+    return tuple(sorted(pairs.items()))
+
+
 def _chunk_size(size: int) -> int:
     try:
         validate_chunk_size(size)
@@ -89,6 +112,12 @@ def _chunk_size(size: int) -> int:
 
 
 Switch = Annotated[bool, BeforeValidator(_switch), Label("`on` or `off`")]
+MemberWeights = Annotated[
+    tuple[tuple[str, float], ...],
+    NoDecode,
+    BeforeValidator(_member_weights),
+    Label("`member=weight`, comma-separated"),
+]
 ParticipantId = Annotated[str, AfterValidator(_participant_id), Label("participant id")]
 Participants = Annotated[
     tuple[ParticipantId, ...],
@@ -236,6 +265,12 @@ class Settings(BaseSettings):
     )  # fmt: skip
     steps: int = _var("FOLDFED_STEPS", 5, "barrier monitor", "global steps in the cycle (R)", ge=1)
     first_step: int = _var("FOLDFED_FIRST_STEP", 1, "hub", "the cycle's first global step", ge=0)
+    member_weights: MemberWeights = _var(
+        "FOLDFED_MEMBER_WEIGHTS", (), "barrier",
+        "each member's aggregation weight for the cycle, announced with every release;"
+        " a manifest declaring another is rejected (docs/format.md, \"Agreed weights\")",
+        shown="4096 for every member (equal)",
+    )  # fmt: skip
     cycle: int = _var(
         "FOLDFED_CYCLE", 1, "barrier",
         "a value above the stored, finished cycle starts that cycle (with FOLDFED_FIRST_STEP"
@@ -502,5 +537,5 @@ def as_env_text(value: Any) -> str:
     if isinstance(value, bool):
         return ON[0] if value else OFF[0]
     if isinstance(value, (tuple, list, set, frozenset)):
-        return ",".join(str(v) for v in value)
+        return ",".join(f"{v[0]}={v[1]}" if isinstance(v, tuple) else str(v) for v in value)
     return str(value)

@@ -96,17 +96,25 @@ class Trainer:
         log.info("model reported", **metrics)
 
     def train_delta(
-        self, step: int, theta: State, model: CurrentModel, stop: asyncio.Event
+        self,
+        step: int,
+        theta: State,
+        model: CurrentModel,
+        stop: asyncio.Event,
+        agreed_weight: float | None = None,
     ) -> None:
+        """Train Δ_step; it counts with `agreed_weight` (the cycle's, from the release) if
+        the cycle agreed one, else with the samples it used."""
         if self.spool.has_delta(step):
             return
         # Reading an asyncio.Event's flag from a worker thread is a plain bool read.
         result = self.backend.train(theta, step, stop.is_set)
+        weight = result.weight if agreed_weight is None else agreed_weight
         write_delta(self.spool.delta_path(step), result.delta)
         self.spool.write_delta(
-            step, self.spool.delta_path(step), result.weight, model.model_digest, result.metrics
+            step, self.spool.delta_path(step), weight, model.model_digest, result.metrics
         )
-        log.info("delta written", weight=result.weight, **result.metrics)
+        log.info("delta written", weight=weight, samples=result.weight, **result.metrics)
 
 
 def _apply(base: State, step: int, update_path: Path) -> State:
@@ -175,7 +183,9 @@ async def _serve(trainer: Trainer, release: Release, stop: asyncio.Event) -> boo
             k=settings.local_steps,
             grad_accum=settings.grad_accum,
         ):
-            await asyncio.to_thread(trainer.train_delta, release.step, theta, model, stop)
+            await asyncio.to_thread(
+                trainer.train_delta, release.step, theta, model, stop, release.weight
+            )
     except TrainingInterrupted:
         log.info("stopped during local training; the round will be trained again")
         return False

@@ -194,6 +194,8 @@ class UploaderService:
             release.final,
             trace=tracing.carrier(),
             update_trace=update_trace,
+            # The trainer declares it as its delta's weight: the hub rejects any other.
+            weight=release.agreed_weights().get(self.settings.participant),
         )
 
     def _assemble_update(self, release: StepReleased) -> Path:
