@@ -194,6 +194,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def _confirmed_chunks(federation: LocalFederation, participant: str, step: int) -> int:
+    for process in federation.dead():
+        raise AssertionError(f"{process.name} died:\n{process.log()[-3000:]}")
     journal = federation.spool_of(participant) / "uploads" / f"step-{step:012d}" / "confirmed"
     return journal.stat().st_size // 4 if journal.exists() else 0
 
@@ -260,7 +262,8 @@ def _sim_federation(
     every run), `slow`'s uploader at 1 MiB/s, so that its upload lasts seconds; broker
     started, θ_0 written, no process started yet."""
     asyncio.run(reset_topology(broker.admin_url))
-    sim = SimSettings(weight=100.0, elements=6 * MIB // 4)
+    no_compute = {step: 0.0 for step in range(1, steps + 2)}
+    sim = SimSettings(weight=100.0, elements=6 * MIB // 4, compute_s=no_compute)
     spec = FederationSpec(
         participants=PARTICIPANTS,
         steps=steps,
