@@ -158,12 +158,16 @@ async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
 async def close_connection(connection: AbstractConnection, name: str) -> None:
     """Close `connection`, waiting at most CLOSE_S: aio-pika's close waits for the broker's
     close-ok, which a broker that is gone or blocked never sends. Errors are logged."""
+    await _bounded(connection.close(), name)
+
+
+async def _bounded(closing: Awaitable[object], name: str) -> None:
     try:
-        await asyncio.wait_for(connection.close(), CLOSE_S)
+        await asyncio.wait_for(closing, CLOSE_S)
     except TimeoutError:
         log.warning("the broker did not answer a close in time", connection=name)
     except Exception as exc:
-        log.debug("connection close failed", connection=name, error=repr(exc))
+        log.debug("close failed", connection=name, error=repr(exc))
 
 
 def _incoming(raw: AbstractIncomingMessage) -> Incoming:
@@ -390,7 +394,9 @@ class Bus:
             lost = asyncio.ensure_future(connection.closed())
             stopping = asyncio.ensure_future(stop.wait())
             try:
-                async with amqp_queue.iterator() as it:
+                it = amqp_queue.iterator()
+                try:
+                    await it.consume()
                     while not stop.is_set():
                         getting = asyncio.ensure_future(it.__anext__())
                         done, _ = await asyncio.wait(
@@ -405,6 +411,10 @@ class Bus:
                         # The handler runs as a child of the sender's span (traceparent).
                         with tracing.consuming(incoming.headers):
                             await handler(incoming)
+                finally:
+                    # basic.cancel waits for the broker's cancel-ok, which a blocked broker
+                    # never sends; the connection's close cancels the consumer anyway.
+                    await _bounded(it.close(), f"{self.name}-consumer iterator")
             finally:
                 stopping.cancel()
                 lost.cancel()
