@@ -52,7 +52,7 @@ _RECONNECTING = (
 DEFAULT_PREFETCH = 8
 # A close that the broker does not answer (it is gone, blocked by an alarm, or restarting)
 # must not hold a service's stop up: docs/shutdown.md.
-CLOSE_S = 2.0
+CLOSE_S = 1.0
 _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 _TRANSIENT = aio_pika.DeliveryMode.NOT_PERSISTENT
 
