@@ -467,7 +467,7 @@ def test_demo_leaves_nothing_behind(tmp_path: Path, sig: int, moment: str) -> No
 
 SCENARIO = """\
 name: tiny
-description: two sites, small deltas, many steps: long enough to be stopped mid-run
+description: two sites, small deltas, many steps (long enough to be stopped mid-run)
 time_scale: 10
 steps: 200
 seed: 1
