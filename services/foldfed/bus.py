@@ -16,13 +16,14 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustConnection,
@@ -34,6 +35,7 @@ from foldfed.errors import BrokerBlocked, BrokerError, DecodeError, Reject
 from foldfed.messages import AnyMessage, decode, encode
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Errors after which the robust connection reconnects by itself: a publish is retried
 # once the channel is back (the receiver deduplicates, so a repeat is harmless).
@@ -48,6 +50,9 @@ _RECONNECTING = (
 # Chunks are 1-4 MiB: a few in flight per consumer keep the pipe full without the broker
 # pushing hundreds of MiB into a slow consumer's socket.
 DEFAULT_PREFETCH = 8
+# A close that the broker does not answer (it is gone, blocked by an alarm, or restarting)
+# must not hold a service's stop up: docs/shutdown.md.
+CLOSE_S = 1.0
 _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 _TRANSIENT = aio_pika.DeliveryMode.NOT_PERSISTENT
 
@@ -132,6 +137,39 @@ def _close_awaitable(aw: Awaitable[None]) -> None:
         close()
 
 
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None if `stop` is set first (`work` is then cancelled): for
+    waits that may last long when the broker is gone (a connect, an upload's receipt) and
+    that a stop abandons rather than drains (docs/shutdown.md)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    # Its finally-blocks run now, within the caller's stop (each close is bounded).
+    await asyncio.wait({task}, timeout=CLOSE_S)
+    return None
+
+
+async def close_connection(connection: AbstractConnection, name: str) -> None:
+    """Close `connection`, waiting at most CLOSE_S: aio-pika's close waits for the broker's
+    close-ok, which a broker that is gone or blocked never sends. Errors are logged."""
+    await _bounded(connection.close(), name)
+
+
+async def _bounded(closing: Awaitable[object], name: str) -> None:
+    try:
+        await asyncio.wait_for(closing, CLOSE_S)
+    except TimeoutError:
+        log.warning("the broker did not answer a close in time", connection=name)
+    except Exception as exc:
+        log.debug("close failed", connection=name, error=repr(exc))
+
+
 def _incoming(raw: AbstractIncomingMessage) -> Incoming:
     return Incoming(
         type=raw.type or "",
@@ -181,9 +219,9 @@ class Bus:
         return cls(settings, name, connection, channel)
 
     async def close(self) -> None:
-        """Safe to call twice."""
+        """Safe to call twice; returns within CLOSE_S whatever the broker does."""
         if not self._connection.is_closed:
-            await self._connection.close()
+            await close_connection(self._connection, self.name)
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -337,12 +375,17 @@ class Bus:
         # Consumers get a plain connection of their own, renewed by the loop in consume():
         # a robust one would restore the old consumer beside the new one after a
         # reconnect, and messages prefetched by that ghost would wait forever.
-        connection = await aio_pika.connect(
-            self.settings.amqp_url,
-            client_properties={"connection_name": f"{self.name}-consumer"},
-            heartbeat=30,
-            timeout=30,
+        connection = await unless_stopped(
+            aio_pika.connect(
+                self.settings.amqp_url,
+                client_properties={"connection_name": f"{self.name}-consumer"},
+                heartbeat=30,
+                timeout=30,
+            ),
+            stop,
         )
+        if connection is None:
+            return  # stopped while the broker was away: nothing to drain
         try:
             channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
@@ -351,7 +394,9 @@ class Bus:
             lost = asyncio.ensure_future(connection.closed())
             stopping = asyncio.ensure_future(stop.wait())
             try:
-                async with amqp_queue.iterator() as it:
+                it = amqp_queue.iterator()
+                try:
+                    await it.consume()
                     while not stop.is_set():
                         getting = asyncio.ensure_future(it.__anext__())
                         done, _ = await asyncio.wait(
@@ -366,12 +411,15 @@ class Bus:
                         # The handler runs as a child of the sender's span (traceparent).
                         with tracing.consuming(incoming.headers):
                             await handler(incoming)
+                finally:
+                    # basic.cancel waits for the broker's cancel-ok, which a blocked broker
+                    # never sends; the connection's close cancels the consumer anyway.
+                    await _bounded(it.close(), f"{self.name}-consumer iterator")
             finally:
                 stopping.cancel()
                 lost.cancel()
         finally:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            await close_connection(connection, f"{self.name}-consumer")
 
     @staticmethod
     async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -3,6 +3,14 @@ participant, a trainer and an uploader, each its own process with its own identi
 
 The environment each process gets is exactly what compose or Kubernetes would give it:
 the same FOLDFED_* variables, so the three cannot drift apart.
+
+Stopping leaves nothing behind (docs/shutdown.md). Every process of the federation, and
+whatever it starts in turn (torchrun's workers), lives in one process group of its own,
+held open by an anchor process that ignores SIGTERM, SIGINT and SIGHUP: a SIGTERM to the
+group stops them all, and a SIGKILL to it sweeps anything left, including a process that
+was being started at the moment the orchestrating command was signalled and so was never
+recorded. Not the terminal's group: a Ctrl-C reaches only the command, which then stops
+the federation in order. The private broker is stopped by PID (localbroker).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,9 +30,22 @@ from urllib.parse import quote, urlparse
 from foldfed.credentials import new_password
 from foldfed.errors import FoldfedError
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+from foldfed.runtime import SHUTDOWN_BOUND_S
 from foldfed.settings import env_for
 
 FOLDFED = [sys.executable, "-m", "foldfed.cli"]
+# The process that holds the federation's process group open: it ignores the stop signals
+# and lives until the final SIGKILL, or until its parent is gone (it cannot be orphaned:
+# a signal may interrupt the orchestrator between starting it and recording it).
+_ANCHOR = (
+    "import os, signal, sys, time\n"
+    "for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)\n"
+    "parent = int(sys.argv[1])\n"
+    "while os.getppid() == parent: time.sleep(0.5)\n"
+)
+# A stopped federation waits this long for its services (each promises SHUTDOWN_BOUND_S
+# after SIGTERM), then SIGKILLs what is left.
+STOP_GRACE_S = SHUTDOWN_BOUND_S + 2.0
 
 
 @dataclass
@@ -78,6 +100,13 @@ class LocalFederation:
         self.passwords: dict[str, str] = dict(passwords or {})
         self.admin_url = ""
         self.monitor_url = ""
+        # Set by terminate()/stop(): no process starts any more, start-up waits give up.
+        self._closing = threading.Event()
+        # Held while a process starts, so that stop() sees every started process.
+        self._spawning = threading.Lock()
+        # The anchor of the federation's process group (its PID is the group's ID).
+        self._anchor: subprocess.Popen[bytes] | None = None
+        self._swept = False
 
     # ---------------------------------------------------------------- set-up
 
@@ -153,18 +182,40 @@ class LocalFederation:
         log_path = self.logs / f"{name}.log"
         # Every process's spans in the run's folder: `foldfed trace STEP --dir <it>`.
         full_env = {**_base_env(), **env_for(trace_dir=self.trace_dir), **env}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [*FOLDFED, *args],
-                env=full_env,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C in the terminal reaches only the demo
-            )
-        process = Process(name, proc, log_path)
-        self.processes[name] = process
+        with self._spawning:
+            if self._closing.is_set():
+                raise FoldfedError(f"not starting {name}: the federation is stopping")
+            group = self._group()
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [*FOLDFED, *args],
+                    env=full_env,
+                    stdout=log,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    process_group=group,  # the federation's group, not the terminal's
+                )
+            process = Process(name, proc, log_path)
+            self.processes[name] = process
         return process
+
+    def _group(self) -> int:
+        """The federation's process group, its anchor started on first use."""
+        if self._anchor is None:
+            self._anchor = subprocess.Popen(
+                [sys.executable, "-S", "-c", _ANCHOR, str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                process_group=0,  # a new group, whose ID is the anchor's PID
+            )
+        return self._anchor.pid
+
+    @property
+    def process_group(self) -> int | None:
+        """The ID of the group every process of the federation is in (None before the
+        first start)."""
+        return None if self._anchor is None else self._anchor.pid
 
     def start_hub(self) -> None:
         self.start("aggregator", ["aggregator"], self.hub_env())
@@ -196,6 +247,8 @@ class LocalFederation:
         process = self.processes[name]
         deadline = time.monotonic() + timeout
         while needle not in process.log():
+            if self._closing.is_set():
+                raise FoldfedError(f"stopped while waiting for {name}")
             if not process.alive():
                 raise FoldfedError(f"{name} exited {process.proc.returncode}:\n{process.log()}")
             if time.monotonic() > deadline:
@@ -211,20 +264,51 @@ class LocalFederation:
     def dead(self) -> list[Process]:
         return [p for p in self.processes.values() if not p.alive()]
 
-    def stop(self, grace: float = 15.0) -> None:
-        for process in self.processes.values():
+    def terminate(self) -> None:
+        """SIGTERM to every process of the federation, and no more starts; returns at once.
+        Safe in a signal handler (no lock, no wait): `stop()` finishes the job."""
+        self._closing.set()
+        self._signal_group(signal.SIGTERM)
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM to every process, up to `grace` s for them to exit, SIGKILL to whatever
+        is left in the group, then the broker if it is ours. Safe to call twice."""
+        self._closing.set()
+        with self._spawning:  # a start in progress finishes first, and is seen below
+            processes = list(self.processes.values())
+        self._signal_group(signal.SIGTERM)
+        for process in processes:  # started before the group existed? (never, but cheap)
             if process.alive():
                 process.proc.terminate()
         deadline = time.monotonic() + grace
-        for process in self.processes.values():
+        for process in processes:
             remaining = max(0.1, deadline - time.monotonic())
             try:
                 process.proc.wait(remaining)
             except subprocess.TimeoutExpired:
                 process.proc.kill()
                 process.proc.wait(10)
+        self._sweep()
         if self._own_broker:
             self.broker.stop()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        group = self.process_group
+        if group is None or self._swept:
+            return  # after the sweep the ID may belong to someone else
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _sweep(self) -> None:
+        """SIGKILL to the whole group (the anchor, and anything that escaped the records),
+        then reap the anchor: only then may its PID, the group's ID, be reused."""
+        if self._anchor is None or self._swept:
+            return
+        self._signal_group(signal.SIGKILL)
+        self._anchor.wait(10)
+        self._swept = True
 
 
 def _free_port() -> int:

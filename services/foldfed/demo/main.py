@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from foldfed.demo.cluster import FederationSpec, LocalFederation
+from foldfed.demo.interrupts import StopOnSignals, exit_status
 from foldfed.demo.observer import Observer, RunRecord
 from foldfed.demo.report import (
     codec_env,
@@ -71,17 +72,22 @@ def run_demo(options: DemoOptions) -> int:
         f"model {options.model}, codec {options.codec}"
     )
     print(f"  working folder {workdir} (logs in {federation.logs})")
+    record = RunRecord(spec.participants, spec.steps)
     try:
-        print("  starting a private RabbitMQ ...", flush=True)
-        federation.start_broker()
-        family.write_initial_model(federation.initial_model, load(common_env), options.seed)
-        record = RunRecord(spec.participants, spec.steps)
-        asyncio.run(_watch(federation, record, options.timeout_s))
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything")
-        return 130
-    finally:
-        federation.stop()
+        # SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop the services and the broker, whatever
+        # was starting or running (docs/shutdown.md).
+        with StopOnSignals() as signals:
+            signals.track(federation.stop, federation.terminate)
+            try:
+                print("  starting a private RabbitMQ ...", flush=True)
+                federation.start_broker()
+                family.write_initial_model(federation.initial_model, load(common_env), options.seed)
+                asyncio.run(_watch(federation, record, options.timeout_s))
+            finally:
+                federation.stop()
+    except KeyboardInterrupt as exc:
+        print("interrupted: the services and the broker of this run are stopped")
+        return exit_status(exc)
     print(summary_text(record))
     print(wire_text(record, federation.hub_dir))
     curve = save_loss_curve(record, workdir / "loss.png")

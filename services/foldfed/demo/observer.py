@@ -12,6 +12,7 @@ import aio_pika
 import structlog
 
 from foldfed import topology
+from foldfed.bus import close_connection
 from foldfed.domain import (
     AnyMessage,
     DeliveryReceipt,
@@ -127,5 +128,6 @@ class Observer:
         self.updates.put_nowait(msg)
 
     async def close(self) -> None:
+        """Bounded: a broker that is gone or blocked must not hold a stop up."""
         if self._connection is not None:
-            await self._connection.close()
+            await close_connection(self._connection, "observer")

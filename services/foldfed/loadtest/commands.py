@@ -49,6 +49,7 @@ def scenario_paths(arg: str, smoke: bool = False) -> list[Path]:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
+    from foldfed.demo.interrupts import StopOnSignals, exit_status
     from foldfed.errors import FoldfedError
     from foldfed.loadtest.report import write_index, write_report
     from foldfed.loadtest.runner import SharedBroker, default_root, run_scenario
@@ -77,21 +78,32 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     started = time.monotonic()
     failed: list[str] = []
     try:
-        shared.start()
-        for scenario in scenarios:
+        # SIGTERM, SIGINT and SIGHUP stop every run's services and the broker, whatever
+        # was starting or running (docs/shutdown.md).
+        with StopOnSignals() as signals:
+            signals.track(shared.stop)
             try:
-                result = run_scenario(scenario, root / scenario.name, shared)
-            except FoldfedError as exc:
-                print(f"{scenario.name}: FAILED to run: {exc}", file=sys.stderr)
-                failed.append(scenario.name)
-                continue
-            report = write_report(result)
-            results.append(result)
-            for check in result.checks:
-                print(f"  [{check.verdict(scenario.smoke_run)}] {check.name}: {check.detail}")
-            print(f"  report: {report}")
-    finally:
-        shared.stop()
+                shared.start()
+                for scenario in scenarios:
+                    try:
+                        result = run_scenario(
+                            scenario, root / scenario.name, shared, signals=signals
+                        )
+                    except FoldfedError as exc:
+                        print(f"{scenario.name}: FAILED to run: {exc}", file=sys.stderr)
+                        failed.append(scenario.name)
+                        continue
+                    report = write_report(result)
+                    results.append(result)
+                    for check in result.checks:
+                        verdict = check.verdict(scenario.smoke_run)
+                        print(f"  [{verdict}] {check.name}: {check.detail}")
+                    print(f"  report: {report}")
+            finally:
+                shared.stop()
+    except KeyboardInterrupt as exc:
+        print("interrupted: the services and the broker of this load test are stopped")
+        return exit_status(exc)
     total = time.monotonic() - started
     index = write_index(results, root, total, failed)
     print(f"\n{len(results)} scenario(s) in {total:.0f} s; summary: {index}")

@@ -45,6 +45,7 @@ from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 from foldfed.settings import env_for, load
 
 if TYPE_CHECKING:
+    from foldfed.demo.interrupts import StopOnSignals
     from foldfed.trainer.backends.sim import SimSettings
 
 log = structlog.get_logger(__name__)
@@ -89,8 +90,14 @@ class SharedBroker:
 
 class Run:
     def __init__(
-        self, scenario: Scenario, workdir: Path, shared: SharedBroker, say: Say = print
+        self,
+        scenario: Scenario,
+        workdir: Path,
+        shared: SharedBroker,
+        say: Say = print,
+        signals: StopOnSignals | None = None,
     ) -> None:
+        """`signals`: the command's; a stop signal stops this run's processes too."""
         self.s = scenario
         self.workdir = workdir
         # This run's own folder starts empty: a barrier store left by an earlier run into
@@ -113,6 +120,8 @@ class Run:
             ),
         )
         self.fed = LocalFederation(spec, broker=shared.broker, passwords=shared.passwords)
+        if signals is not None:
+            signals.track(self.fed.stop, self.fed.terminate)
         self.record = RunRecord(scenario.names, scenario.total_steps)
         self.notes: list[str] = []
         self.cycle_initial = workdir / "cycle-2-initial-model.safetensors"
@@ -469,35 +478,47 @@ def size_codecs(scenario: Scenario) -> Scenario:
 
 
 def run_scenario(
-    scenario: Scenario, workdir: Path, shared: SharedBroker, say: Say = print
+    scenario: Scenario,
+    workdir: Path,
+    shared: SharedBroker,
+    say: Say = print,
+    signals: StopOnSignals | None = None,
 ) -> RunResult:
     """The scenario; with several codecs, one run per codec (same seeds), the last one's
-    result carrying them all (`codec_runs`)."""
+    result carrying them all (`codec_runs`). `signals`: the command's, so that a stop
+    signal stops the processes of every run too."""
     scenario = size_codecs(scenario)
     if len(scenario.codecs) < 2:
-        return _run_one(scenario, workdir, shared, say)
+        return _run_one(scenario, workdir, shared, say, signals)
     runs = []
     for i, pair in enumerate(scenario.codecs):
         say(f"{scenario.name}: codec {pair.label}")
-        runs.append(_run_one(scenario.with_codec(i), workdir / f"codec{i}", shared, say))
+        one = scenario.with_codec(i)
+        runs.append(_run_one(one, workdir / f"codec{i}", shared, say, signals))
     combined = replace(runs[-1], scenario=scenario, workdir=workdir, codec_runs=runs)
     combined.checks = check_codec_runs(combined)
     return combined
 
 
-def _run_one(scenario: Scenario, workdir: Path, shared: SharedBroker, say: Say) -> RunResult:
+def _run_one(
+    scenario: Scenario,
+    workdir: Path,
+    shared: SharedBroker,
+    say: Say,
+    signals: StopOnSignals | None = None,
+) -> RunResult:
     """One scenario run (and, when its expectations need one, an undisturbed reference)."""
     timeout = 120.0 + 4 * sum(p.wall_s for p in plan_run(scenario)) / scenario.time_scale
     reference = ""
     if scenario.expect.same_digest_as_undisturbed:
         say(f"{scenario.name}: undisturbed reference run")
-        ref = Run(scenario.undisturbed(), workdir / "undisturbed", shared, say).run(timeout)
-        reference = ref.final_digest
+        undisturbed = Run(scenario.undisturbed(), workdir / "undisturbed", shared, say, signals)
+        reference = undisturbed.run(timeout).final_digest
     say(
         f"{scenario.name}: {len(scenario.names)} participants, {scenario.total_steps} steps, "
         f"time scale {scenario.time_scale:g}"
     )
-    result = Run(scenario, workdir / "run", shared, say).run(timeout)
+    result = Run(scenario, workdir / "run", shared, say, signals).run(timeout)
     result.reference_digest = reference
     result.workdir = workdir  # the report sits beside the run's folders
     result.checks = check_run(result)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from foldfed import topology
-from foldfed.bus import Bus, Incoming
+from foldfed.bus import CLOSE_S, Bus, Incoming
 from foldfed.errors import DecodeError
 from foldfed.messages import AnyMessage, DeliveryReceipt, Event, decode
 
@@ -44,9 +44,16 @@ class Inbox:
         )
 
     async def close(self) -> None:
+        """Stop consuming: the message at hand is finished (it is acked after its work is
+        durable), for at most CLOSE_S; then the consumer is cancelled (the broker redelivers
+        what was not acked). Bounded whatever the broker does (docs/shutdown.md)."""
         self._stop.set()
-        if self._task is not None:
-            await asyncio.wait({self._task}, timeout=5)
+        if self._task is None:
+            return
+        await asyncio.wait({self._task}, timeout=CLOSE_S)
+        if not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=CLOSE_S)
 
     def expect(self, match: Match) -> asyncio.Future[AnyMessage]:
         """A future for the next message that `match` accepts (register before asking)."""

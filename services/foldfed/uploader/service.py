@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 
 from foldfed import topology, tracing
-from foldfed.bus import Bus
+from foldfed.bus import Bus, unless_stopped
 from foldfed.chunkstore import ChunkStore
 from foldfed.config import UploaderSettings
 from foldfed.digests import digest_of, short
@@ -70,14 +70,24 @@ class UploaderService:
         log.info("uploader ready", spool=str(self.settings.spool_dir))
         try:
             while not stop.is_set():
-                worked = await self._send_model_reports()
-                worked |= await self._send_deltas()
+                # A stop abandons an upload at once rather than finishing it (it may wait
+                # minutes for a slow link or a receipt): the journal and the hub's
+                # have-reply resume it after a restart (docs/shutdown.md).
+                worked = await unless_stopped(self._send_outbound(), stop)
+                if worked is None:
+                    if self._state == "uploading":
+                        log.info("stopped mid-upload; a restart resumes it", step=self._step)
+                    break
                 if not worked:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.settings.poll_s)
         finally:
             beats.cancel()
             await self.inbox.close()
+
+    async def _send_outbound(self) -> bool:
+        worked = await self._send_model_reports()
+        return await self._send_deltas() or worked
 
     def _status(self) -> tuple[int, str]:
         return self._step, self._state
