@@ -146,6 +146,9 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "codec_seed": 0,
         # Added with the per-site codec choice: off.
         "upload_budget_s": 0.0,
+        # Added with retention (docs/retention.md): disk bounded by the policy, not steps.
+        "retain_steps": 1,
+        "retain_checkpoint_every": 50,
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before
