@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from test_codec_federation import CODED
 from test_federation import _watch_with_restarts
 
 from foldfed.demo.cluster import FederationSpec, LocalFederation
@@ -70,7 +71,10 @@ def _sample(federation: LocalFederation, samples: DiskSamples, done: threading.E
 
 
 def run(
-    broker: BrokerHandle, workdir: Path, crash: tuple[str, str] | None = None
+    broker: BrokerHandle,
+    workdir: Path,
+    crash: tuple[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[LocalFederation, RunRecord, DiskSamples]:
     asyncio.run(reset_topology(broker.admin_url))
     spec = FederationSpec(
@@ -78,7 +82,7 @@ def run(
         steps=STEPS,
         workdir=workdir,
         # The default policy (keep one step); no checkpoint falls inside the run.
-        common_env={"FOLDFED_SEED": "7", "FOLDFED_RETAIN_CHECKPOINT_EVERY": "0"},
+        common_env={"FOLDFED_SEED": "7", "FOLDFED_RETAIN_CHECKPOINT_EVERY": "0", **(env or {})},
     )
     federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)
     federation.start_broker()
@@ -128,7 +132,7 @@ def test_disk_use_stays_flat_over_the_steps(collected) -> None:
     # A participant: θ_t, its newest delta, the update's chunks and its file.
     assert max(samples.participants[s] for s in late) <= 4 * size * 1.05, samples
     # Flat: those bounds do not grow with the steps, while keeping everything would hold
-    # (N + 2) × S more per step: by the last step, far above them.
+    # (N + 2) S more per step: by the last step, far above them.
     assert (n + 5) * size * 1.05 < STEPS * (n + 2) * size
 
 
@@ -171,4 +175,16 @@ def test_sigkill_during_gc_loses_nothing(
     federation, record, _ = run(broker, tmp_path, crash=crash)
     assert federation.restarted == {crash[0]}, "the crash point was never reached"
     assert final_digests(record) == final_digests(baseline)
+    assert not record.mismatches
+
+
+def test_coded_cycles_keep_the_shared_ranges_their_deltas_need(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """Shared ranges are chunks no participant manifest names: GC must pin them at the
+    hub (the open step's) and at participants (until the step's delta is sent)."""
+    _, record, _ = run(broker, tmp_path, env=CODED)
+    digests = final_digests(record)
+    assert set(digests) == set(PARTICIPANTS)
+    assert set(digests.values()) == {record.expected_models[STEPS + 1]}
     assert not record.mismatches
