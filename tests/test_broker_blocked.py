@@ -1,5 +1,5 @@
 """A RabbitMQ resource alarm blocks publishers without any error: foldfed must say
-"broker blocked" within its publish timeout instead of hanging."""
+"broker blocked", and which alarm, within its publish timeout instead of hanging."""
 
 from __future__ import annotations
 
@@ -28,10 +28,15 @@ def test_a_disk_alarm_is_reported_as_broker_blocked(broker: BrokerHandle) -> Non
             broker.broker.rabbitmqctl("set_disk_free_limit", "100000GB")
             await asyncio.sleep(1.0)
             event = Event("rejected", "test", "", 0, "probe", {}, 0)
-            with pytest.raises(BrokerBlocked, match="broker blocked"):
+            with pytest.raises(BrokerBlocked, match="broker blocked") as raised:
                 await bus.publish(topology.EVENTS_EXCHANGE, "test.blocked", event, mandatory=False)
+            # The cause is named, in RabbitMQ's own words (connection.blocked's reason).
+            assert bus.blocked_reason is not None and "disk" in bus.blocked_reason
+            assert "disk alarm" in str(raised.value)
         finally:
             broker.broker.rabbitmqctl("set_disk_free_limit", "1GB")  # the local default
+            await asyncio.sleep(1.0)
+            assert bus.blocked_reason is None, "the alarm cleared: unblocked"
             await bus.close()
 
     async def publish_after_alarm() -> None:

@@ -40,7 +40,8 @@ def run_federation(
         participants=PARTICIPANTS,
         steps=STEPS,
         workdir=workdir,
-        common_env={"FOLDFED_SEED": "7", **(env or {})},
+        # Retention off: direct_fedavg reads every step's sent delta (docs/retention.md).
+        common_env={"FOLDFED_SEED": "7", "FOLDFED_RETAIN_STEPS": "0", **(env or {})},
         participant_env=participant_env or {},
     )
     federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)

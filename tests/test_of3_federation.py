@@ -43,7 +43,8 @@ def of3_run(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
     sample = prepared_sample()
     workdir = tmp_path_factory.mktemp("of3-federation")
     asyncio.run(reset_topology(broker.admin_url))
-    env = {**ENV, **env_for(of3_sample=sample)}
+    # Retention off: the check below reads every step's sent delta (docs/retention.md).
+    env = {**ENV, **env_for(of3_sample=sample, retain_steps=0)}
     spec = FederationSpec(
         participants=PARTICIPANTS,
         steps=STEPS,

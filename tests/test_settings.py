@@ -147,8 +147,11 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "codec_choices": (),
         # Added with the per-site codec choice: off.
         "upload_budget_s": 0.0,
-        # Added with agreed weights (issue 14): none listed = 1.0 for every member.
+        # Added with agreed weights (issue 14): none listed = 4096 for every member.
         "member_weights": (),
+        # Added with retention (docs/retention.md): disk bounded by the policy, not steps.
+        "retain_steps": 1,
+        "retain_checkpoint_every": 50,
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before

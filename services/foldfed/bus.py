@@ -170,6 +170,42 @@ async def _bounded(closing: Awaitable[object], name: str) -> None:
         log.debug("close failed", connection=name, error=repr(exc))
 
 
+def alarm_cause(reason: str) -> str:
+    """RabbitMQ's connection.blocked reason ("low on disk", "low on memory") in words."""
+    lowered = reason.lower()
+    if "disk" in lowered:
+        return "disk alarm"
+    if "memory" in lowered:
+        return "memory alarm"
+    return "resource alarm"
+
+
+def watch_blocked(
+    connection: object, on_blocked: Callable[[str], None], on_unblocked: Callable[[], None]
+) -> bool:
+    """Call `on_blocked(reason)` / `on_unblocked()` when the broker sends connection.blocked
+    / unblocked. aiormq handles those frames only in private methods (it logs a warning and
+    holds its writer), so they are wrapped on this connection object; False, with a
+    warning, if this aiormq has no such methods (tests/test_broker_blocked.py notices)."""
+    names = ("_Connection__handle_connection_blocked", "_Connection__handle_connection_unblocked")
+    blocked, unblocked = (getattr(connection, name, None) for name in names)
+    if blocked is None or unblocked is None:
+        log.warning("cannot watch for broker alarms: unknown aiormq connection")
+        return False
+
+    async def on_blocked_frame(frame: Any) -> None:
+        on_blocked(str(getattr(frame, "reason", "") or ""))
+        await blocked(frame)
+
+    async def on_unblocked_frame(frame: Any) -> None:
+        on_unblocked()
+        await unblocked(frame)
+
+    setattr(connection, names[0], on_blocked_frame)
+    setattr(connection, names[1], on_unblocked_frame)
+    return True
+
+
 def _incoming(raw: AbstractIncomingMessage) -> Incoming:
     return Incoming(
         type=raw.type or "",
@@ -197,6 +233,31 @@ class Bus:
         self._connection = connection
         self._channel = publish_channel
         self._exchanges: dict[str, AbstractExchange] = {}
+        # The broker's own reason while it blocks our publishes ("low on disk"), else None.
+        self.blocked_reason: str | None = None
+        self._watch_alarms()
+        connection.reconnect_callbacks.add(lambda *_: self._watch_alarms())
+
+    def _watch_alarms(self) -> None:
+        """Say when the broker blocks this connection (connection.blocked: a disk or memory
+        alarm), and why, instead of stalling silently (docs/amqp_client.md §3)."""
+        transport = self._connection.transport
+        if transport is None:
+            return
+        watch_blocked(transport.connection, self._on_blocked, self._on_unblocked)
+
+    def _on_blocked(self, reason: str) -> None:
+        self.blocked_reason = reason or "no reason given"
+        log.error(
+            "broker blocked: publishes stall until the alarm clears",
+            cause=alarm_cause(self.blocked_reason),
+            broker_reason=self.blocked_reason,
+            connection=self.name,
+        )
+
+    def _on_unblocked(self) -> None:
+        log.warning("broker unblocked: publishes resume", was=self.blocked_reason)
+        self.blocked_reason = None
 
     @classmethod
     async def connect(cls, settings: BusSettings, name: str, timeout: float = 30.0) -> Bus:
@@ -297,9 +358,14 @@ class Bus:
                 await target.publish(message, routing_key, timeout=timeout, mandatory=mandatory)
                 return
             except TimeoutError:
+                cause = (
+                    "memory or disk alarm? check `rabbitmqctl status`"
+                    if self.blocked_reason is None
+                    else f"{alarm_cause(self.blocked_reason)}: {self.blocked_reason!r}"
+                )
                 raise BrokerBlocked(
                     f"broker blocked: no confirm for {type_name} to {exchange!r} within "
-                    f"{timeout:g} s (memory or disk alarm? check `rabbitmqctl status`)"
+                    f"{timeout:g} s ({cause})"
                 ) from None
             except aio_pika.exceptions.DeliveryError as exc:
                 raise BrokerError(f"broker refused {type_name} to {exchange!r}: {exc}") from exc

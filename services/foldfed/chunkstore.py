@@ -21,9 +21,11 @@ Rules:
 - A chunk is stored once. Putting it again writes nothing, but refreshes its mtime: that
   restarts its grace period, so a redelivered chunk whose manifest is still arriving is
   not collected in between.
-- A manifest is deleted only when its step falls behind `keep_from_step`. A chunk is
-  deleted only when no remaining manifest references it and its file is older than the
-  grace period (a chunk may arrive before its manifest after a redelivery).
+- `collect_garbage`: a manifest is deleted only when its step falls behind
+  `keep_from_step`. A chunk is deleted only when no remaining manifest references it and
+  its file is older than the grace period (a chunk may arrive before its manifest after a
+  redelivery). The services do not use it: their retention policy (foldfed.retention,
+  docs/retention.md) keeps manifests for ever and deletes chunks one by one (`delete`).
 - The store never parses manifests: `collect_garbage` is given a function that lists a
   manifest's digests, so the wire format stays out of this module.
 - One process owns a store root: opening it deletes `tmp/`'s contents, and
@@ -120,6 +122,11 @@ class ChunkStore:
             moved = self._quarantine_file(path)
             raise IntegrityError(f"chunk {short(digest)} is corrupt on disk; moved to {moved}")
         return body
+
+    def delete(self, digest: bytes) -> int:
+        """Delete the chunk; the bytes freed (0 when it was not there). The caller decides
+        that nothing needs it any more (foldfed.retention)."""
+        return _unlink(self.path_of(digest))
 
     def size_of(self, digest: bytes) -> int:
         try:

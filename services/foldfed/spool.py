@@ -45,7 +45,8 @@ Rules:
 - The gateway writes inbox/; the trainer deletes `update-<t>` once model t is committed
   (its effect now lives in the snapshot; updates are as big as the model). The trainer
   writes outbox/ and model/; the gateway only renames outbox .json files to .sent, so a
-  restarted gateway does not send them again, and may delete sent deltas' tensors.
+  restarted gateway does not send them again, and may delete sent deltas' tensors
+  (`discard_sent_delta`, as its retention policy says: docs/retention.md).
 - Releases are applied in step order: release t's update applies to θ_{t-1}.
 
 Everything here blocks (disk, fsync): async callers run it in a worker thread.
@@ -310,6 +311,23 @@ class Spool:
             self._delta_record(step, self._outbox_json("delta", step, ".sent"))
             for step in sorted(_steps(self.outbox, "delta", ".sent"))
         ]
+
+    def sent_delta_steps(self) -> list[int]:
+        """Steps whose delta the gateway has sent, ascending (reads no file)."""
+        return sorted(_steps(self.outbox, "delta", ".sent"))
+
+    def discard_sent_delta(self, step: int) -> int:
+        """Delete a sent delta's tensors (its .sent record stays, for audit); the bytes
+        freed. A delta not yet marked sent is never touched."""
+        if not self._outbox_json("delta", step, ".sent").exists():
+            return 0
+        path = self.delta_path(step)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
 
     def pending_model_reports(self) -> list[ModelReport]:
         """Model reports not yet marked sent, by step."""

@@ -10,6 +10,8 @@ Files under FOLDFED_STATE_DIR:
   updates/coded-<t:012d>.bin, .json    step t's coded update and its chunk sizes
   downlink.residual             the hub's error-feedback residual (lossy downlinks)
   optimizer/                    server optimizer state (FedAvgM, FedAdam)
+Chunks, models and updates are deleted after each release as FOLDFED_RETAIN_* says
+(aggregator/retention.py, docs/retention.md); manifests are kept for ever.
 
 Codecs (docs/format.md, "Coded payloads"): deltas are decoded chunk by chunk into the sum
 with the codec and shared ranges of their step (aggregator/sink.py); finalize makes the
@@ -30,6 +32,7 @@ from foldfed.aggregation import ServerOptimizer, canonical_order, finalize_step,
 from foldfed.aggregation.downlink import DownlinkCoder
 from foldfed.aggregation.layout import ModelLayout
 from foldfed.aggregation.state import generations
+from foldfed.aggregator.retention import HubRetention
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.bus import Bus, Incoming, PublishWindow
 from foldfed.codecs import SharedRanges, codec_from_spec
@@ -61,6 +64,8 @@ from foldfed.ingest.rules import Effects
 from foldfed.ingest.service import IngestService
 from foldfed.messages import encode, now_ms
 from foldfed.payloadfile import plan_chunks, read_chunk
+from foldfed.retention import RetentionPolicy
+from foldfed.settings import load
 
 log = structlog.get_logger(__name__)
 SERVICE = "aggregator"
@@ -84,6 +89,9 @@ class AggregatorService(IngestService):
         self.state_dir = settings.ingest.state_dir
         opt = settings.optimizer
         self.optimizer = ServerOptimizer(opt.kind, lr=opt.lr, beta1=opt.momentum)
+        retain = load()
+        policy = RetentionPolicy(retain.retain_steps, retain.retain_checkpoint_every)
+        self.retention = HubRetention(self.state_dir, ledger, policy)
 
     # ---------------------------------------------------------------- paths
 
@@ -99,6 +107,7 @@ class AggregatorService(IngestService):
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.to_thread(self._rebuild)
+        await asyncio.to_thread(self.retention.collect)  # finishes one a crash cut short
         await super().run(stop)
 
     def _rebuild(self) -> None:
@@ -123,6 +132,8 @@ class AggregatorService(IngestService):
             crash_point(SERVICE, "after-delivery", effects.receipts[0].step)
         for released in effects.released:
             await asyncio.to_thread(self._open_sum, released.step)
+            # The step boundary: what only the closed step needed may go (retention.md).
+            await asyncio.to_thread(self.retention.collect)
         return effects
 
     def _open_sum(self, step: int) -> None:

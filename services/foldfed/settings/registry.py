@@ -467,6 +467,19 @@ class Settings(BaseSettings):
         "FOLDFED_HEARTBEAT_S", 5.0, "uploader", "seconds between heartbeats", ge=0.05
     )
 
+    # --- retention (docs/retention.md)
+    retain_steps: int = _var(
+        "FOLDFED_RETAIN_STEPS", 1, "aggregator uploader",
+        "recent steps whose deltas, updates and chunks are kept; older ones are deleted"
+        " after each release (0 = keep everything, no GC). Manifests are kept for ever",
+        ge=0,
+    )  # fmt: skip
+    retain_checkpoint_every: int = _var(
+        "FOLDFED_RETAIN_CHECKPOINT_EVERY", 50, "aggregator",
+        "the hub also keeps θ_t for every step t divisible by this (0 = only the latest)",
+        ge=0,
+    )  # fmt: skip
+
     # --- operations
     tracing: Switch = _var(
         "FOLDFED_TRACING", True, "all", "OpenTelemetry spans, one trace per global step"

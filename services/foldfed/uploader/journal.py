@@ -50,6 +50,13 @@ class UploadJournal:
         atomic_write(self.dir / "manifest.pb", manifest)
         atomic_write(self.dir / "source", self.source_stamp(delta_path).encode())
 
+    def retire(self) -> None:
+        """Forget the upload's progress once its delta is sent: `confirmed` and `source`
+        go, `manifest.pb` stays (the manifest is kept for audit, docs/retention.md)."""
+        self.close()
+        for name in ("confirmed", "source"):
+            (self.dir / name).unlink(missing_ok=True)
+
     def confirmed(self) -> set[int]:
         try:
             data = (self.dir / "confirmed").read_bytes()

@@ -29,10 +29,12 @@ from foldfed.domain import AnyMessage, Chunk, Event, Manifest, ModelReport, Step
 from foldfed.errors import IntegrityError
 from foldfed.heartbeat import run_heartbeats
 from foldfed.messages import decode, now_ms
+from foldfed.retention import RetentionPolicy
 from foldfed.settings import load
 from foldfed.spool import Spool
 from foldfed.uploader.coding import UplinkCoder, decode_update
 from foldfed.uploader.inbox import Inbox
+from foldfed.uploader.retention import SpoolRetention
 from foldfed.uploader.upload import Uploader
 
 log = structlog.get_logger(__name__)
@@ -61,6 +63,8 @@ class UploaderService:
         self._extra_delay_s = load().uploader_extra_delay_s
         # Seconds an upload may take per step; the coder picks the codec that fits (0: off).
         self._upload_budget_s = load().upload_budget_s
+        policy = RetentionPolicy(load().retain_steps)  # checkpoints are the hub's
+        self.retention = SpoolRetention(self.spool, self.downloads, self.coder, policy)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.inbox.start()
@@ -68,6 +72,7 @@ class UploaderService:
             run_heartbeats(self.bus, SERVICE, self.settings.participant, self._status, stop)
         )
         log.info("uploader ready", spool=str(self.settings.spool_dir))
+        await asyncio.to_thread(self.retention.after_sent)  # finishes one a crash cut short
         try:
             while not stop.is_set():
                 # A stop abandons an upload at once rather than finishing it (it may wait
@@ -126,6 +131,7 @@ class UploaderService:
             }
             await self._event("upload_finished", delta.step, metrics)
             await asyncio.to_thread(self.spool.mark_sent, "delta", delta.step)
+            await asyncio.to_thread(self.retention.after_sent)
             worked = True
         return worked
 
@@ -182,12 +188,19 @@ class UploaderService:
         await self._event("release_received", release.step, {"wait_s": waited or 0.0})
 
     async def _write_release(self, release: StepReleased) -> None:
-        update_path: Path | None = None
-        update_trace: tracing.Carrier = {}
         update = None
         if release.update_manifest:
             update = decode("foldfed.v1.DeltaManifest", release.update_manifest)
             assert isinstance(update, Manifest)
+        # A release redelivered after its file was written (a crash before the ack) is
+        # done: its update's chunks may be deleted already (docs/retention.md).
+        if not await asyncio.to_thread(self.spool.release_path(release.step).exists):
+            await self._write_release_files(release, update)
+        await asyncio.to_thread(self.retention.after_release, release.step, update)
+
+    async def _write_release_files(self, release: StepReleased, update: Manifest | None) -> None:
+        update_path: Path | None = None
+        update_trace: tracing.Carrier = {}
         # What delta t must be coded with: before the release file, which starts training.
         await asyncio.to_thread(self.coder.remember, release, update)
         if release.update_manifest:
