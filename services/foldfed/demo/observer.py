@@ -17,6 +17,7 @@ from foldfed.domain import (
     AnyMessage,
     DeliveryReceipt,
     Event,
+    Manifest,
     ModelReport,
     StepFinalized,
 )
@@ -60,6 +61,9 @@ class RunRecord:
     expected_models: dict[int, bytes] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
     cycle_done: bool = False
+    # step -> bytes of the global update's payload (its manifest's payload_size): what each
+    # participant downloads. Counted from the events, since retention deletes old updates.
+    update_bytes: dict[int, int] = field(default_factory=dict)
 
     def step(self, step: int) -> StepRecord:
         return self.by_step.setdefault(step, StepRecord(step))
@@ -75,10 +79,20 @@ class RunRecord:
             case StepFinalized():
                 self.step(msg.step).finalized_at = now
                 self.expected_models[msg.step + 1] = msg.model_digest
+                self._record_update(msg)
             case ModelReport():
                 self.reports[(msg.step, msg.participant)] = msg
             case Event():
                 self._record_event(msg, now)
+
+    def _record_update(self, msg: StepFinalized) -> None:
+        try:
+            manifest = decode("foldfed.v1.DeltaManifest", msg.update_manifest)
+        except DecodeError as exc:
+            log.warning("undecodable update manifest", step=msg.step, error=str(exc))
+            return
+        if isinstance(manifest, Manifest):
+            self.update_bytes[msg.step] = manifest.payload_size
 
     def _record_event(self, event: Event, now: float) -> None:
         m = event.metrics

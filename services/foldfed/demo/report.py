@@ -201,19 +201,21 @@ def codec_env(name: str) -> dict[str, str]:
 
 def wire_text(record: RunRecord, hub_dir: Path) -> str:
     """Bytes on the wire per direction, and the ratio against fp32 payloads of the same
-    updates (the hub's applied update files are exactly fp32-sized payloads)."""
+    updates (the hub's applied update files are exactly fp32-sized payloads; retention
+    keeps at least the last one). The downlink is counted from the finalized updates'
+    manifests, which the run's events carry, not from files retention may have deleted."""
     updates = sorted((hub_dir / "updates").glob("update-*.safetensors"))
-    if not updates:
+    if not updates or not record.update_bytes:
         return "wire: no update was finalized"
-    fp32 = sum(p.stat().st_size for p in updates) / len(updates)  # one fp32 payload
-    coded = sorted((hub_dir / "updates").glob("coded-*.bin"))
-    down = sum(p.stat().st_size for p in (coded or updates))
+    fp32 = updates[-1].stat().st_size  # one fp32 payload: every update has the same tensors
+    down = sum(record.update_bytes.values())
+    count = len(record.update_bytes)
     sent = [s.bytes_sent for e in record.by_step.values() for s in e.participants.values()]
     up = sum(sent)
     lines = [
         f"wire: uplink {human_bytes(up)} in {len(sent)} deltas "
         f"({fp32 * len(sent) / max(up, 1):.2f}x fewer than fp32)",
-        f"wire: downlink {human_bytes(down)} in {len(updates)} updates "
-        f"({fp32 * len(updates) / max(down, 1):.2f}x fewer than fp32)",
+        f"wire: downlink {human_bytes(down)} in {count} updates "
+        f"({fp32 * count / max(down, 1):.2f}x fewer than fp32)",
     ]
     return "\n".join(lines)
