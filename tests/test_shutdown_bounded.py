@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from test_federation import STEPS, direct_fedavg
 
+from foldfed import settings
 from foldfed.bus import unless_stopped
 from foldfed.demo.cluster import FederationSpec, LocalFederation
 from foldfed.demo.interrupts import Interrupted, StopOnSignals
@@ -384,7 +385,9 @@ def test_a_body_stuck_in_a_thread_ends_by_the_hard_exit(tmp_path: Path) -> None:
         "    await asyncio.to_thread(time.sleep, 3600)\n"
         "run_service('stuck', body, tracing=False)\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLDFED_HEALTH")}
+    # No health server: the stuck body is the only thing the process runs.
+    health = (settings.variable("health_port"), settings.variable("health_host"))
+    env = {k: v for k, v in os.environ.items() if k not in health}
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         env=env,
