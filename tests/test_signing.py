@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,3 +240,32 @@ def test_a_changed_unsigned_or_foreign_card_is_refused() -> None:
     forged = {**signed, "signature": {**signed["signature"], "sig": other_sig}}
     with pytest.raises(CardSignatureError, match="does not verify"):
         verify_card(forged, [A.verify_key()])
+
+
+def test_data_validate_signs_the_card_and_verify_card_checks_it(tmp_path: Path) -> None:
+    """The real commands: a card written with --key verifies against the keyring, and
+    fails, naming the reason, once a count in it is changed."""
+    root = Path(__file__).resolve().parents[1]
+    path = f"{root / 'services'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = dict(os.environ, PYTHONPATH=path)
+
+    def foldfed(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "foldfed.cli", *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.cif").write_text("data_cut\n")  # fails to parse: no atoms
+    assert foldfed("keys", "generate", "company-a", "--out", tmp_path).returncode == 0
+    ring = tmp_path / "ring.json"
+    made = foldfed("keys", "keyring", tmp_path / "company-a.pub", "--threshold", "1", "--out", ring)
+    assert made.returncode == 0
+    done = foldfed("data", "validate", tmp_path / "in", "--key", tmp_path / "company-a.key")
+    assert done.returncode == 0, done.stderr
+    card_path = tmp_path / "in" / "validation" / "datacard.json"
+    card = json.loads(card_path.read_text())
+    assert card["signature"]["keyid"] == read_public_key(tmp_path / "company-a.pub").keyid
+    done = foldfed("data", "verify-card", card_path, "--keyring", ring)
+    assert done.returncode == 0 and "signed by company-a" in done.stdout, done.stderr
+    card_path.write_text(json.dumps({**card, "structures": card["structures"] + 1}))
+    done = foldfed("data", "verify-card", card_path, "--keyring", ring)
+    assert done.returncode == 1 and "REFUSED" in done.stderr and "was changed" in done.stderr
