@@ -346,3 +346,11 @@ def _rewrite(release: dict, change, root: Path) -> dict:  # type: ignore[no-unty
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def test_a_missing_or_broken_bundle_is_refused(consortium: Path, tmp_path: Path) -> None:
+    done = verify(consortium, tmp_path)
+    assert done.returncode == 1 and "not a published bundle" in done.stderr
+    (tmp_path / "release.dsse.json").write_text('{"payload": "eA=="}')
+    done = verify(consortium, tmp_path)
+    assert done.returncode == 1 and "REFUSED" in done.stderr and "payloadType" in done.stderr

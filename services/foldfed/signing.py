@@ -21,7 +21,7 @@ only.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from foldfed.digests import digest_of
 from foldfed.errors import ConfigError
@@ -94,8 +99,6 @@ class SigningKey:
     @classmethod
     def generate(cls, name: str) -> SigningKey:
         """A fresh key from the operating system's randomness."""
-        from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
-
         raw = Ed25519PrivateKey.generate().private_bytes(
             Encoding.Raw, PrivateFormat.Raw, NoEncryption()
         )
@@ -146,10 +149,6 @@ class Keyring:
 
     def find(self, keyid: str) -> VerifyKey | None:
         return self.by_keyid().get(keyid)
-
-
-def keyring_of(keys: Iterable[VerifyKey], threshold: int) -> Keyring:
-    return Keyring(tuple(keys), threshold)
 
 
 def canonical_json(document: Any) -> bytes:

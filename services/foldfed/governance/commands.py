@@ -151,18 +151,24 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from foldfed.errors import FoldfedError
     from foldfed.governance.bundle import bundle_weights, read_bundle, weights_digest
     from foldfed.governance.release import judge
     from foldfed.keyfiles import read_keyring
 
+    keyring = read_keyring(Path(args.keyring))  # a bad keyring is a usage error (exit 2)
     folder = Path(args.bundle)
-    release = read_bundle(folder)
-    weights = Path(args.weights) if args.weights else bundle_weights(folder, release)
+    try:
+        release = read_bundle(folder)
+        weights = Path(args.weights) if args.weights else bundle_weights(folder, release)
+    except FoldfedError as exc:
+        print(f"foldfed checkpoint verify: REFUSED: {exc}", file=sys.stderr)
+        return 1
     if not weights.is_file():
         print(f"foldfed checkpoint verify: REFUSED: no weights file {weights}", file=sys.stderr)
         return 1
     local = weights_digest(weights)
-    verdict = judge(release, local, read_keyring(Path(args.keyring)))
+    verdict = judge(release, local, keyring)
     if not verdict.valid:
         print(f"foldfed checkpoint verify: REFUSED: {verdict.reason}", file=sys.stderr)
         return 1
