@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.tracing.commands",
     "foldfed.loadtest.commands",
     "foldfed.of3.data.commands",
+    "foldfed.governance.commands",
 )
 
 

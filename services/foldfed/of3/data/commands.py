@@ -60,7 +60,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     validate.add_argument(
         "--consortium", default=None, help="consortium config TOML ([data] inclusion criteria)"
     )
+    validate.add_argument(
+        "--key", default=None, help="sign the data card with this private key file (NAME.key)"
+    )
     validate.set_defaults(func=cmd_validate)
+
+    verify_card = actions.add_parser(
+        "verify-card", help="check a data card's signature against the consortium's keys"
+    )
+    verify_card.add_argument("card", help="a datacard.json")
+    verify_card.add_argument("--keyring", required=True, help="the consortium keyring")
+    verify_card.set_defaults(func=cmd_verify_card)
 
     show = actions.add_parser("summary", help="print a prepared sample's table")
     show.add_argument("dir", help="sample folder")
@@ -122,16 +132,41 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from foldfed.keyfiles import read_private_key
     from foldfed.of3.data.datacard import pass_rate_table
     from foldfed.of3.data.validate import load_criteria, validate_dir
 
     root = Path(args.dir)
     out = Path(args.out) if args.out else root / "validation"
     criteria = load_criteria(Path(args.consortium) if args.consortium else None)
-    run = validate_dir(root, out, criteria, progress=_progress_bar("validating", "file"))
+    # Read the key before the long pass: a bad key file fails at once.
+    key = read_private_key(Path(args.key)) if args.key else None
+    run = validate_dir(
+        root, out, criteria, progress=_progress_bar("validating", "file"), signing_key=key
+    )
     print(pass_rate_table(run.card))
     print(
         f"local report: {out / 'report.json'} and {out / 'report.csv'} (stay here); "
         f"data card: {out / 'datacard.json'} (aggregates only, the one file meant to leave)"
     )
+    return 0
+
+
+def cmd_verify_card(args: argparse.Namespace) -> int:
+    import json
+
+    from foldfed.keyfiles import read_keyring
+    from foldfed.of3.data.datacard import CardSignatureError, verify_card
+
+    try:
+        card = json.loads(Path(args.card).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"foldfed data verify-card: REFUSED: unreadable card ({exc})", file=sys.stderr)
+        return 1
+    try:
+        key = verify_card(card, read_keyring(Path(args.keyring)).keys)
+    except CardSignatureError as exc:
+        print(f"foldfed data verify-card: REFUSED: {exc}", file=sys.stderr)
+        return 1
+    print(f"verified: the data card is signed by {key.name} (keyid {key.keyid[:16]}...)")
     return 0

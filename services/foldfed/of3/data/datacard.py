@@ -9,15 +9,26 @@ name, an entry id, a per-file digest or a failure reason: those stay in the loca
 The manifest digest is blake3 over the sorted 32-byte blake3 digests of the input files,
 concatenated. Sorting makes it independent of file names and of the order files were
 read; any changed byte in any input changes it, so a party can later show which data a
-card describes without revealing the data. Pure: no I/O.
+card describes without revealing the data.
+
+A card is signed with its party's Ed25519 key (`sign_card`) over
+`PAE("application/vnd.foldfed.datacard+json", canonical JSON of the card without its
+"signature" and "signature_status" fields)`: the DSSE pre-authentication encoding
+(`foldfed.dsse`), so a card signature can never pass for another kind of document. The
+signature is kept in the card itself, which stays one plain JSON file; `verify_card`
+checks it against the consortium's public keys. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from foldfed.digests import digest_of
+from foldfed.dsse import pae
+from foldfed.errors import IntegrityError
 from foldfed.of3.data.schema import (
     CHECKS,
     SCHEMA_VERSION,
@@ -26,10 +37,18 @@ from foldfed.of3.data.schema import (
     Outcome,
     is_valid,
 )
+from foldfed.signing import ALGORITHM, SigningKey, VerifyKey, canonical_json
 
 DATACARD_FORMAT = "foldfed.datacard/1"
-# No helper signs participant documents yet: the card says so instead of a signature.
-UNSIGNED = "unsigned: no participant signing key helper yet (see docs/data_schema.md)"
+PAYLOAD_TYPE = "application/vnd.foldfed.datacard+json"
+SIGNATURE_FIELDS = ("signature", "signature_status")
+# A card written without --key says so instead of carrying a signature.
+UNSIGNED = "unsigned: written without --key (see docs/data_schema.md)"
+SIGNED = "signed: ed25519 over PAE(payload type, canonical card without signature fields)"
+
+
+class CardSignatureError(IntegrityError):
+    """A data card whose signature is missing, foreign or does not verify."""
 
 
 def manifest_digest(file_digests: Iterable[bytes]) -> str:
@@ -96,3 +115,41 @@ def pass_rate_table(card: Mapping[str, Any]) -> str:
         f"(schema {card['schema_version']}, manifest blake3 {card['manifest_blake3'][:16]}...)"
     )
     return "\n".join(lines)
+
+
+def signed_bytes(card: Mapping[str, Any]) -> bytes:
+    """The exact bytes a card's signature covers (see the module docstring)."""
+    body = {k: v for k, v in card.items() if k not in SIGNATURE_FIELDS}
+    return pae(PAYLOAD_TYPE, canonical_json(body))
+
+
+def sign_card(card: Mapping[str, Any], key: SigningKey) -> dict[str, Any]:
+    """`card` signed by `key`: the same card with its signature fields filled in."""
+    signature = base64.standard_b64encode(key.sign(signed_bytes(card))).decode("ascii")
+    return {
+        **card,
+        "signature": {"alg": ALGORITHM, "keyid": key.keyid, "sig": signature},
+        "signature_status": SIGNED,
+    }
+
+
+def verify_card(card: Mapping[str, Any], keys: Iterable[VerifyKey]) -> VerifyKey:
+    """The key, among `keys`, that signed `card`; `CardSignatureError` says why not."""
+    signature = card.get("signature")
+    if not isinstance(signature, dict):
+        raise CardSignatureError("the data card is unsigned")
+    if signature.get("alg") != ALGORITHM:
+        raise CardSignatureError(f"the data card's signature is not {ALGORITHM}")
+    keyid = signature.get("keyid")
+    key = next((k for k in keys if k.keyid == keyid), None)
+    if key is None:
+        raise CardSignatureError(f"the data card is signed by an unknown key ({keyid!s:.16})")
+    try:
+        sig = base64.b64decode(str(signature.get("sig")), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CardSignatureError("the data card's signature is not base64") from exc
+    if not key.verify(signed_bytes(card), sig):
+        raise CardSignatureError(
+            f"the data card's signature by {key.name} does not verify: the card was changed"
+        )
+    return key

@@ -43,6 +43,7 @@ from foldfed.of3.data.schema import (
     skip_all,
     skipped,
 )
+from foldfed.signing import SigningKey
 
 SUFFIXES = (".cif", ".mmcif", ".cif.gz", ".mmcif.gz")
 PB_IDS = tuple(c for c in CHECK_IDS if c.startswith("pb_"))
@@ -189,8 +190,10 @@ def validate_dir(
     out: Path,
     criteria: InclusionCriteria,
     progress: Callable[[Sequence[Path]], Iterable[Path]] | None = None,
+    signing_key: SigningKey | None = None,
 ) -> ValidationRun:
-    """Check every structure file under `root`, write the reports and the card to `out`."""
+    """Check every structure file under `root`, write the reports and the card to `out`;
+    the card is signed with `signing_key` when one is given."""
     root, out = Path(root), Path(out)
     files = [p for p in structure_files(root) if not p.is_relative_to(out)]
     if not files:
@@ -203,6 +206,8 @@ def validate_dir(
     card = datacard.build_card(
         [r.results for r in reports], [r.blake3 for r in reports], criteria, tool_versions()
     )
+    if signing_key is not None:
+        card = datacard.sign_card(card, signing_key)
     _write_outputs(out, reports, card, criteria)
     return ValidationRun(tuple(reports), card, out)
 
