@@ -127,8 +127,8 @@ class IngestLedger:
         if cached is not None:
             return cached
         raw = self.store.get_manifest(step, participant)
-        if raw is None:
-            return None
+        if raw is None or digest_of(raw) != self.facts.accepted_id(step, participant):
+            return None  # none, or a withdrawn delta's left by a crash (see _withdraw)
         decoded = decode("foldfed.v1.DeltaManifest", raw)
         assert isinstance(decoded, Manifest)
         if len(self._manifests) > _MANIFEST_CACHE:
@@ -272,6 +272,7 @@ class IngestLedger:
         counted chunks out of the sum (a crash in between: the replay never counts them)."""
         counted = self.facts.withdraw(m.step, m.participant)
         self._manifests.pop((m.step, m.participant), None)
+        self.store.delete_manifest(m.step, m.participant)  # a crash may leave it: unread
         self.sink.forget(m)
         for index in counted:
             self.sink.retract(m, index, self.store.get(m.chunk_digests[index]))
