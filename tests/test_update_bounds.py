@@ -37,7 +37,8 @@ from foldfed.ingest.ledger import IngestLedger
 from foldfed.messages import encode
 from foldfed.payloadfile import plan_chunks, read_chunk
 from foldfed.spool import DeltaRecord
-from foldfed.uploader.coding import UpdateOverBound, UplinkCoder
+from foldfed.uploader.bounding import UpdateOverBound
+from foldfed.uploader.coding import UplinkCoder
 
 PARTICIPANTS = ("org-a", "org-b")
 N = 600_000  # 2.4 MB of float32: three chunks of 1 MiB

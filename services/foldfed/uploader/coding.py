@@ -22,17 +22,8 @@ unchanged, and holds bit-identically the θ the hub made from the same d_t.
 (`FOLDFED_UPLOAD_BUDGET_S`), the least lossy spec the cycle allows whose upload fits it at
 this link's measured goodput (`coding/goodput.json`, smoothed over uploads, kept across
 restarts), logged with the reason (codecs/adaptive.py; docs/format.md 14.8).
-Update bounds (docs/format.md, "Update bounds"). With the release's bound B, what the hub
-will decode is measured exactly as the hub measures it (aggregation.normbound, chunk by
-chunk) before anything is sent. Within B: sent as is. Above it: refused
-(UpdateOverBound: the step waits for this member, the operator sees why), or, with
-FOLDFED_UPDATE_CLIP, scaled down: x_c = s·x with s from the measured decoded norm, encoded
-again until decode(encode(x_c)) is within B. The residual is then e_t = x_c - decode(...):
-the codec error of what was sent, as always; the clipped excess (1 - s)·x is dropped, not
-carried, and logged with its norm. Carrying it would make e grow without limit while a
-member keeps hitting the bound and re-send the excess later, a rate limit, not a bound.
-An fp32 delta above B is clipped into `coding/delta-<t>.clipped.safetensors` (the same
-dtypes), measured again the same way.
+Update bounds: what the hub will decode is measured, refused or clipped before anything
+is sent (uploader/bounding.py; docs/format.md, "Update bounds").
 No torch here: numpy, the pure codecs, and files.
 """
 
@@ -47,14 +38,6 @@ import numpy as np
 import structlog
 
 from foldfed.aggregation.dtypes import decode_narrow, from_float64
-from foldfed.aggregation.layout import ModelLayout, chunk_values
-from foldfed.aggregation.normbound import (
-    MAX_CLIP_ROUNDS,
-    clip_scale,
-    norm_of,
-    sendable,
-    squared_norm,
-)
 from foldfed.chunkstore import ChunkStore
 from foldfed.codecs import (
     ChunkPlan,
@@ -68,11 +51,10 @@ from foldfed.codecs import (
     choose_for_cycle,
     codec_from_spec,
     decode_vector,
-    encode_vector,
     plan_chunks,
 )
 from foldfed.codecs.base import Codec
-from foldfed.codecs.feedback import Compensated, Residual
+from foldfed.codecs.feedback import Compensated
 from foldfed.codecs_store import ResidualStore
 from foldfed.codedvector import (
     CycleCoding,
@@ -87,13 +69,13 @@ from foldfed.codedvector import (
 from foldfed.digests import digest_of, short
 from foldfed.domain import CODEC_CODED_VECTOR, Manifest, StepReleased
 from foldfed.durable import atomic_write
-from foldfed.errors import FoldfedError, IntegrityError, StoreError
+from foldfed.errors import IntegrityError, StoreError
 from foldfed.faults import crash_point
 from foldfed.format import TensorSpan, TensorSpec, canonical_order, encode_header
 from foldfed.messages import decode, encode
-from foldfed.payloadfile import plan_chunks as plan_file_chunks
-from foldfed.payloadfile import read_chunk, read_layout
+from foldfed.payloadfile import read_layout
 from foldfed.spool import DeltaRecord
+from foldfed.uploader.bounding import encode_within, payload_within
 
 log = structlog.get_logger(__name__)
 
@@ -110,10 +92,6 @@ def pick_spec(
     return choose_for_cycle(
         coding.spec, goodput, budget_s, elements, chunk_limit, choices=coding.choices
     )
-
-
-class UpdateOverBound(FoldfedError):
-    """A delta decodes above the cycle's update bound and clipping is off: not sent."""
 
 
 @dataclass(frozen=True)
@@ -273,57 +251,19 @@ class UplinkCoder:
     def _bounded(
         self, x: np.ndarray, codec: Codec, ctx: CodecContext, plan: ChunkPlan, bound: float
     ) -> Compensated:
-        """Encode x (= Δ + e), scaled down if the bound and the clip say so, so that what
-        the hub decodes is within the bound; the residual is the codec error of what is
-        sent (the module docstring says where the clipped excess goes)."""
-        scale = clip_scale(float(np.linalg.norm(x.astype(np.float64))), bound) if self.clip else 1.0
-        for _ in range(MAX_CLIP_ROUNDS):
-            sent = x if scale == 1.0 else (x.astype(np.float64) * scale).astype(np.float32)
-            chunks = encode_vector(codec, sent, ctx, plan)
-            decoded = decode_vector(codec, chunks, ctx, plan)
-            norm = norm_of([squared_norm(decoded[s.begin : s.end]) for s in plan.spans()])
-            if sendable(norm, bound):
-                if scale != 1.0:
-                    self._log_clip(ctx.step, x, scale, norm, bound)
-                return Compensated(chunks, decoded, Residual(ctx.cycle, ctx.step, sent - decoded))
-            if not self.clip:
-                raise UpdateOverBound(_over(ctx.step, norm, bound))
-            scale *= clip_scale(norm, bound)
-        raise UpdateOverBound(_over(ctx.step, norm, bound) + f" after {MAX_CLIP_ROUNDS} clips")
+        """Encode x = Δ + e so that what the hub decodes is within the bound (bounding.py)."""
+        return encode_within(x, codec, ctx, plan, bound, clip=self.clip)
 
     def bounded_payload(self, delta: DeltaRecord) -> Path:
         """The safetensors file to send for an fp32 delta: the delta itself when within
         the bound, else (clip on) a clipped copy; UpdateOverBound when clipping is off."""
-        bound = self.bound_for(delta.step)
-        if bound <= 0:
-            return delta.path
-        norm = _file_norm(delta.path, self.chunk_limit)
-        if sendable(norm, bound):
-            return delta.path
-        if not self.clip:
-            raise UpdateOverBound(_over(delta.step, norm, bound))
-        path, scale = self._clipped_path(delta.step), clip_scale(norm, bound)
-        for _ in range(MAX_CLIP_ROUNDS):
-            _write_scaled(delta.path, scale, path)
-            clipped = _file_norm(path, self.chunk_limit)
-            if sendable(clipped, bound):
-                log.warning("update clipped", step=delta.step, norm=norm, sent_norm=clipped,
-                            bound=bound, scale=scale, dropped_norm=norm * (1 - scale))  # fmt: skip
-                return path
-            scale *= clip_scale(clipped, bound)
-        raise UpdateOverBound(_over(delta.step, clipped, bound) + f" after {MAX_CLIP_ROUNDS} clips")
-
-    def _log_clip(self, step: int, x: np.ndarray, scale: float, norm: float, bound: float) -> None:
-        before = float(np.linalg.norm(x.astype(np.float64)))
-        log.warning(
-            "update clipped",
-            step=step,
-            norm=before,
-            sent_norm=norm,
-            bound=bound,
-            scale=scale,
-            # Dropped, not carried into the residual (module docstring).
-            dropped_norm=before * (1 - scale),
+        return payload_within(
+            delta.path,
+            self._clipped_path(delta.step),
+            delta.step,
+            self.bound_for(delta.step),
+            self.chunk_limit,
+            clip=self.clip,
         )
 
     def _clipped_path(self, step: int) -> Path:
@@ -376,41 +316,6 @@ def decode_update(manifest: Manifest, chunks: list[bytes], path: Path) -> None:
         t = spans[spec.name]
         stored = from_float64(values[t.begin : t.end].astype(np.float64), t.dtype)
         parts.append(np.ascontiguousarray(stored).tobytes())
-    atomic_write(path, b"".join(parts))
-
-
-def _over(step: int, norm: float, bound: float) -> str:
-    return (
-        f"delta {step} decodes to L2 norm {norm:.6g}, over the cycle's bound {bound:.6g}: "
-        "not sent (FOLDFED_UPDATE_CLIP=on scales it down to the bound)"
-    )
-
-
-def _file_norm(path: Path, chunk_size: int) -> float:
-    """The L2 norm the hub measures of a safetensors payload, chunk by chunk."""
-    plan = plan_file_chunks(path, chunk_size)
-    layout = ModelLayout.from_spans(read_layout(path))
-    squares = []
-    for index in range(len(plan.chunk_digests)):
-        body = read_chunk(path, chunk_size, index)
-        values = chunk_values(layout, plan.tensors, index, chunk_size, plan.payload_size, body)
-        squares.append(sum(squared_norm(v) for v in values))
-    return norm_of(squares)
-
-
-def _write_scaled(source: Path, scale: float, path: Path) -> None:
-    """`source` with every value times `scale`, in the same dtypes and canonical layout."""
-    spans = read_layout(source)
-    data = source.read_bytes()
-    specs = [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in spans]
-    by_name = {s.name: s for s in spans}
-    parts = [encode_header(specs)]
-    for spec in canonical_order(specs):
-        span = by_name[spec.name]
-        raw = decode_narrow(memoryview(data)[span.begin : span.end], span.dtype, tensor=span.name)
-        scaled = raw.astype(np.float64) * scale
-        parts.append(np.ascontiguousarray(from_float64(scaled, span.dtype)).tobytes())
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, b"".join(parts))
 
 
