@@ -79,6 +79,10 @@ ALL_MESSAGES = {
         StepReleased(2, D2, ("org-a", "org-b"), weights=(1.0, 2.5)),
         "foldfed.v1.StepReleased",
     ),
+    "step-released-bound": (
+        StepReleased(2, D2, ("org-a",), weights=(4096.0,), update_norm_bound=0.5),
+        "foldfed.v1.StepReleased",
+    ),
     "event": (
         Event("delivered", "ingest", "org-a", 3, "ok", {"bytes": 1e9, "seconds": 0.25}, 17),
         "foldfed.v1.Event",
@@ -366,3 +370,9 @@ def test_decode_rejects_agreed_weights_that_do_not_fit(
 ) -> None:
     proto = step_pb2.StepReleased(step=1, participants=["org-a", "org-b"], weights=weights)
     _assert_decode_error("foldfed.v1.StepReleased", proto.SerializeToString(), reason)
+
+
+@pytest.mark.parametrize("bound", [-1.0, math.nan, math.inf])
+def test_decode_rejects_an_update_bound_that_is_not_a_norm(bound: float) -> None:
+    proto = step_pb2.StepReleased(step=1, participants=["org-a"], update_norm_bound=bound)
+    _assert_decode_error("foldfed.v1.StepReleased", proto.SerializeToString(), "update norm bound")

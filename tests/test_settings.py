@@ -149,6 +149,9 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "upload_budget_s": 0.0,
         # Added with agreed weights (issue 14): none listed = 4096 for every member.
         "member_weights": (),
+        # Added with update bounds (issue 14): no bound, no clip.
+        "update_norm_bound": 0.0,
+        "update_clip": False,
         # Added with retention (docs/retention.md): disk bounded by the policy, not steps.
         "retain_steps": 1,
         "retain_checkpoint_every": 50,
@@ -325,3 +328,20 @@ def test_member_weights_are_agreed_for_every_participant(tmp_path: Path) -> None
     for bad in ("org-a", "org-a=0", "org-a=nan", "org-a=1,org-a=2"):
         with pytest.raises(ConfigError, match="FOLDFED_MEMBER_WEIGHTS"):
             settings.load({"FOLDFED_MEMBER_WEIGHTS": bad})
+
+
+def test_the_update_bound_is_the_cycles_and_the_clip_a_switch(tmp_path: Path) -> None:
+    theta = tmp_path / "theta.safetensors"
+    theta.write_bytes(b"")
+    env = {
+        "FOLDFED_AMQP_URL": "amqp://hub:pw@localhost:5672/",
+        "FOLDFED_PARTICIPANTS": "org-a,org-b",
+        "FOLDFED_INITIAL_MODEL": str(theta),
+    }
+    assert BarrierSettings.from_env(env).update_norm_bound == 0.0
+    bounded = BarrierSettings.from_env({**env, "FOLDFED_UPDATE_NORM_BOUND": "2.5"})
+    assert bounded.update_norm_bound == 2.5
+    assert settings.load({"FOLDFED_UPDATE_CLIP": "on"}).update_clip is True
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="FOLDFED_UPDATE_NORM_BOUND"):
+            settings.load({"FOLDFED_UPDATE_NORM_BOUND": bad})

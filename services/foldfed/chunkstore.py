@@ -177,6 +177,10 @@ class ChunkStore:
         self._ensure_dir(path.parent)
         self._write_atomic(path, manifest)
 
+    def delete_manifest(self, step: int, participant: str) -> None:
+        """Remove the manifest of (step, participant), if any (a withdrawn delta's)."""
+        self._manifest_path(step, participant).unlink(missing_ok=True)
+
     def get_manifest(self, step: int, participant: str) -> bytes | None:
         try:
             return self._manifest_path(step, participant).read_bytes()

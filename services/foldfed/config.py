@@ -215,6 +215,9 @@ class BarrierSettings:
     # Each participant's agreed aggregation weight, announced with every release; every
     # participant has one (FOLDFED_MEMBER_WEIGHTS, default DEFAULT_MEMBER_WEIGHT each).
     member_weights: tuple[tuple[str, float], ...] = ()
+    # The cycle's L2 bound on each member's decoded delta, announced with every release
+    # (FOLDFED_UPDATE_NORM_BOUND; 0.0 = none).
+    update_norm_bound: float = 0.0
 
     def agreed_weights(self, members: tuple[str, ...]) -> tuple[float, ...]:
         """The weights a release of `members` announces, in that order."""
@@ -237,4 +240,5 @@ class BarrierSettings:
             codec_seed=s.codec_seed,
             codec_choices=cycle_choices(s.codec, s.codec_choices),
             member_weights=_member_weights(s),
+            update_norm_bound=s.update_norm_bound,
         )

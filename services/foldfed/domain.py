@@ -115,6 +115,9 @@ class StepReleased:
     codec_choices: tuple[str, ...] = ()  # per-member specs a member may send instead
     # The cycle's agreed weight of each participant, in `participants` order (() = none).
     weights: tuple[float, ...] = ()
+    # The cycle's L2-norm bound on each member's decoded delta (0.0 = none; docs/format.md,
+    # "Update bounds").
+    update_norm_bound: float = 0.0
 
     def agreed_weights(self) -> dict[str, float]:
         """Participant -> the weight its manifests must declare ({} when none is fixed)."""

@@ -163,6 +163,7 @@ def _to_proto(msg: AnyMessage) -> ProtobufMessage:
                 codec_seed=msg.codec_seed,
                 codec_choices=list(msg.codec_choices),
                 weights=list(msg.weights),
+                update_norm_bound=msg.update_norm_bound,
             )
         case FinalizeRequest():
             return step_pb2.FinalizeRequest(
@@ -234,6 +235,13 @@ def _agreed_weights(weights: Iterable[float], members: int) -> tuple[float, ...]
         if not (math.isfinite(weight) and weight > 0):
             raise DecodeError(f"agreed weight {weight} must be finite and > 0")
     return out
+
+
+def _norm_bound(bound: float) -> float:
+    """A release's update bound: 0 (none) or a finite positive L2 norm."""
+    if not (math.isfinite(bound) and bound >= 0):
+        raise DecodeError(f"update norm bound {bound} must be finite and >= 0")
+    return float(bound)
 
 
 def manifest_from_proto(p: delta_pb2.DeltaManifest) -> Manifest:
@@ -333,6 +341,7 @@ def _from_proto(p: ProtobufMessage) -> AnyMessage:
                 codec_seed=p.codec_seed,
                 codec_choices=tuple(p.codec_choices),
                 weights=_agreed_weights(p.weights, len(p.participants)),
+                update_norm_bound=_norm_bound(p.update_norm_bound),
             )
         case step_pb2.FinalizeRequest():
             return FinalizeRequest(step=p.step, participants=tuple(p.participants), cycle=p.cycle)

@@ -179,6 +179,20 @@ def quantize_vector_chunk(
     return out
 
 
+def chunk_values(
+    layout: ModelLayout,
+    spans: Sequence[TensorSpan],
+    chunk_index: int,
+    chunk_size: int,
+    payload_size: int,
+    body: bytes | memoryview,
+) -> list[np.ndarray]:
+    """The values of a safetensors payload's chunk, piece by piece in their own float
+    dtype, unweighted: what an update bound measures (aggregation.normbound)."""
+    return [values for _, values, _ in _pieces(layout, spans, chunk_index, chunk_size,
+                                               payload_size, body)]  # fmt: skip
+
+
 def _pieces(
     layout: ModelLayout,
     spans: Sequence[TensorSpan],

@@ -142,6 +142,7 @@ class AggregatorService(IngestService):
         self.sink.open_step(step, self.model_path(step))
         layout, _ = self.sink._ready()
         self.sink.ranges = self._step_ranges(self.ledger.coding, layout.elements)
+        self.sink.bound = self.ledger.facts.open_step().norm_bound
 
     def _step_ranges(self, coding: CycleCoding, elements: int) -> SharedRanges | None:
         if coding.reference:

@@ -14,6 +14,13 @@ The sum belongs to one step (`step`): opening the step it already holds keeps it
 chunk of any other step is refused before anything is stored. So the sum is never zeroed
 under a delivery the ledger counted for that step (docs/format.md, section 9.5); the
 ledger's rules make sure nothing counts for a step before it is opened.
+
+Update bounds (docs/format.md, "Update bounds"): with the step's bound set, `validate`
+also measures each chunk's decoded values and keeps a per-delta tally of sums of squares
+(aggregation.normbound); the chunk that would take a delta over the bound raises
+OverBound before it is stored. The delta's chunks counted until then are taken out of the
+sum again by the ledger (`retract`): integer sums, so the sum is bit-identical to one that
+never saw them.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from foldfed.aggregation import (
     quantize_chunk,
     quantize_vector_chunk,
 )
+from foldfed.aggregation.layout import chunk_values
+from foldfed.aggregation.normbound import NormTally, squared_norm
 from foldfed.codecs import Codec, SharedRanges, codec_from_spec
 from foldfed.codedvector import chunk_plan, context_of, shared_rule
 from foldfed.domain import Manifest
@@ -45,6 +54,9 @@ class AggregationSink:
         self.accumulator: Accumulator | None = None
         self.base_model: Path | None = None
         self.ranges: SharedRanges | None = None
+        # The step's L2 bound on each delta as decoded (0.0: none), set with the ranges.
+        self.bound = 0.0
+        self._tallies: dict[str, NormTally] = {}  # participant -> its delta's tally
         self._codecs: dict[str, Codec] = {}
 
     def open_step(self, step: int, base_model: Path, ranges: SharedRanges | None = None) -> None:
@@ -55,6 +67,7 @@ class AggregationSink:
             self.ranges = ranges
             return
         self.close()
+        self._tallies.clear()
         self.step = step
         self.base_model = base_model
         self.ranges = ranges
@@ -87,19 +100,45 @@ class AggregationSink:
             raise RuntimeError(f"the running sum is step {self.step}'s, not step {m.step}'s")
         if m.coded:
             return self._validate_coded(layout, m, index, body)
-        return quantize_chunk(
+        pieces = quantize_chunk(
             layout, m.tensors, index, m.chunk_size, m.payload_size, body, m.weight
         )
+        if self.bound > 0:  # after quantize_chunk: the values are known finite
+            values = chunk_values(layout, m.tensors, index, m.chunk_size, m.payload_size, body)
+            self._admit(m, index, sum(squared_norm(v) for v in values))
+        return pieces
 
     def _validate_coded(self, layout: ModelLayout, m: Manifest, index: int, body: bytes) -> Pieces:
+        values = self._decode(m, index, body)
+        pieces = quantize_vector_chunk(layout, m.tensors, self._span_begin(m, index), values,
+                                       m.weight)  # fmt: skip
+        self._admit(m, index, squared_norm(values))
+        return pieces
+
+    def _decode(self, m: Manifest, index: int, body: bytes) -> np.ndarray:
         codec = self._codec(m.codec_spec)
         span = chunk_plan(m, codec).span(index)
         ranges = self.ranges if shared_rule(codec) is not None else None
         try:
-            values = codec.decode(body, span.elements, context_of(m, ranges), span.first_block)
+            return codec.decode(body, span.elements, context_of(m, ranges), span.first_block)
         except CodecError as exc:
             raise Reject(f"chunk {index} does not decode: {exc}") from None
-        return quantize_vector_chunk(layout, m.tensors, span.begin, values, m.weight)
+
+    def _span_begin(self, m: Manifest, index: int) -> int:
+        return chunk_plan(m, self._codec(m.codec_spec)).span(index).begin
+
+    def _admit(self, m: Manifest, index: int, square: float) -> None:
+        """Count chunk `index` in its delta's norm, or raise OverBound (normbound)."""
+        if self.bound <= 0:
+            return
+        tally = self._tallies.get(m.participant)
+        if tally is None or tally.bound != self.bound:
+            tally = self._tallies[m.participant] = NormTally(self.bound)
+        tally.admit(index, square)
+
+    def forget(self, m: Manifest) -> None:
+        """Drop the norm tally of `m`'s delta (rejected: its next delta starts afresh)."""
+        self._tallies.pop(m.participant, None)
 
     def _codec(self, spec: str) -> Codec:
         codec = self._codecs.get(spec)
@@ -111,3 +150,18 @@ class AggregationSink:
         _, accumulator = self._ready()
         assert isinstance(prepared, list)
         accumulator.add_all(prepared)
+
+    def retract(self, m: Manifest, index: int, body: bytes) -> None:
+        """Take a counted chunk of a rejected delta out of the sum: its pieces negated.
+        Integer addition, so the sum is bit-identical to one that never counted it."""
+        layout, accumulator = self._ready()
+        if m.coded:
+            values = self._decode(m, index, body)
+            pieces = quantize_vector_chunk(
+                layout, m.tensors, self._span_begin(m, index), values, m.weight
+            )
+        else:
+            pieces = quantize_chunk(
+                layout, m.tensors, index, m.chunk_size, m.payload_size, body, m.weight
+            )
+        accumulator.add_all([(offset, -q) for offset, q in pieces])

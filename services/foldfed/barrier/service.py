@@ -213,6 +213,8 @@ class BarrierService:
             codec_choices=effect.codec_choices,
             # Agreed per cycle, never claimed per step: the hub checks every manifest's.
             weights=self.settings.agreed_weights(members),
+            # The cycle's, like the weights: the hub and every member check the same bound.
+            update_norm_bound=self.settings.update_norm_bound,
         )
         # The aggregator first, so the step is open before any participant can deliver
         # (the update's chunks already wait in every participant's queue).
@@ -262,6 +264,7 @@ class BarrierService:
             codec_seed=effect.codec_seed,
             codec_choices=effect.codec_choices,
             weights=self.settings.agreed_weights(tuple(sorted(effect.participants))),
+            update_norm_bound=self.settings.update_norm_bound,
         )
         await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release, headers=headers)
         log.info("cycle done", final_model=effect.final_model_digest.hex())

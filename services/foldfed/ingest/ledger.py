@@ -11,6 +11,12 @@ duplicate. Blocking: the service calls it from a worker thread, one message at a
 What "held" means is scoped per participant: the hub answers a have-request with the
 chunks *this* participant delivered before, never with what another participant holds,
 so nobody can probe another company's update by digest.
+
+Update bounds (docs/format.md, "Update bounds"): the sink refuses, with OverBound, the
+chunk that takes a delta over the step's bound, before it is stored. The delta is then
+withdrawn: its rows go in one transaction (the commit point; a replay after a crash
+never counts it again), then its counted chunks are taken out of the running sum, so no
+part of it stays in the sum, and its sender may send another manifest for the step.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from foldfed.aggregation.normbound import OverBound
 from foldfed.chunkstore import ChunkStore
 from foldfed.codedvector import CycleCoding, check_coding
 from foldfed.digests import digest_of
@@ -53,6 +60,10 @@ class DeltaSink(Protocol):
 
     def apply(self, m: Manifest, index: int, prepared: object) -> None: ...
 
+    def retract(self, m: Manifest, index: int, body: bytes) -> None: ...
+
+    def forget(self, m: Manifest) -> None: ...
+
 
 class _NoSink:
     def check_manifest(self, m: Manifest) -> None:
@@ -62,6 +73,12 @@ class _NoSink:
         return None
 
     def apply(self, m: Manifest, index: int, prepared: object) -> None:
+        pass
+
+    def retract(self, m: Manifest, index: int, body: bytes) -> None:
+        pass
+
+    def forget(self, m: Manifest) -> None:
         pass
 
 
@@ -110,8 +127,8 @@ class IngestLedger:
         if cached is not None:
             return cached
         raw = self.store.get_manifest(step, participant)
-        if raw is None:
-            return None
+        if raw is None or digest_of(raw) != self.facts.accepted_id(step, participant):
+            return None  # none, or a withdrawn delta's left by a crash (see _withdraw)
         decoded = decode("foldfed.v1.DeltaManifest", raw)
         assert isinstance(decoded, Manifest)
         if len(self._manifests) > _MANIFEST_CACHE:
@@ -150,7 +167,9 @@ class IngestLedger:
             next_ranges = update.next_ranges_digest
         coding = rules.coding_of(msg, next_ranges)
         weights = tuple(sorted(msg.agreed_weights().items()))
-        self.facts.open(msg.step, msg.model_digest, msg.participants, coding, weights)
+        self.facts.open(
+            msg.step, msg.model_digest, msg.participants, coding, weights, msg.update_norm_bound
+        )
         return Effects(released=[msg])
 
     def on_manifest(self, m: Manifest, serialized: bytes) -> Effects:
@@ -170,8 +189,12 @@ class IngestLedger:
         check_coding(m, open_step.coding)
         self.sink.check_manifest(m)
         held = [i for i, d in enumerate(m.chunk_digests) if self._holds(m.participant, d)]
-        for index in held:  # chunks it delivered before: their content must pass too
-            self.sink.validate(m, index, self.store.get(m.chunk_digests[index]))
+        try:
+            for index in held:  # chunks it delivered before: their content must pass too
+                self.sink.validate(m, index, self.store.get(m.chunk_digests[index]))
+        except OverBound:
+            self.sink.forget(m)  # nothing of it was counted
+            raise
         # Write the manifest file first: the row that points to it is the commit point.
         self.store.put_manifest(m.step, m.participant, serialized)
         self.facts.add_manifest(
@@ -193,7 +216,12 @@ class IngestLedger:
         self._check_sender(c.step, c.participant)
         manifest = self.manifest(c.step, c.participant)
         rules.check_chunk(c, manifest, digest_of(c.body))
-        prepared = None if manifest is None else self.sink.validate(manifest, c.index, c.body)
+        try:
+            prepared = None if manifest is None else self.sink.validate(manifest, c.index, c.body)
+        except OverBound:
+            assert manifest is not None
+            self._withdraw(manifest)
+            raise
         # A chunk may arrive before its manifest (redelivery reorders): it is verified and
         # stored, and the manifest counts it when it comes.
         self.store.put(c.digest, c.body, verified=True)  # hashed just above
@@ -238,6 +266,16 @@ class IngestLedger:
     def _apply_stored(self, m: Manifest, index: int) -> None:
         body = self.store.get(m.chunk_digests[index])
         self.sink.apply(m, index, self.sink.validate(m, index, body))
+
+    def _withdraw(self, m: Manifest) -> None:
+        """Take a delta over the bound out: its rows first (the commit point), then its
+        counted chunks out of the sum (a crash in between: the replay never counts them)."""
+        counted = self.facts.withdraw(m.step, m.participant)
+        self._manifests.pop((m.step, m.participant), None)
+        self.store.delete_manifest(m.step, m.participant)  # a crash may leave it: unread
+        self.sink.forget(m)
+        for index in counted:
+            self.sink.retract(m, index, self.store.get(m.chunk_digests[index]))
 
     def _holds(self, participant: str, digest: bytes) -> bool:
         return self.facts.owns(participant, digest) and self.store.has(digest)

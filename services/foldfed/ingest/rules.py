@@ -78,6 +78,8 @@ class OpenStep:
     released: bool = True
     # (participant, agreed weight), sorted, as the release announced them; () = none fixed.
     weights: tuple[tuple[str, float], ...] = ()
+    # The cycle's L2 bound on each delta as decoded (0.0: none), as the release announced.
+    norm_bound: float = 0.0
 
 
 class Verdict(enum.Enum):

@@ -13,7 +13,8 @@ Tables:
                               delta counts), 'coding' (the open step's CycleCoding as
                               JSON; absent: the reference, fp32:v1), 'weights' (the
                               agreed weight of each member as a JSON object; absent or
-                              {}: none fixed)
+                              {}: none fixed), 'norm_bound' (the open step's update
+                              bound; absent: 0.0, none)
   manifests(step, participant, manifest_id, chunk_count, received_ms, completed_ms,
             duplicates)       one row per accepted manifest; completed_ms set once
   manifest_chunks(step, participant, idx, digest, present)
@@ -115,6 +116,7 @@ class IngestStore:
             coding,
             released=bool(int(rows["released"])),
             weights=tuple(sorted((str(p), float(w)) for p, w in weights.items())),
+            norm_bound=float(rows.get("norm_bound", 0.0)),
         )
 
     def open(
@@ -124,8 +126,12 @@ class IngestStore:
         members: Sequence[str],
         coding: CycleCoding = REFERENCE_CODING,
         weights: Sequence[tuple[str, float]] = (),
+        norm_bound: float = 0.0,
     ) -> None:
         with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO hub_state VALUES ('norm_bound', ?)", (norm_bound,)
+            )
             self._db.execute(
                 "INSERT OR REPLACE INTO hub_state VALUES ('coding', ?)", (_coding_to_json(coding),)
             )
@@ -182,6 +188,32 @@ class IngestStore:
                 "INSERT INTO manifest_chunks VALUES (?, ?, ?, ?, ?)",
                 [(step, participant, i, d, int(i in present)) for i, d in enumerate(digests)],
             )
+
+    def withdraw(self, step: int, participant: str) -> list[int]:
+        """Forget the incomplete manifest of (step, participant) and its chunk rows, so
+        its chunks count no more and the participant may send another manifest. Returns
+        the indices that were present (counted). A complete delivery is never withdrawn."""
+        with self._transaction():
+            done = self._db.execute(
+                "SELECT 1 FROM manifests WHERE step = ? AND participant = ?"
+                " AND completed_ms IS NOT NULL",
+                (step, participant),
+            ).fetchone()
+            if done is not None:
+                raise ValueError(f"step {step}'s delivery of {participant!r} is complete")
+            present = [
+                i
+                for (i,) in self._db.execute(
+                    "SELECT idx FROM manifest_chunks"
+                    " WHERE step = ? AND participant = ? AND present = 1 ORDER BY idx",
+                    (step, participant),
+                )
+            ]
+            for table in ("manifest_chunks", "manifests"):
+                self._db.execute(
+                    f"DELETE FROM {table} WHERE step = ? AND participant = ?", (step, participant)
+                )
+            return present
 
     def participants_with_manifest(self, step: int) -> list[str]:
         rows = self._db.execute(

@@ -271,6 +271,13 @@ class Settings(BaseSettings):
         " a manifest declaring another is rejected (docs/format.md, \"Agreed weights\")",
         shown="4096 for every member (equal)",
     )  # fmt: skip
+    update_norm_bound: float = _var(
+        "FOLDFED_UPDATE_NORM_BOUND", 0.0, "barrier",
+        "the cycle's bound on the L2 norm of each member's delta as the hub decodes it,"
+        " announced with every release; the hub rejects a delta above it (0 = off;"
+        " docs/format.md, \"Update bounds\")",
+        ge=0.0, allow_inf_nan=False,
+    )  # fmt: skip
     cycle: int = _var(
         "FOLDFED_CYCLE", 1, "barrier",
         "a value above the stored, finished cycle starts that cycle (with FOLDFED_FIRST_STEP"
@@ -315,6 +322,11 @@ class Settings(BaseSettings):
         " codec the cycle allows that fits is used and the choice logged (0 = off;"
         " docs/format.md 14.8)",
         ge=0.0,
+    )  # fmt: skip
+    update_clip: Switch = _var(
+        "FOLDFED_UPDATE_CLIP", False, "uploader",
+        "with an update bound: scale a delta down to the bound instead of refusing to send it"
+        " (the clipped excess is dropped, not carried; docs/format.md, \"Update bounds\")",
     )  # fmt: skip
     inflight_window: int = _var(
         "FOLDFED_INFLIGHT_WINDOW", 8, "all", "unconfirmed publishes at once", ge=1

@@ -22,6 +22,8 @@ unchanged, and holds bit-identically the θ the hub made from the same d_t.
 (`FOLDFED_UPLOAD_BUDGET_S`), the least lossy spec the cycle allows whose upload fits it at
 this link's measured goodput (`coding/goodput.json`, smoothed over uploads, kept across
 restarts), logged with the reason (codecs/adaptive.py; docs/format.md 14.8).
+Update bounds: what the hub will decode is measured, refused or clipped before anything
+is sent (uploader/bounding.py; docs/format.md, "Update bounds").
 No torch here: numpy, the pure codecs, and files.
 """
 
@@ -38,6 +40,7 @@ import structlog
 from foldfed.aggregation.dtypes import decode_narrow, from_float64
 from foldfed.chunkstore import ChunkStore
 from foldfed.codecs import (
+    ChunkPlan,
     CodecChoice,
     CodecContext,
     Goodput,
@@ -47,11 +50,11 @@ from foldfed.codecs import (
     carried,
     choose_for_cycle,
     codec_from_spec,
-    compensate,
     decode_vector,
     plan_chunks,
 )
 from foldfed.codecs.base import Codec
+from foldfed.codecs.feedback import Compensated
 from foldfed.codecs_store import ResidualStore
 from foldfed.codedvector import (
     CycleCoding,
@@ -72,6 +75,7 @@ from foldfed.format import TensorSpan, TensorSpec, canonical_order, encode_heade
 from foldfed.messages import decode, encode
 from foldfed.payloadfile import read_layout
 from foldfed.spool import DeltaRecord
+from foldfed.uploader.bounding import encode_within, payload_within
 
 log = structlog.get_logger(__name__)
 
@@ -101,9 +105,16 @@ class Prepared:
 
 class UplinkCoder:
     def __init__(
-        self, spool_dir: Path, participant: str, chunk_limit: int, downloads: ChunkStore
+        self,
+        spool_dir: Path,
+        participant: str,
+        chunk_limit: int,
+        downloads: ChunkStore,
+        *,
+        clip: bool = False,
     ) -> None:
         self.folder = spool_dir / "coding"
+        self.clip = clip  # FOLDFED_UPDATE_CLIP: scale down to the bound instead of refusing
         self.participant = participant
         self.chunk_limit = chunk_limit
         self.downloads = downloads
@@ -117,6 +128,7 @@ class UplinkCoder:
             "choices": list(release.codec_choices),
             "codec": release.codec,
             "cycle": release.cycle,
+            "norm_bound": release.update_norm_bound,
             "ranges_digest": update.next_ranges_digest.hex() if update else "",
             "seed": release.codec_seed,
             "step": release.step,
@@ -136,6 +148,14 @@ class UplinkCoder:
             bytes.fromhex(raw["ranges_digest"]),
             tuple(raw.get("choices", ())),  # absent in files from before member choices
         )
+
+    def bound_for(self, step: int) -> float:
+        """Release `step`'s update bound (0.0: none, or a release from before bounds)."""
+        try:
+            raw = json.loads(self._coding(step).read_bytes())
+        except FileNotFoundError:
+            return 0.0
+        return float(raw.get("norm_bound", 0.0))
 
     # ---------------------------------------------------------------- the link
 
@@ -198,7 +218,8 @@ class UplinkCoder:
         ranges = self._ranges(codec, coding, values.size)
         ctx = CodecContext(coding.cycle, delta.step, self.participant, "up", coding.seed, ranges)
         plan = plan_chunks(codec, values.size, self.chunk_limit)
-        out = compensate(values, residual, codec, ctx, plan)
+        x = values + carried(residual, cycle=ctx.cycle, step=ctx.step, elements=values.size)
+        out = self._bounded(x, codec, ctx, plan, self.bound_for(delta.step))
         stats = stats_to_bytes(block_stats(values, codec.block)) if ranges is not None else b""
         manifest = Manifest(
             step=delta.step,
@@ -226,6 +247,27 @@ class UplinkCoder:
         crash_point("uploader", "before-residual", delta.step)
         self.residuals.save(out.residual)  # the commit point: step t is encoded
         return Prepared(manifest, serialized, self._payload(delta.step))
+
+    def _bounded(
+        self, x: np.ndarray, codec: Codec, ctx: CodecContext, plan: ChunkPlan, bound: float
+    ) -> Compensated:
+        """Encode x = Δ + e so that what the hub decodes is within the bound (bounding.py)."""
+        return encode_within(x, codec, ctx, plan, bound, clip=self.clip)
+
+    def bounded_payload(self, delta: DeltaRecord) -> Path:
+        """The safetensors file to send for an fp32 delta: the delta itself when within
+        the bound, else (clip on) a clipped copy; UpdateOverBound when clipping is off."""
+        return payload_within(
+            delta.path,
+            self._clipped_path(delta.step),
+            delta.step,
+            self.bound_for(delta.step),
+            self.chunk_limit,
+            clip=self.clip,
+        )
+
+    def _clipped_path(self, step: int) -> Path:
+        return self.folder / f"delta-{step:012d}.clipped.safetensors"
 
     def _ranges(self, codec: Codec, coding: CycleCoding, elements: int) -> SharedRanges | None:
         rotated = shared_rule(codec)

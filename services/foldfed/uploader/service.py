@@ -51,7 +51,11 @@ class UploaderService:
         self.inbox = Inbox(bus, settings.participant, handler=self._on_message)
         self.uploader = Uploader(settings, bus, self.inbox)
         self.coder = UplinkCoder(
-            settings.spool_dir, settings.participant, settings.chunk_size, self.downloads
+            settings.spool_dir,
+            settings.participant,
+            settings.chunk_size,
+            self.downloads,
+            clip=load().update_clip,
         )
         # When the latest receipt arrived: the wait at the barrier runs from then until
         # the next release.
@@ -110,8 +114,12 @@ class UploaderService:
             await self._event("upload_started", delta.step, started)
             with tracing.span("code", parent=delta.trace, step=delta.step):
                 coded = await asyncio.to_thread(self.coder.prepare, delta, self._upload_budget_s)
+            if coded is None:  # fp32: the delta file, or its clipped copy (update bound)
+                payload = await asyncio.to_thread(self.coder.bounded_payload, delta)
+            else:
+                payload = coded.payload
             report = await self.uploader.upload(
-                delta.path if coded is None else coded.payload,
+                payload,
                 delta.step,
                 delta.weight,
                 delta.base_model_digest,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66oldfed/v1/step.proto\x12\nfoldfed.v1\"\xe4\x01\n\x0cStepReleased\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\x18\n\x10released_unix_ms\x18\x04 \x01(\x03\x12\x17\n\x0fupdate_manifest\x18\x05 \x01(\x0c\x12\r\n\x05\x63ycle\x18\x06 \x01(\x04\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x12\n\ncodec_seed\x18\t \x01(\x04\x12\x0f\n\x07weights\x18\n \x03(\x01\x12\x15\n\rcodec_choices\x18\x0b \x03(\t\"D\n\x0f\x46inalizeRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\r\n\x05\x63ycle\x18\x03 \x01(\x04\"{\n\rStepFinalized\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0fupdate_manifest\x18\x02 \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12\x12\n\nweight_sum\x18\x04 \x01(\x01\x12\x19\n\x11\x66inalized_unix_ms\x18\x05 \x01(\x03\"\xbe\x01\n\x0bModelReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.foldfed.v1.ModelReport.MetricsEntry\x12\x0f\n\x07unix_ms\x18\x05 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66oldfed/v1/step.proto\x12\nfoldfed.v1\"\xff\x01\n\x0cStepReleased\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\x18\n\x10released_unix_ms\x18\x04 \x01(\x03\x12\x17\n\x0fupdate_manifest\x18\x05 \x01(\x0c\x12\r\n\x05\x63ycle\x18\x06 \x01(\x04\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x12\n\ncodec_seed\x18\t \x01(\x04\x12\x0f\n\x07weights\x18\n \x03(\x01\x12\x15\n\rcodec_choices\x18\x0b \x03(\t\x12\x19\n\x11update_norm_bound\x18\x0c \x01(\x01\"D\n\x0f\x46inalizeRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\r\n\x05\x63ycle\x18\x03 \x01(\x04\"{\n\rStepFinalized\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0fupdate_manifest\x18\x02 \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12\x12\n\nweight_sum\x18\x04 \x01(\x01\x12\x19\n\x11\x66inalized_unix_ms\x18\x05 \x01(\x03\"\xbe\x01\n\x0bModelReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.foldfed.v1.ModelReport.MetricsEntry\x12\x0f\n\x07unix_ms\x18\x05 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREPORT_METRICSENTRY']._loaded_options = None
   _globals['_MODELREPORT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_STEPRELEASED']._serialized_start=38
-  _globals['_STEPRELEASED']._serialized_end=266
-  _globals['_FINALIZEREQUEST']._serialized_start=268
-  _globals['_FINALIZEREQUEST']._serialized_end=336
-  _globals['_STEPFINALIZED']._serialized_start=338
-  _globals['_STEPFINALIZED']._serialized_end=461
-  _globals['_MODELREPORT']._serialized_start=464
-  _globals['_MODELREPORT']._serialized_end=654
-  _globals['_MODELREPORT_METRICSENTRY']._serialized_start=608
-  _globals['_MODELREPORT_METRICSENTRY']._serialized_end=654
+  _globals['_STEPRELEASED']._serialized_end=293
+  _globals['_FINALIZEREQUEST']._serialized_start=295
+  _globals['_FINALIZEREQUEST']._serialized_end=363
+  _globals['_STEPFINALIZED']._serialized_start=365
+  _globals['_STEPFINALIZED']._serialized_end=488
+  _globals['_MODELREPORT']._serialized_start=491
+  _globals['_MODELREPORT']._serialized_end=681
+  _globals['_MODELREPORT_METRICSENTRY']._serialized_start=635
+  _globals['_MODELREPORT_METRICSENTRY']._serialized_end=681
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StepReleased(_message.Message):
-    __slots__ = ("step", "model_digest", "participants", "released_unix_ms", "update_manifest", "cycle", "final", "codec", "codec_seed", "weights", "codec_choices")
+    __slots__ = ("step", "model_digest", "participants", "released_unix_ms", "update_manifest", "cycle", "final", "codec", "codec_seed", "weights", "codec_choices", "update_norm_bound")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class StepReleased(_message.Message):
     CODEC_SEED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     CODEC_CHOICES_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_BOUND_FIELD_NUMBER: _ClassVar[int]
     step: int
     model_digest: bytes
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -30,7 +31,8 @@ class StepReleased(_message.Message):
     codec_seed: int
     weights: _containers.RepeatedScalarFieldContainer[float]
     codec_choices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., released_unix_ms: _Optional[int] = ..., update_manifest: _Optional[bytes] = ..., cycle: _Optional[int] = ..., final: _Optional[bool] = ..., codec: _Optional[str] = ..., codec_seed: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., codec_choices: _Optional[_Iterable[str]] = ...) -> None: ...
+    update_norm_bound: float
+    def __init__(self, step: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., released_unix_ms: _Optional[int] = ..., update_manifest: _Optional[bytes] = ..., cycle: _Optional[int] = ..., final: _Optional[bool] = ..., codec: _Optional[str] = ..., codec_seed: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., codec_choices: _Optional[_Iterable[str]] = ..., update_norm_bound: _Optional[float] = ...) -> None: ...
 
 class FinalizeRequest(_message.Message):
     __slots__ = ("step", "participants", "cycle")
