@@ -152,7 +152,7 @@ def test_a_forged_weight_is_rejected_and_the_honest_members_complete_the_step(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:
     """Issue 14 item 1: weights are agreed per cycle. The release announces 1.0 for each
-    member (FOLDFED_MEMBER_WEIGHTS' default); a manifest claiming 1e9 is rejected with its
+    member; a manifest claiming 1e9 is rejected with its
     reason, and the update is the plain mean of the honest members' deltas."""
     asyncio.run(reset_topology(broker.admin_url))
     theta0 = tmp_path / "theta0.safetensors"
