@@ -66,17 +66,43 @@ def pdb_to_mmcif(text: str, pdb_id: str) -> ConvertedEntry:
     )
     if not release:
         raise PdbFormatError("no release or deposition date in the header")
-    block.set_mmcif_category(
+    _set_release(block, release)
+    return ConvertedEntry(cif=doc.as_string().encode(), dropped=tuple(sorted(dropped)))
+
+
+def with_release_history(cif: bytes) -> bytes:
+    """An mmCIF entry with `pdbx_audit_revision_history`, which entries written before
+    2008's remediation lack: their release date is the earliest `database_PDB_rev.date`,
+    else the deposition date. Files that have it are returned unchanged."""
+    import gemmi
+
+    doc = gemmi.cif.read_string(cif.decode("utf-8", errors="replace"))
+    block = doc.sole_block()
+    if block.find_values("_pdbx_audit_revision_history.revision_date"):
+        return cif
+    dates = sorted(
+        str(gemmi.cif.as_string(v))
+        for tag in ("_database_PDB_rev.date", "_pdbx_database_status.recvd_initial_deposition_date")
+        for v in block.find_values(tag)
+        if gemmi.cif.as_string(v) not in ("", "?", ".")
+    )
+    if not dates:
+        raise PdbFormatError("no release or deposition date in the header")
+    _set_release(block, dates[0])
+    return doc.as_string().encode()
+
+
+def _set_release(block: object, date: str) -> None:
+    block.set_mmcif_category(  # type: ignore[attr-defined]
         "_pdbx_audit_revision_history.",
         {
             "ordinal": ["1"],
             "data_content_type": ["Structure model"],
             "major_revision": ["1"],
             "minor_revision": ["0"],
-            "revision_date": [release],
+            "revision_date": [date],
         },
     )
-    return ConvertedEntry(cif=doc.as_string().encode(), dropped=tuple(sorted(dropped)))
 
 
 def release_date(text: str) -> str | None:

@@ -13,7 +13,8 @@ sources and decides, from the file's own header, which are entries of the pool:
 2. **Deduplication.** One file per PDB id: an id plinder already has (`taken`) is a
    duplicate; among the pool's own files for an id the first by (mmCIF before PDB, larger
    file, source order, path) is kept: the complete deposited entry beats a prepared copy.
-3. **Conversion.** mmCIF is written as is; PDB goes through `pdb_format.pdb_to_mmcif`.
+3. **Conversion.** mmCIF is written as is (with a revision history added where an old
+   file lacks one); PDB goes through `pdb_format.pdb_to_mmcif`.
 
 Whether an entry holds a qualifying ligand, and whether OpenFold3 accepts it, is decided by
 the same featurization the plinder entries go through (`sample.prepare_sample`).
@@ -118,7 +119,7 @@ def gather_pool(
 ) -> Pool:
     """Fetch the named sources and write their entries as `dest/<pdb id>.cif` (module
     docstring); `taken` are ids already in the sample (plinder's)."""
-    from foldfed.of3.data.pdb_format import PdbFormatError, pdb_to_mmcif
+    from foldfed.of3.data.pdb_format import PdbFormatError, pdb_to_mmcif, with_release_history
 
     pool = Pool()
     taken = set(taken)
@@ -130,6 +131,9 @@ def gather_pool(
             {"source": name, "requirement": source.requirement, "sha256": source.sha256}
         )
         for item in pool_sources.structure_members(source, archive):
+            if item.error:
+                pool.skipped.append(_skip(name, item.member, f"parse failure: {item.error}"))
+                continue
             try:
                 header = read_header(item.data, item.fmt)
             except (RuntimeError, ValueError) as exc:
@@ -153,15 +157,15 @@ def gather_pool(
             )
         _, name, (item, header) = ranked[0]
         dropped: tuple[str, ...] = ()
-        if item.fmt == "cif":
-            data = item.data
-        else:
-            try:
+        try:
+            if item.fmt == "cif":
+                data = with_release_history(item.data)
+            else:
                 converted = pdb_to_mmcif(item.data.decode("utf-8", errors="replace"), pdb_id)
-            except PdbFormatError as exc:
-                pool.skipped.append(_skip(name, item.member, f"parse failure: {exc}"))
-                continue
-            data, dropped = converted.cif, converted.dropped
+                data, dropped = converted.cif, converted.dropped
+        except (PdbFormatError, RuntimeError, ValueError) as exc:
+            pool.skipped.append(_skip(name, item.member, f"parse failure: {exc}"))
+            continue
         target = Path(dest) / f"{pdb_id}.cif"
         if not target.exists() or target.read_bytes() != data:
             atomic_write(target, data)
