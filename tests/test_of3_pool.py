@@ -47,6 +47,13 @@ def test_headers_decide_what_is_an_experimental_entry() -> None:
     assert release_date(PDB_HEADER) == "1995-01-26"  # the original release, not a revision
 
 
+def test_assembly_size_counts_operators() -> None:
+    from foldfed.of3.data.pool import _operator_count
+
+    assert _operator_count("1") == 1 and _operator_count("1,2") == 2
+    assert _operator_count("(1-60)") == 60 and _operator_count("(1-5)(6,7)") == 10
+
+
 def test_source_table_pins_every_archive() -> None:
     names = pool_sources.source_names()
     assert names[0] == "plinder" and len(set(names)) == len(names)

@@ -45,6 +45,9 @@ EXPERIMENTAL_METHODS = frozenset(
     }
 )
 _PDB_ID = re.compile(r"^[0-9][0-9a-z]{3}$")
+# OpenFold3 expands the first bioassembly before anything is cropped; a virus capsid of
+# 24,000 atoms x 60 copies took > 7 GB and minutes on this machine (7kmx).
+MAX_ASSEMBLY_ATOMS = 200_000
 POOL_FILE = "pool.json"
 POOL_FORMAT = "foldfed.of3.pool/1"
 
@@ -100,6 +103,39 @@ def read_header(data: bytes, fmt: str) -> Header:
     )
 
 
+def assembly_atoms(data: bytes, fmt: str) -> int:
+    """Atom records times the operators of the first assembly (mmCIF; PDB: 1 copy)."""
+    atoms = sum(1 for line in data.splitlines() if line.startswith((b"ATOM", b"HETATM")))
+    if fmt != "cif":
+        return atoms
+    import gemmi
+
+    block = gemmi.cif.read_string(data.decode("utf-8", errors="replace")).sole_block()
+    gen = block.find("_pdbx_struct_assembly_gen.", ["assembly_id", "oper_expression"])
+    copies = 0
+    for row in gen:
+        if gemmi.cif.as_string(row[0]) == "1":
+            copies += _operator_count(gemmi.cif.as_string(row[1]))
+    return atoms * max(copies, 1)
+
+
+def _operator_count(expression: str) -> int:
+    """Operators in an oper_expression: "1", "1,2", "(1-60)", "(1-60)(61)" (a product)."""
+    total = 1
+    for group in re.findall(r"\(([^)]*)\)", expression) or [expression]:
+        count = 0
+        for part in group.split(","):
+            low, _, high = part.partition("-")
+            count += int(high) - int(low) + 1 if high.isdigit() and low.isdigit() else 1
+        total *= max(count, 1)
+    return total
+
+
+def _size_verdict(data: bytes, fmt: str) -> str | None:
+    n = assembly_atoms(data, fmt)
+    return f"too large: ~{n} atoms in the first assembly" if n > MAX_ASSEMBLY_ATOMS else None
+
+
 def _lines(text: str, record: str) -> Iterable[str]:
     return (line for line in text.splitlines() if line.startswith(record))
 
@@ -139,7 +175,7 @@ def gather_pool(
             except (RuntimeError, ValueError) as exc:
                 pool.skipped.append(_skip(name, item.member, f"parse failure: {exc}"))
                 continue
-            reason = header_verdict(header)
+            reason = header_verdict(header) or _size_verdict(item.data, item.fmt)
             if reason is None and header.pdb_id in taken:
                 reason = f"duplicate: {header.pdb_id} is in plinder's entries"
             if reason is not None:
