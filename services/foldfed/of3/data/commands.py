@@ -41,6 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     sample.add_argument(
         "--cache-dir", default=None, help="where the sdist is kept (~/.cache/foldfed)"
     )
+    sample.add_argument(
+        "--sources",
+        default="plinder",
+        help=(
+            "comma-separated sources of the pool, or 'all': plinder, pele-platform, pinder, "
+            "pdb2pqr, biopython, mdanalysistests (pinned PyPI archives; DIR/pool.json lists "
+            "the PDB ids and every file left out, with its reason)"
+        ),
+    )
     sample.set_defaults(func=cmd_sample)
 
     validate = actions.add_parser(
@@ -98,6 +107,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     progress = _progress_bar("featurizing", "entry")
 
     only = [e.strip().lower() for e in args.entries.split(",") if e.strip()] or None
+    sources = [s.strip().lower() for s in args.sources.split(",") if s.strip()]
+    if sources == ["all"]:
+        from foldfed.of3.data.pool_sources import source_names
+
+        sources = list(source_names())
     report = prepare_sample(
         Path(args.out),
         args.companies,
@@ -113,6 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         only=only,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         progress=progress,
+        sources=sources,
     )
     print(summary_table(report.sample))
     built = report.featurize_seconds

@@ -32,10 +32,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from foldfed.errors import ConfigError, StoreError
 from foldfed.of3.data import partition
+
+if TYPE_CHECKING:
+    from foldfed.of3.data.pool import Pool
+
+PLINDER = "plinder"  # the base source's --sources name (pool_sources.PLINDER)
 
 FORMAT = "foldfed.of3.sample/1"
 SAMPLE_FILE = "sample.json"
@@ -167,12 +172,14 @@ def prepare_sample(
     cache_dir: Path | None = None,
     cifs: Mapping[str, Path] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+    sources: Iterable[str] = ("plinder",),
 ) -> PrepareReport:
     """Build `out/sample.json` and the feature files (see the module docstring).
 
     `limit` takes the first N entries by id, `only` names entries; `cifs` replaces the
-    plinder source with given mmCIF files (tests); `progress` wraps the entry iteration
-    (e.g. tqdm).
+    sources with given mmCIF files (tests); `progress` wraps the entry iteration
+    (e.g. tqdm). `sources` names plinder and/or the pool's archives (`pool_sources`);
+    with any pool source, `out/pool.json` lists the pool (`pool.write_pool_manifest`).
     """
     from foldfed.durable import atomic_write
     from foldfed.of3.data import plinder
@@ -189,10 +196,14 @@ def prepare_sample(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     source: dict[str, Any]
+    gathered: Pool | None = None
+    plinder_ids: list[str] = []
+    given_files = cifs is not None
     if cifs is None:
-        sdist = plinder.fetch_sdist(cache_dir or plinder.default_cache_dir())
-        cifs = plinder.extract_entries(sdist, out / "cif")
-        source = {"requirement": plinder.REQUIREMENT, "sha256": plinder.SDIST_SHA256}
+        cifs, source, gathered = _gather_sources(
+            list(sources), cache_dir or plinder.default_cache_dir(), out / "cif"
+        )
+        plinder_ids = sorted(set(cifs) - set(gathered.cifs if gathered else ()))
     else:
         source = {"files": sorted(cifs)}
     ids = sorted(cifs)
@@ -250,6 +261,7 @@ def prepare_sample(
                 "ligands": sorted({x.component for x in info.ligands if x.qualifies}),
                 "full_tokens": info.full_tokens,
                 "resolution": info.resolution,
+                "source": _source_of(entry_id, gathered, cifs_given=given_files),
             }
         )
     manifest = {
@@ -271,6 +283,11 @@ def prepare_sample(
         "failures": failures,
     }
     atomic_write(out / SAMPLE_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+    if gathered is not None:
+        from foldfed.of3.data.pool import write_pool_manifest
+
+        rejected = {row["entry_id"]: row["reason"] for row in skipped + failures}
+        write_pool_manifest(out, plinder_ids, gathered, built, rejected)
     return PrepareReport(
         sample=open_sample(out),
         seconds=time.perf_counter() - started,
@@ -278,6 +295,41 @@ def prepare_sample(
         reused=reused,
         featurize_seconds=timings,
     )
+
+
+def _gather_sources(
+    sources: list[str], cache_dir: Path, dest: Path
+) -> tuple[dict[str, Path], dict[str, Any], Pool | None]:
+    """The mmCIF files of the named sources, sample.json's `source`, and the pool (None
+    for plinder alone, whose `source` stays as before)."""
+    from foldfed.of3.data import plinder, pool_sources
+    from foldfed.of3.data.pool import gather_pool
+
+    known = pool_sources.source_names()
+    unknown = [s for s in sources if s not in known]
+    if unknown or not sources:
+        raise ConfigError(
+            f"unknown source(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}"
+        )
+    cifs: dict[str, Path] = {}
+    source: dict[str, Any] = {}
+    if PLINDER in sources:
+        sdist = plinder.fetch_sdist(cache_dir)
+        cifs.update(plinder.extract_entries(sdist, dest))
+        source = {"requirement": plinder.REQUIREMENT, "sha256": plinder.SDIST_SHA256}
+    others = [s for s in sources if s != PLINDER]
+    if not others:
+        return cifs, source, None
+    pool = gather_pool(others, cache_dir, dest, taken=cifs)
+    cifs.update(pool.cifs)
+    source["pool"] = pool.archives
+    return dict(sorted(cifs.items())), source, pool
+
+
+def _source_of(entry_id: str, pool: Pool | None, *, cifs_given: bool) -> str:
+    if pool is not None and entry_id in pool.entries:
+        return pool.entries[entry_id].source
+    return "files" if cifs_given else PLINDER
 
 
 def summary_table(sample: Sample) -> str:
