@@ -274,7 +274,11 @@ def _sim_federation(
         participants=participants,
         steps=steps,
         workdir=workdir,
-        common_env={**env_for(seed=7, tracing=False, reply_timeout_s=10.0), **sim.env()},
+        # Retention off: direct_fedavg reads every step's sent delta (docs/retention.md).
+        common_env={
+            **env_for(seed=7, tracing=False, reply_timeout_s=10.0, retain_steps=0),
+            **sim.env(),
+        },
         participant_env={slow: env_for(rate_limit_bps=MIB)},
         monitor_port=0,
     )
