@@ -7,24 +7,23 @@ import os
 from pathlib import Path
 
 import pytest
-
-from foldfed.digests import digest_of
-from foldfed.errors import Reject
-from foldfed.ingest.batching import CHUNK_TYPE, Group, Outcome, Settlement, groups, settlement
-from foldfed.ingest.ledger import ChunkBatch, IngestLedger
-from foldfed.ingest.rules import Effects
-
 from test_ledger import (
     Delta,
+    ask,
     assert_receipt,
     assert_stored,
-    ask,
     chunk_of,
     deltas,  # noqa: F401  (the fixture)
     manifest_for,
     open_ledger,
     receipts_of,
 )
+
+from foldfed.digests import digest_of
+from foldfed.errors import Reject
+from foldfed.ingest.batching import CHUNK_TYPE, Group, Outcome, Settlement, groups, settlement
+from foldfed.ingest.ledger import ChunkBatch, IngestLedger
+from foldfed.ingest.rules import Effects
 
 MANIFEST = "foldfed.v1.DeltaManifest"
 HAVE = "foldfed.v1.HaveRequest"
@@ -124,7 +123,7 @@ def test_a_committed_batch_redelivered_is_all_duplicates(tmp_path: Path, deltas)
     try:
         m, ser = manifest_for(delta)
         ledger.on_manifest(m, ser)
-        (first,) = receipts_of(_batch(ledger, delta, [0, 1, 2, 3]))
+        assert len(receipts_of(_batch(ledger, delta, [0, 1, 2, 3]))) == 1
         again = _batch(ledger, delta, [0, 1, 2, 3])
         assert all(e.duplicate for e in again) and not receipts_of(again)
         assert ledger.receipt(1, "org-a").duplicate_chunks == 4
