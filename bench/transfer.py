@@ -484,6 +484,10 @@ def run_foldfed(ctx: Context, index: int) -> FoldfedRun:
     ingest = Child("ingest", [*FOLDFED_CLI, "ingest"], hub_env, run_dir, run_dir / "ingest.log")
     try:
         ingest.wait_for_log("ingest ready", STARTUP_TIMEOUT_S)
+        # The hub counts a delta only once its step is released (ingest/rules.py).
+        subprocess.run(
+            [*FOLDFED_CLI, "release", "1"], env=hub_env, check=True, timeout=STARTUP_TIMEOUT_S
+        )
         cpu_before = cpu_seconds(ingest.pid), cpu_seconds(ctx.broker_pid), machine_busy_seconds()
         uploader = Child(
             "uploader",

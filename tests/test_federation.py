@@ -137,8 +137,17 @@ def test_global_model_is_exact_fedavg_and_all_agree(undisturbed) -> None:
         ("aggregator", "aggregator:after-delivery@2"),
         ("barrier", "barrier:before-release@3"),
         (f"{PARTICIPANTS[1]}-uploader", "uploader:after-first-chunk@2"),
+        # Ingest's group commit: bodies written, not fsynced; durable, not acked.
+        ("aggregator", "aggregator:batch-written@2"),
+        ("aggregator", "aggregator:batch-durable@2"),
     ],
-    ids=["aggregator-mid-step", "barrier-before-release", "uploader-mid-upload"],
+    ids=[
+        "aggregator-mid-step",
+        "barrier-before-release",
+        "uploader-mid-upload",
+        "aggregator-batch-written",
+        "aggregator-batch-durable",
+    ],
 )
 def test_sigkill_and_restart_changes_nothing(
     broker: BrokerHandle, tmp_path: Path, undisturbed, crash: tuple[str, str]

@@ -92,6 +92,7 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "poll_s": 0.2,
         "uploader_extra_delay_s": 0.0,
         "prefetch": 8,
+        "ingest_batch": 0,
         "max_payload_bytes": 8 << 30,
         "require_sender_identity": True,
         "server_optimizer": "fedavg",
@@ -174,8 +175,10 @@ def test_the_service_settings_keep_their_defaults(tmp_path: Path) -> None:
     assert UploaderSettings.from_env(env) == UploaderSettings(
         bus, "org-a", Path("var/spool/org-a"), 4 << 20, 0, 30.0, 120.0, 0.2
     )
-    ingest = IngestSettings(bus, ("org-a", "org-b"), Path("var/hub"), 1, 8 << 30, True, 8)
+    # The group commit's batch: the prefetch count unless FOLDFED_INGEST_BATCH says.
+    ingest = IngestSettings(bus, ("org-a", "org-b"), Path("var/hub"), 1, 8 << 30, True, 8, 8)
     assert IngestSettings.from_env(env) == ingest
+    assert IngestSettings.from_env({**env, "FOLDFED_INGEST_BATCH": "1"}).batch == 1
     assert AggregatorSettings.from_env(env) == AggregatorSettings(
         ingest, theta, ServerOptimizerSettings("fedavg", 1.0, 0.9), 4 << 20
     )

@@ -177,6 +177,36 @@ def test_ingest_sigkill_mid_transfer_loses_nothing(broker: BrokerHandle, tmp_pat
     assert payload == delta.read_bytes()
 
 
+@pytest.mark.parametrize("point", ["batch-written", "batch-durable"])
+def test_ingest_sigkill_mid_batch_loses_nothing(
+    broker: BrokerHandle, tmp_path: Path, point: str
+) -> None:
+    """The group commit's crash windows (a real SIGKILL at the crash point): with the
+    batch's bodies written but not yet fsynced, and with the batch durable but not yet
+    acked. The restarted ingest gets the batch again and the payload arrives bit-exact."""
+    import asyncio
+
+    from conftest import hub_env, reset_topology
+
+    asyncio.run(reset_topology(broker.admin_url))
+    env = hub_env(broker, tmp_path / "hub")
+    armed = start_ingest({**env, "FOLDFED_CRASH_AT": f"ingest:{point}@1"}, tmp_path / "i1.log")
+    release(env, 1)
+    delta = make_delta(tmp_path / "delta.safetensors", 32, seed=7)  # 9 chunks
+    penv = participant_env(broker, PARTICIPANTS[0], tmp_path / "spool")
+    up = upload(penv, delta, step=1)
+    assert armed.proc.wait(120) == -9, armed.log()
+    assert "crash point reached" in armed.log()
+    ingest = start_ingest(env, tmp_path / "ingest-2.log")
+    try:
+        report = report_of(up)
+    finally:
+        ingest.stop()
+    assert report["chunks_total"] == 9
+    payload = stored_payload(Path(env["FOLDFED_STATE_DIR"]), 1, PARTICIPANTS[0])
+    assert payload == delta.read_bytes()
+
+
 def test_broker_restart_mid_transfer_completes(hub, broker: BrokerHandle, tmp_path: Path) -> None:
     env, _ingest = hub
     delta = make_delta(tmp_path / "delta.safetensors", 128, seed=5)

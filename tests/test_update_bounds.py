@@ -33,7 +33,7 @@ from foldfed.chunkstore import ChunkStore
 from foldfed.digests import digest_of
 from foldfed.domain import Chunk, Manifest, StepReleased, manifest_of
 from foldfed.format import TensorSpec, encode_header
-from foldfed.ingest.ledger import IngestLedger
+from foldfed.ingest.ledger import ChunkBatch, IngestLedger
 from foldfed.messages import encode
 from foldfed.payloadfile import plan_chunks, read_chunk
 from foldfed.spool import DeltaRecord
@@ -168,6 +168,47 @@ def test_a_delta_over_the_bound_leaves_nothing_in_the_sum(tmp_path: Path, base: 
     ledger, sink = _open(root, base)
     sink.open_step(1, base)
     ledger.replay_open_step()
+    assert np.array_equal(_sum(sink), expected)
+    sink.close()
+    ledger.close()
+
+
+def test_in_one_group_commit_the_breaking_chunk_takes_its_batch_mates_out_too(
+    tmp_path: Path, base: Path
+) -> None:
+    # Ingest stages a batch of chunks before it commits them together (group commit): the
+    # chunks of an oversized delta staged before the one that breaks the bound must not
+    # reach the sum when the batch commits, though they were accepted when staged.
+    honest_a, honest_b = _vector(1, 0.9), _vector(2, 0.5)
+    big = (honest_a * 1.01).astype(np.float32)  # no chunk in common with honest_a
+    big[N // 2 :] *= 4.0  # chunk 0 alone is within the bound; a later one breaks it
+    ref_ledger, ref_sink = _open(tmp_path / "ref", base)
+    for p, v in (("org-a", honest_a), ("org-b", honest_b)):
+        _send(ref_ledger, *_delta(tmp_path, p, v), [0, 1, 2])
+    expected = _sum(ref_sink)
+    ref_sink.close()
+    ref_ledger.close()
+
+    ledger, sink = _open(tmp_path / "hub", base)
+    _send(ledger, *_delta(tmp_path, "org-b", honest_b), [0, 1, 2])
+    m, chunks = _delta(tmp_path, "org-a", big)
+    ledger.on_manifest(m, encode(m)[1])
+    batch, refused = ChunkBatch(), 0
+    for i in range(3):
+        try:
+            ledger.stage_chunk(batch, Chunk(1, "org-a", i, m.chunk_digests[i], chunks[i]))
+        except OverBound:
+            refused += 1
+    assert refused == 1
+    assert batch.deliveries[0].chunk.index == 0  # staged, counted, before the breach
+    ledger.commit_chunks(batch)
+    for staged in batch.deliveries:
+        ledger.apply_chunk(staged)
+    # Kept as chunks without a manifest: present, not counted, and not "duplicates" either.
+    assert not any(staged.outcome and staged.outcome.duplicate for staged in batch.deliveries)
+    assert ledger.delivered(1) == {"org-b"}
+    _send(ledger, *_delta(tmp_path, "org-a", honest_a), [2, 1, 0])
+    assert ledger.delivered(1) == set(PARTICIPANTS)
     assert np.array_equal(_sum(sink), expected)
     sink.close()
     ledger.close()

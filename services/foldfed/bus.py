@@ -26,6 +26,7 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueueIterator,
     AbstractRobustConnection,
 )
 
@@ -50,6 +51,10 @@ _RECONNECTING = (
 # Chunks are 1-4 MiB: a few in flight per consumer keep the pipe full without the broker
 # pushing hundreds of MiB into a slow consumer's socket.
 DEFAULT_PREFETCH = 8
+# How long a batch consumer waits for one more message before it hands over what it has:
+# long enough to catch a window of chunks arriving back to back, short enough that a lone
+# message (a have-request, the last chunk) is not noticeably delayed.
+BATCH_LINGER_S = 0.005
 # A close that the broker does not answer (it is gone, blocked by an alarm, or restarting)
 # must not hold a service's stop up: docs/shutdown.md.
 CLOSE_S = 1.0
@@ -422,9 +427,35 @@ class Bus:
         consumer waits for the robust connection to come back and resumes on a fresh
         channel; unacked messages are redelivered by the broker meanwhile.
         """
+
+        async def one(batch: list[Incoming]) -> None:
+            (incoming,) = batch
+            # The handler runs as a child of the sender's span (traceparent).
+            with tracing.consuming(incoming.headers):
+                await handler(incoming)
+
+        await self.consume_batches(queue, one, stop=stop, prefetch=prefetch, batch=1)
+
+    async def consume_batches(
+        self,
+        queue: str,
+        handler: Callable[[list[Incoming]], Awaitable[None]],
+        *,
+        stop: asyncio.Event,
+        prefetch: int = DEFAULT_PREFETCH,
+        batch: int = 1,
+        linger_s: float = BATCH_LINGER_S,
+    ) -> None:
+        """As `consume`, but `handler` gets the messages in delivery order in batches of
+        up to `batch`: a batch is handed over when it is full or when no further message
+        came within `linger_s` (a lone message is not held back). The handler settles
+        every message of a batch before it returns (acks, e.g. one `ack(multiple=True)`,
+        rejects, dead-letters); the next batch's messages are gathered only after that.
+        A batch gathered when `stop` comes is left unacked: the broker redelivers it.
+        """
         while not stop.is_set():
             try:
-                await self._consume_until_lost(queue, handler, stop, prefetch)
+                await self._consume_until_lost(queue, handler, stop, prefetch, batch, linger_s)
             except (*_RECONNECTING, StopAsyncIteration, aiormq.exceptions.AMQPError) as exc:
                 if stop.is_set():
                     break
@@ -434,9 +465,11 @@ class Bus:
     async def _consume_until_lost(
         self,
         queue: str,
-        handler: Callable[[Incoming], Awaitable[None]],
+        handler: Callable[[list[Incoming]], Awaitable[None]],
         stop: asyncio.Event,
         prefetch: int,
+        batch: int,
+        linger_s: float,
     ) -> None:
         # Consumers get a plain connection of their own, renewed by the loop in consume():
         # a robust one would restore the old consumer beside the new one after a
@@ -463,20 +496,7 @@ class Bus:
                 it = amqp_queue.iterator()
                 try:
                     await it.consume()
-                    while not stop.is_set():
-                        getting = asyncio.ensure_future(it.__anext__())
-                        done, _ = await asyncio.wait(
-                            {getting, stopping, lost}, return_when=asyncio.FIRST_COMPLETED
-                        )
-                        if getting not in done:
-                            getting.cancel()
-                            if lost in done:
-                                raise ConnectionError(f"connection consuming {queue!r} closed")
-                            return
-                        incoming = _incoming(getting.result())
-                        # The handler runs as a child of the sender's span (traceparent).
-                        with tracing.consuming(incoming.headers):
-                            await handler(incoming)
+                    await self._deliver(it, handler, stopping, lost, batch, linger_s)
                 finally:
                     # basic.cancel waits for the broker's cancel-ok, which a blocked broker
                     # never sends; the connection's close cancels the consumer anyway.
@@ -486,6 +506,44 @@ class Bus:
                 lost.cancel()
         finally:
             await close_connection(connection, f"{self.name}-consumer")
+
+    async def _deliver(
+        self,
+        it: AbstractQueueIterator,
+        handler: Callable[[list[Incoming]], Awaitable[None]],
+        stopping: asyncio.Future[Any],
+        lost: asyncio.Future[Any],
+        batch: int,
+        linger_s: float,
+    ) -> None:
+        """Gather batches from the iterator and hand them over until stop or loss."""
+        gathered: list[Incoming] = []
+        # One pending get, kept across batches: cancelling aio-pika's __anext__ closes the
+        # whole iterator, so a linger that runs out leaves the get waiting for the next.
+        getting: asyncio.Future[Any] | None = None
+        try:
+            while not stopping.done():
+                if getting is None:
+                    getting = asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait(
+                    {getting, stopping, lost},
+                    timeout=linger_s if gathered else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if lost in done:
+                    raise ConnectionError("the consuming connection closed")
+                if stopping in done:
+                    return
+                if getting in done:
+                    gathered.append(_incoming(getting.result()))
+                    getting = None
+                    if len(gathered) < batch:
+                        continue
+                await handler(gathered)
+                gathered = []
+        finally:
+            if getting is not None:
+                getting.cancel()
 
     @staticmethod
     async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -16,7 +16,9 @@ Rules:
 
 - A file under `chunks/` is complete and its name is the digest of its bytes. Writes go to
   `tmp/`, are fsynced, renamed into place and the directory fsynced, so a crash (SIGKILL,
-  power cut) leaves either the whole chunk or nothing. A chunk found corrupt anyway (disk
+  power cut) leaves either the whole chunk or nothing. `stage` + `commit` do the same for
+  a group of chunks with one fsync pass (ingest's group commit): all files, then each
+  folder once. A chunk found corrupt anyway (disk
   rot, a hand edit) is moved to `quarantine/` so that the next put of it heals the store.
 - A chunk is stored once. Putting it again writes nothing, but refreshes its mtime: that
   restarts its grace period, so a redelivered chunk whose manifest is still arriving is
@@ -40,7 +42,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,15 @@ _CHUNK_NAME = re.compile(r"^[0-9a-f]{64}$")
 _STEP_NAME = re.compile(r"^[0-9]{12}$")
 _MANIFEST_SUFFIX = ".manifest"
 _MAX_STEP = 10**12 - 1  # 12 digits keep step directories in numeric order when sorted
+
+
+@dataclass(frozen=True)
+class StagedChunk:
+    """A chunk written to `tmp/` by `ChunkStore.stage`, waiting for `commit`."""
+
+    digest: bytes
+    tmp: Path
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -101,12 +112,55 @@ class ChunkStore:
         actual = digest if verified else digest_of(body)
         if actual != digest:
             raise IntegrityError(f"chunk {short(digest)}: body hashes to {short(actual)}")
+        staged = self.stage(digest, body, verified=verified)
+        if staged is None:
+            return False
+        self.commit([staged])
+        return True
+
+    def stage(
+        self, digest: bytes, body: bytes | bytearray | memoryview, *, verified: bool = False
+    ) -> StagedChunk | None:
+        """The first half of a put: check `body` and write it to `tmp/`, not yet fsynced
+        nor in place. None when the chunk is stored already (its mtime refreshed, as by
+        `put`). Nothing is durable until `commit`; a crash before it leaves only `tmp/`
+        files, which the next open deletes."""
+        _check_digest(digest)
+        actual = digest if verified else digest_of(body)
+        if actual != digest:
+            raise IntegrityError(f"chunk {short(digest)}: body hashes to {short(actual)}")
         path = self.path_of(digest)
         if self._touch(path):
-            return False
+            return None
         self._ensure_dir(path.parent)
-        self._write_atomic(path, body)
-        return True
+        tmp = self._tmp / f"{secrets.token_hex(16)}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(body)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StagedChunk(digest, tmp, path)
+
+    def commit(self, staged: Sequence[StagedChunk]) -> None:
+        """The second half: make staged chunks durable with one fsync pass (every file,
+        then each folder they are renamed into, once), the group commit of ingest. On an
+        error the staged files not yet in place are deleted."""
+        try:
+            for chunk in staged:
+                _fsync_file(chunk.tmp)
+            for chunk in staged:
+                os.replace(chunk.tmp, chunk.path)
+        except BaseException:
+            self.discard(staged)
+            raise
+        for directory in sorted({chunk.path.parent for chunk in staged}):
+            fsync_dir(directory)
+
+    def discard(self, staged: Sequence[StagedChunk]) -> None:
+        """Delete staged files that were not committed (a batch that failed)."""
+        for chunk in staged:
+            chunk.tmp.unlink(missing_ok=True)
 
     def has(self, digest: bytes) -> bool:
         return self.path_of(digest).is_file()
@@ -290,6 +344,14 @@ class ChunkStore:
 def _check_digest(digest: bytes) -> None:
     if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
         raise IntegrityError(f"a digest is {DIGEST_SIZE} bytes, got {digest!r:.80}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: Path) -> int:

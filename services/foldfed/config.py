@@ -125,6 +125,8 @@ class IngestSettings:
     # participant it claims to come from. Off only for brokers that cannot do it.
     require_sender_identity: bool
     prefetch: int
+    # Most chunks made durable together (group commit); 1 = one by one.
+    batch: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IngestSettings:
@@ -140,6 +142,7 @@ class IngestSettings:
             max_payload_bytes=s.max_payload_bytes,
             require_sender_identity=s.require_sender_identity,
             prefetch=s.prefetch,
+            batch=s.ingest_batch or s.prefetch,
         )
 
 

@@ -76,6 +76,8 @@ def _name(kind: str, step: int) -> str:
 
 
 class AggregatorService(IngestService):
+    service_name = SERVICE
+
     def __init__(
         self,
         settings: AggregatorSettings,
@@ -126,7 +128,9 @@ class AggregatorService(IngestService):
             assert isinstance(request, FinalizeRequest)
             await self._finalize(request)
             return Effects()
-        effects = await super()._apply(incoming)
+        return await super()._apply(incoming)
+
+    async def _made_durable(self, effects: Effects) -> None:
         if effects.receipts:
             # A delivery is durable, its receipt not yet out: mid-step for the others.
             crash_point(SERVICE, "after-delivery", effects.receipts[0].step)
@@ -134,7 +138,6 @@ class AggregatorService(IngestService):
             await asyncio.to_thread(self._open_sum, released.step)
             # The step boundary: what only the closed step needed may go (retention.md).
             await asyncio.to_thread(self.retention.collect)
-        return effects
 
     def _open_sum(self, step: int) -> None:
         """The sum of `step` (empty if new, kept if the sink holds it already), with the

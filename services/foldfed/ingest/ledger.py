@@ -6,7 +6,10 @@ its consequences durable: chunk bytes in the content-addressed store (fsynced), 
 SQLite (ingest/store.py). What to accept, drop or reject is decided by ingest/rules.py;
 this module reads the facts the rules need, asks them, and writes what they decided.
 Handlers are idempotent: a redelivered message changes nothing and is counted as a
-duplicate. Blocking: the service calls it from a worker thread, one message at a time.
+duplicate. Chunks may be made durable in groups (`stage_chunk`, `commit_chunks`,
+`apply_chunk`: one fsync pass and one SQLite transaction for a batch); `on_chunk` is a
+group of one. Blocking: the service calls it from a worker thread, one message or batch
+at a time.
 
 What "held" means is scoped per participant: the hub answers a have-request with the
 chunks *this* participant delivered before, never with what another participant holds,
@@ -21,11 +24,12 @@ part of it stays in the sum, and its sender may send another manifest for the st
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from foldfed.aggregation.normbound import OverBound
-from foldfed.chunkstore import ChunkStore
+from foldfed.chunkstore import ChunkStore, StagedChunk
 from foldfed.codedvector import CycleCoding, check_coding
 from foldfed.digests import digest_of
 from foldfed.ingest import rules
@@ -80,6 +84,27 @@ class _NoSink:
 
     def forget(self, m: Manifest) -> None:
         pass
+
+
+@dataclass
+class StagedDelivery:
+    """One chunk message of a batch: checked, its body staged; `outcome` (the effects to
+    publish once it is applied) is set by the commit."""
+
+    chunk: Chunk
+    manifest: Manifest | None
+    prepared: object  # what the sink's `apply` needs (None without a manifest)
+    newly_present: bool = False
+    outcome: Effects | None = None
+
+
+@dataclass
+class ChunkBatch:
+    """The chunks of one group commit, in arrival order, and their staged bodies (one per
+    digest: a chunk sent twice in a batch is written once)."""
+
+    deliveries: list[StagedDelivery] = field(default_factory=list)
+    writes: dict[bytes, StagedChunk] = field(default_factory=dict)
 
 
 class IngestLedger:
@@ -213,6 +238,22 @@ class IngestLedger:
         return Effects(replies=[reply], receipts=receipts)
 
     def on_chunk(self, c: Chunk) -> Effects:
+        """One chunk on its own: a group commit of one."""
+        batch = ChunkBatch()
+        staged = self.stage_chunk(batch, c)
+        self.commit_chunks(batch)
+        return self.apply_chunk(staged)
+
+    # ---------------------------------------------------------------- group commit
+    # A batch of chunks is made durable in three calls, so the service can ack them all
+    # at once: `stage_chunk` for each (checks, then the body written, not yet durable),
+    # `commit_chunks` once (one fsync pass, one SQLite transaction), then `apply_chunk`
+    # for each, in order (the running sum; the effects to publish). A crash anywhere
+    # before the acks loses nothing acked: the broker redelivers the whole batch, and
+    # what was committed already makes each chunk a duplicate.
+
+    def stage_chunk(self, batch: ChunkBatch, c: Chunk) -> StagedDelivery:
+        """Check `c` (Reject: nothing written) and write its body, not yet durable."""
         self._check_sender(c.step, c.participant)
         manifest = self.manifest(c.step, c.participant)
         rules.check_chunk(c, manifest, digest_of(c.body))
@@ -221,18 +262,53 @@ class IngestLedger:
         except OverBound:
             assert manifest is not None
             self._withdraw(manifest)
+            # Chunks of the same delta staged earlier in this batch are not counted yet:
+            # they are kept as chunks without a manifest (present, uncounted), so nothing
+            # of the withdrawn delta reaches the sum when the batch commits.
+            for staged in batch.deliveries:
+                if staged.manifest == manifest:
+                    staged.manifest, staged.prepared = None, None
             raise
         # A chunk may arrive before its manifest (redelivery reorders): it is verified and
         # stored, and the manifest counts it when it comes.
-        self.store.put(c.digest, c.body, verified=True)  # hashed just above
-        newly_present = self.facts.record_chunk(
-            c.step, c.participant, c.index, c.digest, counted=manifest is not None
+        if c.digest not in batch.writes:
+            written = self.store.stage(c.digest, c.body, verified=True)  # hashed just above
+            if written is not None:
+                batch.writes[c.digest] = written
+        staged = StagedDelivery(c, manifest, prepared)
+        batch.deliveries.append(staged)
+        return staged
+
+    def commit_chunks(self, batch: ChunkBatch) -> None:
+        """Make every staged chunk durable: its body (one fsync pass), then its facts (one
+        SQLite transaction, in arrival order, so duplicates and completions count as one
+        by one would)."""
+        self.store.commit(list(batch.writes.values()))
+        with self.facts.batch():
+            for staged in batch.deliveries:
+                staged.outcome = self._record(staged)
+
+    def discard(self, batch: ChunkBatch) -> None:
+        """Forget a batch that will not be committed (its staged files are deleted)."""
+        self.store.discard(list(batch.writes.values()))
+
+    def apply_chunk(self, staged: StagedDelivery) -> Effects:
+        """Add a committed chunk to the running sum if it newly counts; its effects."""
+        if staged.outcome is None:
+            raise RuntimeError("apply_chunk before commit_chunks")
+        if staged.manifest is not None and staged.newly_present:
+            self.sink.apply(staged.manifest, staged.chunk.index, staged.prepared)
+        return staged.outcome
+
+    def _record(self, staged: StagedDelivery) -> Effects:
+        c = staged.chunk
+        staged.newly_present = self.facts.record_chunk(
+            c.step, c.participant, c.index, c.digest, counted=staged.manifest is not None
         )
-        if manifest is None:
+        if staged.manifest is None:
             return Effects()
-        if rules.chunk_verdict(newly_present) is Verdict.DUPLICATE:
+        if rules.chunk_verdict(staged.newly_present) is Verdict.DUPLICATE:
             return Effects(duplicate=True)
-        self.sink.apply(manifest, c.index, prepared)
         return self._complete_if_done(c.step, c.participant)
 
     def replay_open_step(self) -> int:

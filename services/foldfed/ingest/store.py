@@ -3,7 +3,8 @@ manifest each participant sent for a step, which of its chunks are present, and 
 chunk digests each participant delivered.
 
 Persistence only: what the facts mean is decided by ingest/rules.py. Each method that
-changes something is one transaction, so a crash leaves a fact entirely or not at all.
+changes something is one transaction, so a crash leaves a fact entirely or not at all;
+`batch` groups several into one (ingest's group commit).
 
 Tables:
   hub_state(key, value)       'open_step', 'model_digest', 'members' (comma-separated
@@ -22,7 +23,7 @@ Tables:
   owned(participant, digest)  chunk digests a participant delivered (have-requests are
                               answered per participant, never across participants)
 
-Blocking: the ledger calls it from a worker thread, one message at a time.
+Blocking: the ledger calls it from a worker thread, one message or batch at a time.
 """
 
 from __future__ import annotations
@@ -90,9 +91,20 @@ class IngestStore:
         self._db.close()
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction around several changes (ingest's group commit): the methods
+        called inside it commit together, with one fsync of the log, or not at all."""
+        with self._transaction():
+            yield
+
+    @contextmanager
     def _transaction(self) -> Iterator[None]:
         """One atomic, durable transaction. (The connection is in autocommit mode, where
-        `with connection:` would not open one: each statement would commit alone.)"""
+        `with connection:` would not open one: each statement would commit alone.) Inside
+        `batch` it is part of the batch's transaction."""
+        if self._db.in_transaction:
+            yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield

@@ -353,6 +353,12 @@ class Settings(BaseSettings):
 
     # --- the hub
     prefetch: int = _var("FOLDFED_PREFETCH", 8, "ingest aggregator", "AMQP prefetch", ge=1)
+    ingest_batch: int = _var(
+        "FOLDFED_INGEST_BATCH", 0, "ingest aggregator",
+        "most chunks made durable together (one fsync pass, one SQLite transaction, one"
+        " ack); `0`: the prefetch count; `1`: one by one",
+        ge=0,
+    )  # fmt: skip
     max_payload_bytes: int = _var(
         "FOLDFED_MAX_PAYLOAD_BYTES", 8 << 30, "ingest aggregator",
         "largest payload a manifest may announce, bytes", ge=1,
