@@ -459,3 +459,16 @@ def test_a_process_exports_to_its_file_and_to_an_otlp_collector_at_exit(tmp_path
     (local,) = _spans(tmp_path).values()
     assert local.name == "upload" and local.span_id == otlp_span.span_id.hex()
     assert (tmp_path / "uploader-org-a.jsonl").exists()
+
+
+def test_a_gone_collector_cannot_hold_a_stop_past_the_bound() -> None:
+    # The last flush runs at exit; OpenTelemetry's own 10 s export timeout would outlast
+    # the service's stop bound when the collector is gone (docs/shutdown.md).
+    from foldfed.runtime import DRAIN_S, HARD_EXIT_S
+    from foldfed.tracing import OTLP_TIMEOUT_S, _otlp_timeout
+
+    assert _otlp_timeout({}) == OTLP_TIMEOUT_S
+    assert DRAIN_S + OTLP_TIMEOUT_S < HARD_EXIT_S
+    # An operator's own setting wins (the exporter then reads it).
+    assert _otlp_timeout({"OTEL_EXPORTER_OTLP_TIMEOUT": "30"}) is None
+    assert _otlp_timeout({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "5"}) is None
