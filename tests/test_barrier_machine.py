@@ -478,3 +478,25 @@ def test_a_step_closes_when_and_only_when_the_last_member_first_delivers(
         expected = {p: first_seen[(t, p)] for p in started.participants}
         assert record.delivered_ms == expected
         assert record.closed_ms == max(expected.values())
+
+
+def test_the_cycles_weights_and_bound_are_its_terms_in_every_release() -> None:
+    # Fixed when the cycle starts, carried by its state: a restarted barrier whose settings
+    # changed mid-cycle still announces the cycle's own (the hub checks every manifest
+    # against them).
+    from dataclasses import replace as with_terms
+
+    started = with_terms(start(), weights=(4096.0, 2048.0, 1024.0), update_norm_bound=3.5)
+    state, effects = transition(None, started)
+    assert state is not None and (state.weights, state.update_norm_bound) == (
+        (4096.0, 2048.0, 1024.0),
+        3.5,
+    )
+    (release,) = effects
+    assert isinstance(release, Release)
+    assert (release.weights, release.update_norm_bound) == ((4096.0, 2048.0, 1024.0), 3.5)
+    with pytest.raises(ValueError, match="weights for"):
+        with_terms(start(), weights=(1.0,) * (len(MEMBERS) + 1))
+    for bad in ({"weights": (0.0,) * len(MEMBERS)}, {"update_norm_bound": -1.0}):
+        with pytest.raises(ValueError, match="finite"):
+            with_terms(start(), **bad)

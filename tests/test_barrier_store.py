@@ -326,3 +326,17 @@ def test_sigkill_mid_apply_never_leaves_state_and_log_disagreeing(db: Path) -> N
 
 if __name__ == "__main__":
     child_main(Path(sys.argv[1]), int(sys.argv[2]))
+
+
+def test_the_cycles_terms_survive_reopening(db: Path) -> None:
+    from dataclasses import replace as with_terms
+
+    started = with_terms(start(), weights=(4096.0,) * len(MEMBERS), update_norm_bound=2.5)
+    with BarrierStore(db) as store:
+        apply_all(store, [started])
+    with BarrierStore(db) as store:
+        state = store.load()
+        assert state is not None
+        assert state.weights == (4096.0,) * len(MEMBERS) and state.update_norm_bound == 2.5
+        (release,) = store.pending_effects() or (None,)
+        assert release is None or release.weights == state.weights

@@ -36,6 +36,7 @@ takes and the effects it emits); persistence is barrier/store.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -74,11 +75,25 @@ class CycleStarted:
     codec: str = "fp32:v1"
     codec_seed: int = 0
     codec_choices: tuple[str, ...] = ()  # per-member specs members may send instead
+    # Each member's agreed weight, in sorted-member order (() = none fixed), and the L2
+    # bound on each delta (0 = none): terms of the cycle, fixed when it starts and stored
+    # with it, so a restarted barrier announces the same ones whatever its settings say.
+    weights: tuple[float, ...] = ()
+    update_norm_bound: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.cycle >= 0 and self.first_step >= 0, "cycle and first_step must be >= 0")
         _require(self.steps >= 1, f"a cycle runs at least one step, got steps={self.steps}")
         _require(bool(self.participants), "a cycle needs at least one participant")
+        _require(
+            not self.weights or len(self.weights) == len(self.participants),
+            f"{len(self.weights)} weights for {len(self.participants)} participants",
+        )
+        _require(
+            all(math.isfinite(w) and w > 0 for w in self.weights)
+            and math.isfinite(self.update_norm_bound) and self.update_norm_bound >= 0,
+            "weights must be finite and > 0, the norm bound finite and >= 0",
+        )  # fmt: skip
         _require(all(self.participants), "participant names must not be empty")
 
 
@@ -195,6 +210,8 @@ class BarrierState:
     codec: str = "fp32:v1"  # the cycle's uplink codec spec
     codec_seed: int = 0
     codec_choices: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    update_norm_bound: float = 0.0
 
     @property
     def last_step(self) -> int:
@@ -231,6 +248,8 @@ class Release:
     codec: str = "fp32:v1"
     codec_seed: int = 0
     codec_choices: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    update_norm_bound: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -261,6 +280,8 @@ class CycleDone:
     codec: str = "fp32:v1"
     codec_seed: int = 0
     codec_choices: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    update_norm_bound: float = 0.0
 
 
 Effect = RequestFinalize | Release | FlagMismatch | Ignored | CycleDone
@@ -307,7 +328,7 @@ def pending(state: BarrierState | None) -> Effects:
 def _release(s: BarrierState) -> Release:
     return Release(
         s.cycle, s.step, s.model_digest, s.participants, s.update_manifest,
-        s.codec, s.codec_seed, s.codec_choices,
+        s.codec, s.codec_seed, s.codec_choices, s.weights, s.update_norm_bound,
     )  # fmt: skip
 
 
@@ -318,7 +339,7 @@ def _request_finalize(s: BarrierState) -> RequestFinalize:
 def _cycle_done(s: BarrierState) -> CycleDone:
     return CycleDone(
         s.cycle, s.step, s.model_digest, s.participants, s.update_manifest,
-        s.codec, s.codec_seed, s.codec_choices,
+        s.codec, s.codec_seed, s.codec_choices, s.weights, s.update_norm_bound,
     )  # fmt: skip
 
 
@@ -351,6 +372,8 @@ def _on_cycle_started(
         codec=e.codec,
         codec_seed=e.codec_seed,
         codec_choices=e.codec_choices,
+        weights=e.weights,
+        update_norm_bound=e.update_norm_bound,
     )
     return new, (_release(new),)
 

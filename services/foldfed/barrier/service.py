@@ -93,6 +93,8 @@ class BarrierService:
                 codec=self.settings.codec,
                 codec_seed=self.settings.codec_seed,
                 codec_choices=self.settings.codec_choices,
+                weights=self.settings.agreed_weights(tuple(sorted(self.settings.participants))),
+                update_norm_bound=self.settings.update_norm_bound,
             )
             log.info("cycle starts", model=short(initial), steps=self.settings.steps)
             await self._apply(start)
@@ -212,9 +214,9 @@ class BarrierService:
             codec_seed=effect.codec_seed,
             codec_choices=effect.codec_choices,
             # Agreed per cycle, never claimed per step: the hub checks every manifest's.
-            weights=self.settings.agreed_weights(members),
-            # The cycle's, like the weights: the hub and every member check the same bound.
-            update_norm_bound=self.settings.update_norm_bound,
+            # Both are the stored cycle's terms, not the settings of this process.
+            weights=effect.weights,
+            update_norm_bound=effect.update_norm_bound,
         )
         # The aggregator first, so the step is open before any participant can deliver
         # (the update's chunks already wait in every participant's queue).
@@ -263,8 +265,8 @@ class BarrierService:
             codec=effect.codec,
             codec_seed=effect.codec_seed,
             codec_choices=effect.codec_choices,
-            weights=self.settings.agreed_weights(tuple(sorted(effect.participants))),
-            update_norm_bound=self.settings.update_norm_bound,
+            weights=effect.weights,
+            update_norm_bound=effect.update_norm_bound,
         )
         await self.bus.publish(topology.BROADCAST_EXCHANGE, "", release, headers=headers)
         log.info("cycle done", final_model=effect.final_model_digest.hex())

@@ -309,6 +309,10 @@ def _from_json(tp: Any, raw: Any) -> Any:
         return tp(raw)
     if tp in (int, str):
         return _as(tp, raw)
+    if tp is float:  # JSON writes 1.0 as 1.0, but a hand-edited 1 is still a number
+        if type(raw) not in (int, float):
+            raise TypeError(f"expected a number, stored {raw!r}")
+        return float(raw)
     raise TypeError(f"no JSON form for {tp!r}")
 
 
