@@ -786,11 +786,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tempfile.mkdtemp(prefix="foldfed-release-"))
     try:
         check_disk(work, args)
+        sites = tuple(f"site{i}" for i in range(1, args.participants + 1))
         spec = FederationSpec(
-            participants=tuple(f"site{i}" for i in range(1, args.participants + 1)),
+            participants=sites,
             steps=args.steps,
             workdir=work,
-            common_env={"FOLDFED_CHUNK_SIZE": str(chunk_size)},
+            common_env={
+                "FOLDFED_CHUNK_SIZE": str(chunk_size),
+                # The cycle's agreed weights (the hub rejects any other): the bench's own.
+                "FOLDFED_MEMBER_WEIGHTS": ",".join(f"{site}={WEIGHT:g}" for site in sites),
+                # Every step's model is checked after the run: keep them (docs/retention.md).
+                "FOLDFED_RETAIN_STEPS": "0",
+            },
         )
         fed = LocalFederation(spec)
         try:
