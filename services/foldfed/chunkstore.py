@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foldfed.digests import DIGEST_SIZE, digest_of, short
-from foldfed.durable import fsync_dir
+from foldfed.durable import fsync_dir, remove_file
 from foldfed.errors import IntegrityError, StoreError
 
 _PARTICIPANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -180,7 +180,7 @@ class ChunkStore:
     def delete(self, digest: bytes) -> int:
         """Delete the chunk; the bytes freed (0 when it was not there). The caller decides
         that nothing needs it any more (foldfed.retention)."""
-        return _unlink(self.path_of(digest))
+        return remove_file(self.path_of(digest))
 
     def size_of(self, digest: bytes) -> int:
         try:
@@ -284,7 +284,7 @@ class ChunkStore:
         for step, _, manifest in self.manifests():
             if step >= keep_from_step:
                 live.update(digests_of(manifest))
-        freed = sum(_unlink(path) for path in doomed)
+        freed = sum(remove_file(path) for path in doomed)
         self._remove_empty_step_dirs()
         deleted, kept, young, chunk_bytes = self._sweep_chunks(live, time.time() - grace_seconds)
         return GcReport(len(doomed), deleted, freed + chunk_bytes, kept, young)
@@ -303,7 +303,7 @@ class ChunkStore:
                 kept += 1
                 young += 1
                 continue
-            freed += _unlink(path)
+            freed += remove_file(path)
             deleted += 1
         return deleted, kept, young, freed
 
@@ -352,13 +352,3 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _unlink(path: Path) -> int:
-    """Delete `path`; the bytes it freed (0 when it was already gone)."""
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size

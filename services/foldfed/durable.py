@@ -34,3 +34,14 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_file(path: Path) -> int:
+    """Delete `path`; the bytes it freed (0 when it was already gone). Retention deletes
+    with this; a deletion needs no fsync (a crash that undoes it leaves garbage, not loss)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size

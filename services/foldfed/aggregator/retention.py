@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from foldfed.durable import remove_file
 from foldfed.faults import crash_point
 from foldfed.ingest.ledger import IngestLedger
 from foldfed.retention import HubGarbage, HubHoldings, RetentionPolicy, hub_garbage
@@ -93,7 +94,7 @@ class HubRetention:
                 # Tests: SIGKILL in the middle of a GC (docs/format.md, crash points).
                 crash_point("aggregator", "mid-gc", open_step)
         for path in paths:
-            freed += _unlink(path)
+            freed += remove_file(path)
         return HubGcReport(len(garbage.models), len(garbage.updates), len(garbage.chunks), freed)
 
 
@@ -114,12 +115,3 @@ def _steps(folder: Path, pattern: re.Pattern[str]) -> set[int]:
         if match:
             found.add(int(next(g for g in match.groups() if g is not None)))
     return found
-
-
-def _unlink(path: Path) -> int:
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size

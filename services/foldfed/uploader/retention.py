@@ -14,12 +14,11 @@ inbox's when the unacked release is redelivered. Rules: docs/retention.md.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import structlog
 
 from foldfed.chunkstore import ChunkStore
 from foldfed.domain import Manifest
+from foldfed.durable import remove_file
 from foldfed.faults import crash_point
 from foldfed.retention import RetentionPolicy, spent_downloads, spent_uploads
 from foldfed.spool import Spool
@@ -48,7 +47,7 @@ class SpoolRetention:
         spent = spent_uploads(self.spool.sent_delta_steps(), self.policy)
         for step in spent:
             freed += self.spool.discard_sent_delta(step)
-            freed += _unlink(self.coder.folder / f"delta-{step:012d}.coded")
+            freed += remove_file(self.coder.folder / f"delta-{step:012d}.coded")
             journal = self.spool.root / "uploads" / f"step-{step:012d}"
             if journal.is_dir():
                 UploadJournal(self.spool.root, step).retire()
@@ -80,12 +79,3 @@ class SpoolRetention:
         if freed:
             log.info("retention: downloaded chunks deleted", chunks=len(spent), bytes_freed=freed)
         return freed
-
-
-def _unlink(path: Path) -> int:
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size
