@@ -24,12 +24,16 @@ compensate's encode and of a receiver's decode, one thread) and on a 16 MiB vect
 process's, after each row (monotonic: a row's value includes the rows above).
 
 Result: the row with the highest min(uplink ratio, downlink ratio) whose held-out loss is
-within 1 % of fp32's on every task run:
+within 1 % of fp32's on every task. With one seed that is the run's own delta; with several
+(`--seeds`), each task's seeds are samples of the codec's effect and the rule is
+non-inferiority: the one-sided 95 % upper confidence bound (Student t) of the mean delta is
+at most 1 % (`best_row` says why):
 
     RESULT codec=<row> uplink_ratio=<x> downlink_ratio=<x> loss_delta_pct=<signed %>
-        peak_rss_mib=<MiB>              (one line)
+        loss_upper95_pct=<signed %> seeds=<n> peak_rss_mib=<MiB>     (one line)
 
-(loss_delta_pct: the worst task's; peak_rss_mib: this process's VmHWM at the end).
+(loss_delta_pct: the worst task's mean delta, loss_upper95_pct its upper bound;
+peak_rss_mib: this process's VmHWM at the end).
 `--quick` is a smoke run (CPU task, fp32 and int8, 2 steps). This is a measurement, not a
 test (not in CI).
 
@@ -94,6 +98,12 @@ ROWS: dict[str, tuple[str, str]] = {
     "rot2": (_rot(2, "shared", 2.0, "stochastic"), _rot(2, "block", 2.0, "stochastic")),
     "rot2+zstd": (
         _rot(2, "shared", 2.0, "stochastic") + ZSTD,
+        _rot(2, "block", 2.0, "stochastic") + ZSTD,
+    ),
+    # Per-block scales on the uplink too: not linear-shared (does not compose with masking),
+    # so a member choice, not a cycle spec for masked sums.
+    "rot2b+zstd": (
+        _rot(2, "block", 2.0, "stochastic") + ZSTD,
         _rot(2, "block", 2.0, "stochastic") + ZSTD,
     ),
     "rot2n": (_rot(2, "shared", 1.5, "nearest"), _rot(2, "block", 1.5, "nearest")),
@@ -390,27 +400,85 @@ def _rows_with_ratios(found: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# One-sided 95 % Student t quantiles t_{0.95, df} for df = 1..30 (larger df: 1.645 is within
+# 2 % of the exact value from df 30 on, and it errs towards a wider bound below that).
+_T95 = (
+    6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812,
+    1.796, 1.782, 1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725,
+    1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
+)  # fmt: skip
+MARGIN_PCT = 1.0  # the issue's quality goal: held-out loss within 1 % of fp32's
+
+
+def upper95(deltas: Sequence[float]) -> float:
+    """One-sided 95 % upper confidence bound of the mean of `deltas` (Student t; one value:
+    the value itself, no interval)."""
+    n = len(deltas)
+    mean = float(np.mean(deltas))
+    if n < 2:
+        return mean
+    sd = float(np.std(deltas, ddof=1))
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.645
+    return mean + t * sd / np.sqrt(n)
+
+
+def _task_family(name: str) -> str:
+    """ "cpu seed=3" -> "cpu": the seeds of one task are samples of one codec effect."""
+    return name.split(" seed=")[0]
+
+
+def seed_summary(result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """task -> row -> the row's loss deltas over seeds, their mean and 95 % upper bound,
+    and its worst ratios."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, found in result["tasks"].items():
+        rows = out.setdefault(_task_family(name), {})
+        for r in _rows_with_ratios(found):
+            entry = rows.setdefault(
+                r["row"], {"deltas": [], "up": float("inf"), "down": float("inf")}
+            )
+            entry["deltas"].append(r["loss_pct"])
+            entry["up"] = min(entry["up"], r["up_ratio"])
+            entry["down"] = min(entry["down"], r["down_ratio"])
+    for rows in out.values():
+        for entry in rows.values():
+            entry["mean"] = float(np.mean(entry["deltas"]))
+            entry["upper95"] = upper95(entry["deltas"])
+    return out
+
+
 def best_row(result: dict[str, Any]) -> dict[str, Any] | None:
-    """The most compressing row (min of both ratios, worst task) within 1 % on every task."""
-    per_task = [
-        {r["row"]: r for r in _rows_with_ratios(found)} for found in result["tasks"].values()
-    ]
-    if not per_task:
+    """The most compressing row (min of both ratios, worst task) that holds the quality goal on
+    every task: its held-out loss is within 1 % of fp32's. With one seed that is the run's own
+    delta; with several, the seeds are samples of the codec's effect and the rule is
+    non-inferiority: the one-sided 95 % upper confidence bound of the mean delta is at most
+    1 % (a single seed's final loss moves by +-2 % under a 2-bit codec on the CPU task, both
+    ways, so "every seed within 1 %" would test the task's noise, not the codec)."""
+    summary = seed_summary(result)
+    if not summary:
         return None
+    per_task = list(summary.values())
     candidates = []
     for row in per_task[0]:
         if not all(row in t for t in per_task):
             continue
-        rows = [t[row] for t in per_task]
-        if all(r["loss_pct"] <= 1.0 for r in rows):
-            up = min(r["up_ratio"] for r in rows)
-            down = min(r["down_ratio"] for r in rows)
-            worst = max(rows, key=lambda r: r["loss_pct"])["loss_pct"]
+        entries = [t[row] for t in per_task]
+        if all(e["upper95"] <= MARGIN_PCT for e in entries):
+            up = min(e["up"] for e in entries)
+            down = min(e["down"] for e in entries)
+            worst = max(entries, key=lambda e: e["upper95"])
             candidates.append((min(up, down), row, up, down, worst))
     if not candidates:
         return None
-    _, row, up, down, worst = max(candidates)
-    return {"row": row, "up": up, "down": down, "loss_pct": worst}
+    _, row, up, down, worst = max(candidates, key=lambda c: (c[0], c[1]))
+    return {
+        "row": row,
+        "up": up,
+        "down": down,
+        "loss_pct": worst["mean"],
+        "upper95": worst["upper95"],
+        "seeds": len(worst["deltas"]),
+    }
 
 
 def render(result: dict[str, Any]) -> str:
@@ -432,6 +500,7 @@ def render(result: dict[str, Any]) -> str:
                 f"{r['peak_rss_mib']:9.0f}"
             )
         lines.append("")
+    lines.extend(_render_seed_summary(result))
     count = result["args"]["speed_elements"]
     lines.append(f"speed on one {4 * count / 2**20:.0f} MiB fp32 delta (uplink codec, 1 thread):")
     lines.append(f"{'codec':12}{'ratio':>8}{'enc MB/s':>10}{'dec MB/s':>10}{'alloc peak MiB':>16}")
@@ -454,14 +523,38 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_seed_summary(result: dict[str, Any]) -> list[str]:
+    """Per task over its seeds: each row's mean loss delta and 95 % upper bound."""
+    lines = []
+    for task, rows in seed_summary(result).items():
+        n = max(len(e["deltas"]) for e in rows.values())
+        if n < 2:
+            continue
+        lines.append(f"{task} over {n} seeds: held-out loss vs fp32 (the quality rule: upper <= "
+                     f"{MARGIN_PCT:g} %)")  # fmt: skip
+        lines.append(f"{'codec':12}{'up x':>8}{'down x':>8}{'mean':>9}{'sd':>8}{'upper95':>9}"
+                     f"{'worst seed':>12}")  # fmt: skip
+        for row, e in rows.items():
+            sd = float(np.std(e["deltas"], ddof=1)) if len(e["deltas"]) > 1 else 0.0
+            lines.append(
+                f"{row:12}{e['up']:8.2f}{e['down']:8.2f}{e['mean']:+8.2f}%{sd:7.2f}%"
+                f"{e['upper95']:+8.2f}%{max(e['deltas']):+11.2f}%"
+            )
+        lines.append("")
+    return lines
+
+
 def result_fields(result: dict[str, Any]) -> dict[str, benchkit.ResultValue]:
     """The RESULT line: the best row (best_row) and this process's peak RSS."""
-    best = best_row(result) or {"row": "none", "up": 1, "down": 1, "loss_pct": float("nan")}
+    none = {"row": "none", "up": 1, "down": 1, "loss_pct": float("nan")}
+    best = best_row(result) or none
     return {
         "codec": best["row"],
         "uplink_ratio": f"{best['up']:.2f}",
         "downlink_ratio": f"{best['down']:.2f}",
         "loss_delta_pct": f"{best['loss_pct']:+.2f}",
+        "loss_upper95_pct": f"{best.get('upper95', float('nan')):+.2f}",
+        "seeds": best.get("seeds", 0),
         "peak_rss_mib": result["peak_rss_mib"],
     }
 
@@ -485,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", default="0",
         help="comma-separated: every task runs once per seed (data, θ_0, codec streams); "
-        "the RESULT row must be within 1 %% on every run",
+        "the RESULT row's mean delta must be within 1 %% at 95 %% confidence (one-sided)",
     )  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     benchkit.add_quick_option(parser, QUICK, argv)
