@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 from fuzzing import expect_clean, fuzz, hostile_bytes, mutated
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from foldfed.codecs import CodecContext, block_stats, codec_from_spec, encode_vector
@@ -273,6 +273,13 @@ def test_chunk_checks_accept_or_reject(
         lambda: check_chunk(decode(*encode(chunk)), manifest, digest_of(body)),
         (DecodeError, Reject),
     )
+
+
+def test_a_codec_spec_with_a_huge_integer_is_rejected_with_a_reason() -> None:
+    # Regression: int() of a 5000-digit parameter raised ValueError out of check_coding.
+    m = dataclasses.replace(MANIFESTS["int8"], codec_spec="int8:v1;block=1" + "0" * 5000)
+    with pytest.raises(Reject, match="canonical integer"):
+        _ingest(*encode(m), CycleCoding(INT8, 9, 2))
 
 
 def test_a_weight_that_is_not_finite_never_reaches_the_checks() -> None:
