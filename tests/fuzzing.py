@@ -19,6 +19,7 @@ little-endian integer written over or inserted at a random offset).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -113,6 +114,53 @@ def mutated(draw: st.DrawFn, valid: bytes, most: int = 4) -> bytes:
 def hostile_bytes(valid: bytes, max_random: int = 512) -> st.SearchStrategy[bytes]:
     """Random bytes or mutations of `valid`: the two ways a campaign draws an input."""
     return st.one_of(st.binary(max_size=max_random), mutated(valid))
+
+
+# A value a hostile JSON writer may put anywhere: other types, NaN and infinities (json.loads
+# reads them), lone surrogates (json escapes them), numbers past every fixed-width range.
+hostile_json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64),
+    st.sampled_from([10**400, -(10**400), 1e308, -0.0, 5e-324]),
+    st.floats(),  # NaN and infinities included: json.loads reads them
+    st.text(max_size=8),
+    st.sampled_from(["\ud800", "\udfff", "", "../x", "a/b", "\x00"]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+def _json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            out += _json_paths(inner, (*prefix, key))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            out += _json_paths(inner, (*prefix, i))
+    return out
+
+
+@st.composite
+def json_mutated(draw: st.DrawFn, document: Any) -> Any:
+    """`document` (a deep copy) with one value replaced, one key deleted, or one added."""
+    copy = json.loads(json.dumps(document))
+    path = draw(st.sampled_from(_json_paths(copy)))
+    if not path:
+        return draw(hostile_json_values)
+    parent = copy
+    for key in path[:-1]:
+        parent = parent[key]
+    last = path[-1]
+    action = draw(st.sampled_from(["replace", "delete", "add"]))
+    if action == "delete":
+        del parent[last]
+    elif action == "add" and isinstance(parent, dict):
+        parent[draw(st.text(max_size=6))] = draw(hostile_json_values)
+    else:
+        parent[last] = draw(hostile_json_values)
+    return copy
 
 
 # --------------------------------------------------------------------------- the contract

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzzing import expect_clean, fuzz, mutated
+from fuzzing import expect_clean, fuzz, json_mutated, mutated
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -74,50 +74,6 @@ CARD = sign_card(
 )
 
 # --------------------------------------------------------------------------- JSON mutation
-
-_hostile_values = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**64), 2**64),
-    st.sampled_from([10**400, -(10**400), 1e308, -0.0, 5e-324]),
-    st.floats(),  # NaN and infinities included: json.loads reads them
-    st.text(max_size=8),
-    st.sampled_from(["\ud800", "\udfff", "", "../x", "a/b", "\x00"]),
-    st.lists(st.integers(), max_size=2),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-)
-
-
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            out += _paths(inner, (*prefix, key))
-    elif isinstance(value, list):
-        for i, inner in enumerate(value):
-            out += _paths(inner, (*prefix, i))
-    return out
-
-
-@st.composite
-def json_mutated(draw: st.DrawFn, document: Any) -> Any:
-    """`document` (a deep copy) with one value replaced, one key deleted, or one added."""
-    copy = json.loads(json.dumps(document))
-    path = draw(st.sampled_from(_paths(copy)))
-    if not path:
-        return draw(_hostile_values)
-    parent = copy
-    for key in path[:-1]:
-        parent = parent[key]
-    last = path[-1]
-    action = draw(st.sampled_from(["replace", "delete", "add"]))
-    if action == "delete":
-        del parent[last]
-    elif action == "add" and isinstance(parent, dict):
-        parent[draw(st.text(max_size=6))] = draw(_hostile_values)
-    else:
-        parent[last] = draw(_hostile_values)
-    return copy
 
 
 def _dumps(document: Any) -> bytes:
