@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.foldfed-installed
 STAMP_OF3 := $(VENV)/.foldfed-of3
 STAMP_DEV := $(VENV)/.foldfed-dev
 
-.PHONY: test-containers setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
+.PHONY: fuzz test-containers setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -79,6 +79,13 @@ test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests
 lint: setup $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The long fuzzing campaign: tests/test_fuzz_*.py with each test's example count times
+# FUZZ_SCALE (make test runs them at scale 1). Ends with `RESULT fuzz_inputs=...` (stderr);
+# FOLDFED_FUZZ_SEED=N draws another fixed sequence than the derandomized default.
+FUZZ_SCALE ?= 20
+fuzz: setup $(STAMP_DEV)
+	FOLDFED_FUZZ_SCALE=$(FUZZ_SCALE) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_*.py
 
 # Regenerate services/foldfed/v1 from proto/ with the pinned generator (grpcio-tools in
 # the dev extra); tests/test_contract.py fails when the committed code drifts.

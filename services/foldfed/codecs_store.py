@@ -118,7 +118,8 @@ def _header(residual: Residual) -> bytes:
 def _parse_header(header: bytes, path: Path) -> dict[str, int]:
     try:
         meta = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: a header of nested brackets (MAX_HEADER allows ~4000 levels).
         raise StoreError(f"{path}: unreadable header: {exc}") from None
     keys = {"cycle", "dtype", "elements", "format", "step"}
     if not isinstance(meta, dict) or set(meta) != keys:

@@ -75,7 +75,7 @@ class Envelope:
         """The payload read as a JSON object."""
         try:
             document = json.loads(self.payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # too deeply nested
             raise MalformedEnvelope(f"the payload is not JSON ({exc})") from exc
         if not isinstance(document, dict):
             raise MalformedEnvelope("the payload is not a JSON object")
@@ -114,6 +114,10 @@ def envelope_from_json(document: Any) -> Envelope:
     payload_type = document.get("payloadType")
     if not isinstance(payload_type, str) or not payload_type:
         raise MalformedEnvelope("the envelope has no payloadType")
+    try:
+        payload_type.encode("utf-8")  # what `pae` signs; JSON may carry a lone surrogate
+    except UnicodeEncodeError:
+        raise MalformedEnvelope("the envelope's payloadType is not UTF-8 text") from None
     payload = _unb64(document.get("payload"), "payload")
     raw_signatures = document.get("signatures")
     if not isinstance(raw_signatures, list):

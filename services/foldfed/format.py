@@ -281,7 +281,7 @@ def _parse_entry(name: str, entry: object, data_start: int) -> TensorSpan:
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         raise CodecError(f"tensor {name!r}: entry must have exactly {sorted(_ENTRY_KEYS)}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CodecError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise CodecError(f"tensor {name!r}: shape must be a list of non-negative ints")

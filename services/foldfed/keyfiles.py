@@ -114,7 +114,7 @@ def _verify_key(document: Any, where: str) -> VerifyKey:
 def _load(path: Path, *formats: str) -> dict[str, Any]:
     try:
         document = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise BadKey(f"{path}: unreadable key file ({exc})") from exc
     if not isinstance(document, dict) or document.get("format") not in formats:
         raise BadKey(f"{path}: not a {' or '.join(formats)} file")

@@ -182,7 +182,7 @@ class BarrierStore:
         rows = self._db.execute(
             "SELECT record FROM steps WHERE ? IS NULL OR cycle = ? ORDER BY step", (cycle, cycle)
         )
-        return [_decode(StepRecord, json.loads(record)) for (record,) in rows]
+        return [_decode(StepRecord, _parse(record)) for (record,) in rows]
 
     def verify(self) -> None:
         """Raise StoreError unless state, effects and history equal a replay of the log."""
@@ -202,7 +202,7 @@ class BarrierStore:
         row = self._db.execute("SELECT seq, body FROM state WHERE id = 1").fetchone()
         if row is None:
             return 0, None
-        raw = json.loads(row[1])
+        raw = _parse(row[1])
         return row[0], None if raw is None else _decode(BarrierState, raw)
 
     def _check_format(self) -> None:
@@ -266,18 +266,31 @@ def _dump_effects(effects: Effects) -> str:
 
 
 def _load_event(text: str) -> Event:
-    event: Event = _load_tagged(_EVENTS, json.loads(text))
+    event: Event = _load_tagged(_EVENTS, _parse(text))
     return event
 
 
 def _load_effects(text: str) -> Effects:
-    return tuple(_load_tagged(_EFFECTS, raw) for raw in json.loads(text))
+    raw = _parse(text)
+    if not isinstance(raw, list):
+        raise StoreError(f"stored effects are not a list but {type(raw).__name__}")
+    return tuple(_load_tagged(_EFFECTS, one) for one in raw)
 
 
-def _load_tagged(types: dict[str, Any], raw: dict[str, Any]) -> Any:
+def _parse(text: Any) -> Any:
+    """A stored JSON text; StoreError if a damaged row (or a hand edit) is not JSON."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise StoreError(f"a stored record is not JSON: {e}") from e
+
+
+def _load_tagged(types: dict[str, Any], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise StoreError(f"a stored record is not an object but {type(raw).__name__}")
     fields_only = dict(raw)
     name = fields_only.pop("type", None)
-    if name not in types:
+    if not isinstance(name, str) or name not in types:
         raise StoreError(f"unknown record type {name!r}")
     return _decode(types[name], fields_only)
 

@@ -78,7 +78,8 @@ def canonical_float(value: float) -> str:
 def read_int(layer: Layer, key: str, low: int, high: int) -> int:
     """Parameter `key` of `layer` as an int in [low, high], in canonical form."""
     raw = _required(layer, key)
-    if not re.fullmatch(r"-?(0|[1-9][0-9]*)", raw):
+    # At most 19 digits: int() of a longer string is slow, and past 4300 digits a ValueError.
+    if not re.fullmatch(r"-?(0|[1-9][0-9]{0,18})", raw):
         raise CodecError(f"codec {layer.name}: {key}={raw!r} is not a canonical integer")
     value = int(raw)
     if not low <= value <= high:

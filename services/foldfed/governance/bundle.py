@@ -66,7 +66,7 @@ def safetensors_tensor_count(path: Path) -> int:
 def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise ConfigError(f"{what} {path}: unreadable ({exc})") from exc
 
 

@@ -175,7 +175,7 @@ def cmd_verify_card(args: argparse.Namespace) -> int:
 
     try:
         card = json.loads(Path(args.card).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
         print(f"foldfed data verify-card: REFUSED: unreadable card ({exc})", file=sys.stderr)
         return 1
     try:

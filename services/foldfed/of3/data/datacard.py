@@ -148,7 +148,11 @@ def verify_card(card: Mapping[str, Any], keys: Iterable[VerifyKey]) -> VerifyKey
         sig = base64.b64decode(str(signature.get("sig")), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise CardSignatureError("the data card's signature is not base64") from exc
-    if not key.verify(signed_bytes(card), sig):
+    try:
+        message = signed_bytes(card)
+    except ValueError as exc:  # NaN or infinity (json.loads reads them), a lone surrogate
+        raise CardSignatureError(f"the data card has no canonical JSON form ({exc})") from None
+    if not key.verify(message, sig):
         raise CardSignatureError(
             f"the data card's signature by {key.name} does not verify: the card was changed"
         )
