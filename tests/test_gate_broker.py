@@ -144,6 +144,7 @@ def test_a_ready_participant_passes_publishes_and_its_record_verifies(
     done = _gate(
         site, "--theta0-digest", str(site["theta0"]), "--hub-clock", hub_clock, "--out", str(record)
     )
+    print(done.stdout)  # the table, for the docs and the log
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     for name in ("broker", "clock", "disk", "compute", "theta0"):
@@ -180,6 +181,7 @@ def test_a_wrong_theta0_fails_the_gate_naming_the_check_and_fix(
     record = folder / "not-ready.dsse.json"
     wrong = "00" * 32
     done = _gate(site, "--theta0-digest", wrong, "--hub-clock", hub_clock, "--out", str(record))
+    print(done.stdout)
     assert done.returncode == 1, done.stdout + done.stderr
     assert any(line.startswith("theta0 ") and " FAIL " in line for line in done.stdout.splitlines())
     assert "FIX theta0: fetch the cycle's θ0 file again" in done.stdout
