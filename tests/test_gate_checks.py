@@ -260,3 +260,25 @@ def test_a_record_whose_ready_field_lies_is_refused() -> None:
     document = sign_record(statement, KEY).to_json()
     with pytest.raises(RecordRefused, match="disagrees"):
         verify_record(document, [KEY.verify_key()])
+
+
+# ---------------------------------------------------------------- at the hub's monitor
+
+
+def test_the_monitor_believes_a_readiness_event_only_from_its_participant_and_adds_no_step() -> (
+    None
+):
+    from foldfed.domain import Event
+    from foldfed.messages import decode, encode
+    from foldfed.monitor.attribution import StragglerRule
+    from foldfed.monitor.model import MonitorModel
+    from foldfed.monitor.senders import check_sender
+    from foldfed.monitor.state import MonitorConfig
+
+    event = Event("readiness", "gate", "org-a", 0, json.dumps(signed()), {"ready": 1.0}, 1)
+    assert decode(*encode(event)) == event
+    assert check_sender(event, "org-a", "hub") is None
+    assert "forged sender" in str(check_sender(event, "org-b", "hub"))
+    model = MonitorModel(MonitorConfig(("org-a", "org-b"), 3, rule=StragglerRule(5, 3)), 0)
+    assert model.apply(event, 2) == []
+    assert 0 not in model.steps
