@@ -47,8 +47,9 @@ from foldfed.signing import VerifyKey
 from foldfed.trainer.backend import TrainerSettings
 
 HTTP_DATE_RESOLUTION_S = 1.0
-# adjtimex(2): the clock is not synchronised (STA_UNSYNC) / the call's TIME_ERROR answer.
+# adjtimex(2): status bits (not synchronised; offset in ns) and the TIME_ERROR answer.
 _STA_UNSYNC = 0x0040
+_STA_NANO = 0x2000
 _TIME_ERROR = 5
 
 
@@ -166,8 +167,9 @@ def _kernel_clock() -> ClockSample:
         return ClockSample(
             source, 0.0, 0.0, usable=False, error="the kernel clock is not NTP-synchronised"
         )
-    # offset: µs (ns with STA_NANO, rare for a read); maxerror: µs, the bound on the error.
-    return ClockSample(source, timex.offset / 1e6, timex.maxerror / 1e6)
+    # offset: µs, or ns under STA_NANO; maxerror: µs, the kernel's bound on the error.
+    per_second = 1e9 if timex.status & _STA_NANO else 1e6
+    return ClockSample(source, timex.offset / per_second, timex.maxerror / 1e6)
 
 
 # ---------------------------------------------------------------- disk, θ0
