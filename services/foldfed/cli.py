@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.loadtest.commands",
     "foldfed.of3.data.commands",
     "foldfed.governance.commands",
+    "foldfed.gate.commands",
 )
 
 

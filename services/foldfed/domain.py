@@ -155,7 +155,7 @@ class ModelReport:
 class Event:
     # One of messages._EVENT_KINDS: "rejected", "upload_started", "upload_finished",
     # "release_received", "step_released", "step_finalized", "model_mismatch", "cycle_done",
-    # "straggler", "silent" (the last two from the monitor).
+    # "straggler", "silent" (the last two from the monitor), "readiness" (`foldfed gate`).
     kind: str
     service: str
     participant: str

@@ -66,6 +66,7 @@ _EVENT_KINDS = {
     events_pb2.EVENT_KIND_STEP_FINALIZED: "step_finalized",
     events_pb2.EVENT_KIND_STRAGGLER: "straggler",
     events_pb2.EVENT_KIND_SILENT: "silent",
+    events_pb2.EVENT_KIND_READINESS: "readiness",
 }
 _EVENT_KIND_NUMBERS = {name: number for number, name in _EVENT_KINDS.items()}
 

@@ -161,6 +161,8 @@ class MonitorState:
         elif event.kind in ("straggler", "silent"):
             alert = Alert(event.kind, event.participant, event.step, event.detail, event.metrics)
             self.alerts[alert.key] = {**_alert_dict(alert), "unix_ms": event.unix_ms}
+        elif event.kind == "readiness":
+            pass  # a gate record is about a coming cycle, not a step (docs/operating-model.md)
         elif event.participant in self.config.participants:
             self._participant_event(event, m)
 

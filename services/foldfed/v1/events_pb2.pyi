@@ -21,6 +21,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_STEP_FINALIZED: _ClassVar[EventKind]
     EVENT_KIND_STRAGGLER: _ClassVar[EventKind]
     EVENT_KIND_SILENT: _ClassVar[EventKind]
+    EVENT_KIND_READINESS: _ClassVar[EventKind]
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_REJECTED: EventKind
 EVENT_KIND_UPLOAD_STARTED: EventKind
@@ -33,6 +34,7 @@ EVENT_KIND_CYCLE_DONE: EventKind
 EVENT_KIND_STEP_FINALIZED: EventKind
 EVENT_KIND_STRAGGLER: EventKind
 EVENT_KIND_SILENT: EventKind
+EVENT_KIND_READINESS: EventKind
 
 class Event(_message.Message):
     __slots__ = ("kind", "service", "participant", "step", "detail", "metrics", "unix_ms")
