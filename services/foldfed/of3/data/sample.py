@@ -3,17 +3,20 @@
 `prepare_sample(out, companies=N)` fetches the plinder sdist (cached), writes each entry
 as plain mmCIF under `out/cif/`, featurizes every entry into `out/features/` (files named
 by their content hash, so a rerun reuses them and a changed setting makes new ones),
-assigns companies and the held-out set (`partition`), and writes `out/sample.json`:
+reads each entry's ligand scaffolds (`scaffold`), assigns companies and the held-out set
+(`partition`, by the rule `split_by` names), and writes `out/sample.json`:
 
 ```json
 {"format": "foldfed.of3.sample/1",
  "source": {"requirement": "plinder==0.2.27", "sha256": "..."},
  "settings": {"token_budget": 64, "seed": 0, "min_ligand_heavy_atoms": 6},
  "partition": {"key": "...", "heldout_fraction": 0.3, "companies": ["company-a", ...],
-               "cluster": "minhash8"},
+               "cluster": "minhash8", "split_by": "entries",
+               "scaffold": "murcko/rdkit-2025.09.6"},
  "entries": [{"entry_id": "7bqu", "company": "company-a", "split": "train",
               "features": "features/<blake3>.safetensors", "n_tokens": 64,
-              "cluster": "minhash8:...", "ligand": "EF2", "ligand_chain": "3",
+              "cluster": "minhash8:...", "scaffolds": ["murcko:..."],
+              "component": "minhash8:...", "ligand": "EF2", "ligand_chain": "3",
               "ligand_heavy_atoms": 19, "ligand_tokens_in_crop": 19,
               "ligands": ["EF2"], "full_tokens": 163, "resolution": 1.9}, ...],
  "skipped": [{"entry_id": "2leb", "reason": "no non-solvent ligand ..."}],
@@ -22,7 +25,8 @@ assigns companies and the held-out set (`partition`), and writes `out/sample.jso
 
 `skipped` entries hold no qualifying ligand (the rule, not an error); `failures` are entries
 OpenFold3's preprocessing or featurization rejected, with the exception's message. Neither
-stops the run. `open_sample(out)` reads and validates `sample.json`.
+stops the run. `open_sample(out)` reads and validates `sample.json`; `repartition(sample,
+split_by)` assigns its entries by another rule in memory (the bench's `--split-by`).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from foldfed.errors import ConfigError, StoreError
 from foldfed.of3.data import partition
+from foldfed.of3.data.components import connected_components
 
 if TYPE_CHECKING:
     from foldfed.of3.data.pool import Pool
@@ -58,6 +63,8 @@ class SampleEntry:
     n_tokens: int  # real tokens in the crop
     cluster: str = ""
     ligand: str = ""  # component id of the ligand the crop is built around
+    scaffolds: tuple[str, ...] | None = None  # ligand scaffold ids; None: not recorded
+    component: str = ""  # the held-out unit (partition.Assignment.component)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,11 @@ class Sample:
     def heldout(self) -> list[SampleEntry]:
         """Every company's held-out entries."""
         return [e for e in self.entries if e.split == "heldout"]
+
+    @property
+    def split_by(self) -> str:
+        """The partition rule the entries are assigned by ("entries" or "clusters")."""
+        return str(self.manifest.get("partition", {}).get("split_by", partition.DEFAULT_SPLIT_BY))
 
     @property
     def failures(self) -> list[dict[str, str]]:
@@ -120,6 +132,8 @@ def open_sample(root: Path) -> Sample:
                 n_tokens=int(raw["n_tokens"]),
                 cluster=str(raw.get("cluster", "")),
                 ligand=str(raw.get("ligand", "")),
+                scaffolds=(tuple(str(x) for x in raw["scaffolds"]) if "scaffolds" in raw else None),
+                component=str(raw.get("component", "")),
             )
             entries.append(entry)
     except (KeyError, TypeError, ValueError) as exc:
@@ -143,7 +157,66 @@ def open_sample(root: Path) -> Sample:
     leaked = sorted(train_clusters & {e.cluster for e in entries if e.split == "heldout"})
     if leaked:
         raise StoreError(f"{path}: clusters in both train and heldout: {leaked}")
-    return Sample(root=root, entries=tuple(entries), companies=companies, manifest=manifest)
+    sample = Sample(root=root, entries=tuple(entries), companies=companies, manifest=manifest)
+    if sample.split_by == "clusters":
+        shared = _shared_scaffolds(sample)
+        if shared:
+            raise StoreError(f"{path}: scaffolds shared across the partition: {shared}")
+    return sample
+
+
+def _shared_scaffolds(sample: Sample) -> list[str]:
+    """Scaffolds in the training sets of two companies, or in training and held-out."""
+    holders: dict[str, set[str]] = {}
+    for e in sample.entries:
+        side = e.company if e.split == "train" else "heldout"
+        for s in e.scaffolds or ():
+            holders.setdefault(s, set()).add(side)
+    return sorted(s for s, sides in holders.items() if len(sides) > 1)
+
+
+def repartition(sample: Sample, split_by: str) -> Sample:
+    """The sample's entries assigned by rule `split_by` with the sample's own key, held-out
+    fraction and companies, in memory (sample.json is not rewritten). A sample prepared
+    before scaffolds were recorded has them read from its feature files' headers."""
+    rule = partition.check_split_by(split_by)
+    if rule == sample.split_by:
+        return sample
+    from foldfed.of3.data.features import read_feature_info
+    from foldfed.of3.data.scaffold import entry_scaffolds, scaffold_rule
+
+    scaffolds = {
+        e.entry_id: (
+            e.scaffolds
+            if e.scaffolds is not None
+            else entry_scaffolds(read_feature_info(e.features).ligands)
+        )
+        for e in sample.entries
+    }
+    terms = sample.manifest["partition"]
+    assignments = partition.assign(
+        {e.entry_id: e.cluster for e in sample.entries},
+        len(sample.companies),
+        str(terms["key"]),
+        float(terms["heldout_fraction"]),
+        split_by=rule,
+        scaffolds=scaffolds,
+    )
+    entries = tuple(
+        replace(
+            e,
+            company=assignments[e.entry_id].company,
+            split=assignments[e.entry_id].split,
+            component=assignments[e.entry_id].component,
+            scaffolds=scaffolds[e.entry_id],
+        )
+        for e in sample.entries
+    )
+    manifest = {
+        **sample.manifest,
+        "partition": {**terms, "split_by": rule, "scaffold": scaffold_rule()},
+    }
+    return replace(sample, entries=entries, manifest=manifest)
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,6 +246,7 @@ def prepare_sample(
     cifs: Mapping[str, Path] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
     sources: Iterable[str] = ("plinder",),
+    split_by: str = partition.DEFAULT_SPLIT_BY,
 ) -> PrepareReport:
     """Build `out/sample.json` and the feature files (see the module docstring).
 
@@ -180,16 +254,19 @@ def prepare_sample(
     sources with given mmCIF files (tests); `progress` wraps the entry iteration
     (e.g. tqdm). `sources` names plinder and/or the pool's archives (`pool_sources`);
     with any pool source, `out/pool.json` lists the pool (`pool.write_pool_manifest`).
+    `split_by` names the partition rule ("entries", the default, or "clusters").
     """
     from foldfed.durable import atomic_write
     from foldfed.of3.data import plinder
     from foldfed.of3.data.cache import featurize_cached
     from foldfed.of3.data.ccd import OfflineCcd
     from foldfed.of3.data.example import FeatureSettings, FeaturizationError, NoLigandError
+    from foldfed.of3.data.scaffold import entry_scaffolds, scaffold_rule
 
     settings = FeatureSettings(token_budget=token_budget, seed=seed)
     partition.company_names(companies)  # validate early
     partition.derive_key(key)
+    rule = partition.check_split_by(split_by)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     started = time.perf_counter()
@@ -242,7 +319,10 @@ def prepare_sample(
     clusters = {
         e: partition.cluster_id(c.info.protein_sequences, e) for e, c in sorted(built.items())
     }
-    assignments = partition.assign(clusters, companies, key, heldout_fraction)
+    scaffolds = {e: entry_scaffolds(c.info.ligands) for e, c in sorted(built.items())}
+    assignments = partition.assign(
+        clusters, companies, key, heldout_fraction, split_by=rule, scaffolds=scaffolds
+    )
     entries = []
     for entry_id, a in assignments.items():
         info = built[entry_id].info
@@ -254,6 +334,8 @@ def prepare_sample(
                 "features": built[entry_id].path.relative_to(out).as_posix(),
                 "n_tokens": info.n_tokens,
                 "cluster": a.cluster,
+                "scaffolds": list(scaffolds[entry_id]),
+                "component": a.component,
                 "ligand": info.primary_ligand.component,
                 "ligand_chain": info.primary_ligand.chain_id,
                 "ligand_heavy_atoms": info.primary_ligand.heavy_atoms,
@@ -277,6 +359,8 @@ def prepare_sample(
             "heldout_fraction": heldout_fraction,
             "companies": list(partition.company_names(companies)),
             "cluster": f"minhash{partition.KMER}",
+            "split_by": rule,
+            "scaffold": scaffold_rule(),
         },
         "entries": entries,
         "skipped": skipped,
@@ -350,7 +434,52 @@ def summary_table(sample: Sample) -> str:
         )
     clusters = {e.cluster for e in sample.entries}
     lines.append(f"{len(sample.entries)} entries in {len(clusters)} protein clusters")
+    lines.extend(partition_lines(sample))
     for title, rows in (("skipped", sample.skipped), ("failures", sample.failures)):
         lines.append(f"{title}: {len(rows)}")
         lines.extend(f"  {row['entry_id']}: {row['reason']}" for row in rows)
     return "\n".join(lines)
+
+
+def partition_lines(sample: Sample) -> list[str]:
+    """How far the companies differ: components, and what two training sets (or a
+    training set and the held-out set) share, as the largest Jaccard index over pairs."""
+    recorded = [e for e in sample.entries if e.scaffolds is not None]
+    if not recorded:
+        return [f"split by {sample.split_by} (no scaffolds recorded)"]
+    labels = {
+        e.entry_id: [f"cluster {e.cluster}", *(f"scaffold {s}" for s in e.scaffolds or ())]
+        for e in recorded
+    }
+    groups = connected_components(labels)
+    n_scaffolds = len({s for e in recorded for s in e.scaffolds or ()})
+    lines = [
+        f"split by {sample.split_by}: {n_scaffolds} ligand scaffolds, {len(groups)} components "
+        f"(clusters or scaffolds shared; largest {max(map(len, groups))} entries)"
+    ]
+    train = {
+        c: [e for e in recorded if e.company == c and e.split == "train"] for c in sample.companies
+    }
+    heldout = [e for e in recorded if e.split == "heldout"]
+    for what, of in (("clusters", _clusters_of), ("scaffolds", _scaffolds_of)):
+        sets = [of(rows) for rows in train.values()]
+        held = of(heldout)
+        between = [_jaccard(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+        lines.append(
+            f"{what}: max Jaccard between companies' training sets "
+            f"{max(between, default=0.0):.3f}, between a training set and the held-out set "
+            f"{max((_jaccard(a, held) for a in sets), default=0.0):.3f}"
+        )
+    return lines
+
+
+def _clusters_of(entries: Iterable[SampleEntry]) -> set[str]:
+    return {e.cluster for e in entries}
+
+
+def _scaffolds_of(entries: Iterable[SampleEntry]) -> set[str]:
+    return {s for e in entries for s in e.scaffolds or ()}
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
