@@ -6,9 +6,10 @@ whose ligands share a scaffold belong to one series, and one company.
 How a ligand is read. A qualifying ligand (`LigandInfo.qualifies`) is known by the CCD
 codes of its residues (`LigandInfo.residues`), and its chemistry is read from the CCD
 entry of each code (biotite's bundled CCD, offline), not from the deposited coordinates:
-the same molecule OpenFold3 builds its reference conformer from (a pool file whose ligand
-does not match the CCD entry of its name never reaches featurization, see `pdb_format`),
-with the CCD's bond orders and charges instead of bonds guessed from distances. Per
+the same molecule OpenFold3 builds its reference conformer from (a PDB-format residue that
+does not match the CCD entry of its name is dropped before featurization, see
+`pdb_format`), with the CCD's bond orders and charges instead of bonds guessed from
+distances. Per
 residue: the CCD atoms and bonds as an RDKit molecule (`biotite.interface.rdkit`),
 hydrogens removed, sanitized, then `MurckoScaffold.GetScaffoldForMol` (ring systems and
 the linkers between them, side chains cut) as RDKit's canonical SMILES.
