@@ -195,7 +195,8 @@ def load_of3_sample(folder: str = "", companies: str = "", split_by: str = "") -
     `split_by` ("entries" or "clusters") reassigns the entries by that partition rule;
     "" keeps the sample's own."""
     from foldfed.errors import ConfigError
-    from foldfed.of3.data.sample import open_sample, repartition
+    from foldfed.of3.data.sample import open_sample
+    from foldfed.of3.data.sample_split import repartition
     from foldfed.of3.testing import prepared_sample
 
     sample_dir = Path(folder) if folder else prepared_sample()

@@ -10,7 +10,8 @@ import pytest
 
 from foldfed.errors import ConfigError, StoreError
 from foldfed.of3.data.example import LigandInfo
-from foldfed.of3.data.sample import open_sample, partition_lines, repartition
+from foldfed.of3.data.sample import open_sample
+from foldfed.of3.data.sample_split import partition_lines, repartition
 from foldfed.of3.data.scaffold import (
     component_scaffold,
     entry_scaffolds,

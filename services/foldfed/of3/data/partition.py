@@ -119,6 +119,19 @@ def check_split_by(split_by: str) -> SplitBy:
     raise ConfigError(f"split by must be one of {', '.join(SPLIT_BY)}, got {split_by!r}")
 
 
+def components(
+    clusters: Mapping[str, str], scaffolds: Mapping[str, Iterable[str]]
+) -> list[tuple[str, ...]]:
+    """Rule 4's components: entries joined by a shared cluster or scaffold id."""
+    # Namespaced labels: a cluster id and a scaffold id never join by accident.
+    return connected_components(
+        {
+            e: [f"cluster {c}", *(f"scaffold {s}" for s in scaffolds.get(e, ()))]
+            for e, c in clusters.items()
+        }
+    )
+
+
 @dataclass(frozen=True)
 class Assignment:
     entry_id: str
@@ -177,13 +190,8 @@ def _by_component(
     fraction: float,
 ) -> dict[str, Assignment]:
     """Rules 4 to 6: whole components, held out by name, greedily to the least loaded."""
-    # Namespaced labels: a cluster id and a scaffold id never join by accident.
-    labels = {
-        e: [f"cluster {c}", *(f"scaffold {s}" for s in scaffolds.get(e, ()))]
-        for e, c in clusters.items()
-    }
     splits: dict[Split, list[tuple[str, tuple[str, ...]]]] = {"train": [], "heldout": []}
-    for members in connected_components(labels):
+    for members in components(clusters, scaffolds):
         name = min(clusters[e] for e in members)
         splits["heldout" if is_heldout(name, k, fraction) else "train"].append((name, members))
     out: dict[str, Assignment] = {}

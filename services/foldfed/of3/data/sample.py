@@ -25,8 +25,8 @@ reads each entry's ligand scaffolds (`scaffold`), assigns companies and the held
 
 `skipped` entries hold no qualifying ligand (the rule, not an error); `failures` are entries
 OpenFold3's preprocessing or featurization rejected, with the exception's message. Neither
-stops the run. `open_sample(out)` reads and validates `sample.json`; `repartition(sample,
-split_by)` assigns its entries by another rule in memory (the bench's `--split-by`).
+stops the run. `open_sample(out)` reads and validates `sample.json`; `sample_split`
+reassigns a sample by another rule and reports how far its companies differ.
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from foldfed.errors import ConfigError, StoreError
 from foldfed.of3.data import partition
-from foldfed.of3.data.components import connected_components
 
 if TYPE_CHECKING:
     from foldfed.of3.data.pool import Pool
@@ -173,50 +172,6 @@ def _shared_scaffolds(sample: Sample) -> list[str]:
         for s in e.scaffolds or ():
             holders.setdefault(s, set()).add(side)
     return sorted(s for s, sides in holders.items() if len(sides) > 1)
-
-
-def repartition(sample: Sample, split_by: str) -> Sample:
-    """The sample's entries assigned by rule `split_by` with the sample's own key, held-out
-    fraction and companies, in memory (sample.json is not rewritten). A sample prepared
-    before scaffolds were recorded has them read from its feature files' headers."""
-    rule = partition.check_split_by(split_by)
-    if rule == sample.split_by:
-        return sample
-    from foldfed.of3.data.features import read_feature_info
-    from foldfed.of3.data.scaffold import entry_scaffolds, scaffold_rule
-
-    scaffolds = {
-        e.entry_id: (
-            e.scaffolds
-            if e.scaffolds is not None
-            else entry_scaffolds(read_feature_info(e.features).ligands)
-        )
-        for e in sample.entries
-    }
-    terms = sample.manifest["partition"]
-    assignments = partition.assign(
-        {e.entry_id: e.cluster for e in sample.entries},
-        len(sample.companies),
-        str(terms["key"]),
-        float(terms["heldout_fraction"]),
-        split_by=rule,
-        scaffolds=scaffolds,
-    )
-    entries = tuple(
-        replace(
-            e,
-            company=assignments[e.entry_id].company,
-            split=assignments[e.entry_id].split,
-            component=assignments[e.entry_id].component,
-            scaffolds=scaffolds[e.entry_id],
-        )
-        for e in sample.entries
-    )
-    manifest = {
-        **sample.manifest,
-        "partition": {**terms, "split_by": rule, "scaffold": scaffold_rule()},
-    }
-    return replace(sample, entries=entries, manifest=manifest)
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,52 +389,10 @@ def summary_table(sample: Sample) -> str:
         )
     clusters = {e.cluster for e in sample.entries}
     lines.append(f"{len(sample.entries)} entries in {len(clusters)} protein clusters")
+    from foldfed.of3.data.sample_split import partition_lines  # it imports this module
+
     lines.extend(partition_lines(sample))
     for title, rows in (("skipped", sample.skipped), ("failures", sample.failures)):
         lines.append(f"{title}: {len(rows)}")
         lines.extend(f"  {row['entry_id']}: {row['reason']}" for row in rows)
     return "\n".join(lines)
-
-
-def partition_lines(sample: Sample) -> list[str]:
-    """How far the companies differ: components, and what two training sets (or a
-    training set and the held-out set) share, as the largest Jaccard index over pairs."""
-    recorded = [e for e in sample.entries if e.scaffolds is not None]
-    if not recorded:
-        return [f"split by {sample.split_by} (no scaffolds recorded)"]
-    labels = {
-        e.entry_id: [f"cluster {e.cluster}", *(f"scaffold {s}" for s in e.scaffolds or ())]
-        for e in recorded
-    }
-    groups = connected_components(labels)
-    n_scaffolds = len({s for e in recorded for s in e.scaffolds or ()})
-    lines = [
-        f"split by {sample.split_by}: {n_scaffolds} ligand scaffolds, {len(groups)} components "
-        f"(clusters or scaffolds shared; largest {max(map(len, groups))} entries)"
-    ]
-    train = {
-        c: [e for e in recorded if e.company == c and e.split == "train"] for c in sample.companies
-    }
-    heldout = [e for e in recorded if e.split == "heldout"]
-    for what, of in (("clusters", _clusters_of), ("scaffolds", _scaffolds_of)):
-        sets = [of(rows) for rows in train.values()]
-        held = of(heldout)
-        between = [_jaccard(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
-        lines.append(
-            f"{what}: max Jaccard between companies' training sets "
-            f"{max(between, default=0.0):.3f}, between a training set and the held-out set "
-            f"{max((_jaccard(a, held) for a in sets), default=0.0):.3f}"
-        )
-    return lines
-
-
-def _clusters_of(entries: Iterable[SampleEntry]) -> set[str]:
-    return {e.cluster for e in entries}
-
-
-def _scaffolds_of(entries: Iterable[SampleEntry]) -> set[str]:
-    return {s for e in entries for s in e.scaffolds or ()}
-
-
-def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a | b else 0.0
