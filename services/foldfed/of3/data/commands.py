@@ -112,7 +112,8 @@ def _progress_bar(desc: str, unit: str) -> Callable[[Sequence[T]], Iterator[T]]:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from foldfed.of3.data import partition
-    from foldfed.of3.data.sample import prepare_sample, summary_table
+    from foldfed.of3.data.sample import prepare_sample
+    from foldfed.of3.data.sample_split import summary_table
 
     progress = _progress_bar("featurizing", "entry")
 
@@ -151,7 +152,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from foldfed.of3.data.sample import open_sample, summary_table
+    from foldfed.of3.data.sample import open_sample
+    from foldfed.of3.data.sample_split import summary_table
 
     print(summary_table(open_sample(Path(args.dir))))
     return 0

@@ -25,8 +25,8 @@ reads each entry's ligand scaffolds (`scaffold`), assigns companies and the held
 
 `skipped` entries hold no qualifying ligand (the rule, not an error); `failures` are entries
 OpenFold3's preprocessing or featurization rejected, with the exception's message. Neither
-stops the run. `open_sample(out)` reads and validates `sample.json`; `sample_split`
-reassigns a sample by another rule and reports how far its companies differ.
+stops the run. `open_sample(out)` reads and validates `sample.json`; `sample_split` shows
+the split (`summary_table`) and reassigns it by another rule.
 """
 
 from __future__ import annotations
@@ -369,30 +369,3 @@ def _source_of(entry_id: str, pool: Pool | None, *, cifs_given: bool) -> str:
     if pool is not None and entry_id in pool.entries:
         return pool.entries[entry_id].source
     return "files" if cifs_given else PLINDER
-
-
-def summary_table(sample: Sample) -> str:
-    """A readable table: entries per company and split, tokens, then skips and failures."""
-    lines = [f"{'company':<12} {'train':>5} {'heldout':>7}  train entries / heldout entries"]
-    for company in sample.companies:
-        train = sample.of(company, "train")
-        held = sample.of(company, "heldout")
-        names = " ".join(e.entry_id for e in train) + " / " + " ".join(e.entry_id for e in held)
-        lines.append(f"{company:<12} {len(train):>5} {len(held):>7}  {names}")
-    n_train = sum(1 for e in sample.entries if e.split == "train")
-    lines.append(f"{'total':<12} {n_train:>5} {len(sample.heldout()):>7}")
-    tokens = sorted(e.n_tokens for e in sample.entries)
-    if tokens:
-        lines.append(
-            f"tokens per example after the crop: min {tokens[0]}, median "
-            f"{tokens[len(tokens) // 2]}, max {tokens[-1]}"
-        )
-    clusters = {e.cluster for e in sample.entries}
-    lines.append(f"{len(sample.entries)} entries in {len(clusters)} protein clusters")
-    from foldfed.of3.data.sample_split import partition_lines  # it imports this module
-
-    lines.extend(partition_lines(sample))
-    for title, rows in (("skipped", sample.skipped), ("failures", sample.failures)):
-        lines.append(f"{title}: {len(rows)}")
-        lines.extend(f"  {row['entry_id']}: {row['reason']}" for row in rows)
-    return "\n".join(lines)

@@ -1,6 +1,8 @@
-"""A prepared sample's partition: reassign it by another rule, and say how far its
-companies differ.
+"""A prepared sample's split: its table, how far its companies differ, and the same entries
+reassigned by another rule.
 
+`summary_table(sample)` is the table `foldfed data sample` and `foldfed data summary`
+print: entries per company and split, tokens, the partition lines, skips and failures.
 `repartition(sample, split_by)` assigns the sample's entries by `partition`'s rule
 `split_by` ("entries" or "clusters") with the sample's own key, held-out fraction and
 companies, in memory: sample.json is not rewritten, so one featurized pool serves both rules
@@ -61,6 +63,31 @@ def repartition(sample: Sample, split_by: str) -> Sample:
         "partition": {**terms, "split_by": rule, "scaffold": scaffold_rule()},
     }
     return replace(sample, entries=entries, manifest=manifest)
+
+
+def summary_table(sample: Sample) -> str:
+    """A readable table: entries per company and split, tokens, then skips and failures."""
+    lines = [f"{'company':<12} {'train':>5} {'heldout':>7}  train entries / heldout entries"]
+    for company in sample.companies:
+        train = sample.of(company, "train")
+        held = sample.of(company, "heldout")
+        names = " ".join(e.entry_id for e in train) + " / " + " ".join(e.entry_id for e in held)
+        lines.append(f"{company:<12} {len(train):>5} {len(held):>7}  {names}")
+    n_train = sum(1 for e in sample.entries if e.split == "train")
+    lines.append(f"{'total':<12} {n_train:>5} {len(sample.heldout()):>7}")
+    tokens = sorted(e.n_tokens for e in sample.entries)
+    if tokens:
+        lines.append(
+            f"tokens per example after the crop: min {tokens[0]}, median "
+            f"{tokens[len(tokens) // 2]}, max {tokens[-1]}"
+        )
+    clusters = {e.cluster for e in sample.entries}
+    lines.append(f"{len(sample.entries)} entries in {len(clusters)} protein clusters")
+    lines.extend(partition_lines(sample))
+    for title, rows in (("skipped", sample.skipped), ("failures", sample.failures)):
+        lines.append(f"{title}: {len(rows)}")
+        lines.extend(f"  {row['entry_id']}: {row['reason']}" for row in rows)
+    return "\n".join(lines)
 
 
 def partition_lines(sample: Sample) -> list[str]:
