@@ -188,15 +188,24 @@ class Of3Sample:
     heldout: list[Any]  # every company's held-out SampleEntry (entry_id, company, features)
 
 
-def load_of3_sample(folder: str = "", companies: str = "") -> Of3Sample:
+def load_of3_sample(folder: str = "", companies: str = "", split_by: str = "") -> Of3Sample:
     """The prepared sample at `folder` (default: the test sample, prepared if missing),
     restricted to the comma-separated `companies` (default all). Held-out entries are every
-    company's, also those left out: the held-out set must not depend on the subset."""
+    company's, also those left out: the held-out set must not depend on the subset.
+    `split_by` ("entries" or "clusters") reassigns the entries by that partition rule;
+    "" keeps the sample's own."""
+    from foldfed.errors import ConfigError
     from foldfed.of3.data.sample import open_sample
+    from foldfed.of3.data.sample_split import repartition
     from foldfed.of3.testing import prepared_sample
 
     sample_dir = Path(folder) if folder else prepared_sample()
     sample = open_sample(sample_dir)
+    if split_by:
+        try:
+            sample = repartition(sample, split_by)
+        except ConfigError as exc:
+            raise BenchError(f"--split-by {split_by!r}: {exc}") from None
     names = list(sample.companies)
     if companies:
         wanted = [c.strip() for c in companies.split(",") if c.strip()]

@@ -5,6 +5,7 @@ held-out structures:
         [--rounds 10] [--local-steps 8] [--grad-accum 1] [--lr 1e-3] [--warmup -1]
         [--companies company-a,company-b,...] [--pooled-grad-accum G_p]
         [--arms alone,federation,pooled] [--checkpointing] [--seed 0] [--quick]
+        [--split-by entries|clusters]
 
 alone       each company trains only on its own training split: R rounds of K optimizer
             steps from θ_0, each round starting where its last ended;
@@ -32,8 +33,11 @@ scored on its own with foldfed.of3.training.evaluate (fixed noise per structure)
 arms are compared structure by structure as well as on the mean. Reported per arm: the
 held-out loss, its diffusion (mse) and distogram terms, LDDT and pocket-aligned ligand RMSD;
 for "alone" per company, their mean and their spread; the last round's training loss.
-`--arms` runs a subset (each arm is deterministic given the seed and the options, so a
-rerun with other pooled options need not repeat the others).
+`--split-by clusters` reassigns the sample so that each company holds its own protein
+families and chemical series (foldfed.of3.data.partition, docs/of3_data.md); the default
+keeps the partition the sample was prepared with. `--arms` runs a subset (each arm is
+deterministic given the seed and the options, so a rerun with other pooled options need not
+repeat the others).
 
 Activation checkpointing is off by default (`--checkpointing` keeps OpenFold3's): it only
 recomputes the forward in the backward pass, and the deltas are bit-identical without it
@@ -122,7 +126,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         trainable_state,
     )
 
-    sample = benchkit.load_of3_sample(args.sample, args.companies)
+    sample = benchkit.load_of3_sample(args.sample, args.companies, args.split_by)
     sample_dir, companies, train = sample.folder, sample.companies, sample.train
     heldout = sample.heldout  # every company's, also those left out of --companies
     warmup = warmup_steps(args)
@@ -346,6 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset")
     parser.add_argument("--sample", default="", help="a prepared sample folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--split-by",
+        choices=("entries", "clusters"),
+        default="",
+        help="reassign the sample's entries by this partition rule (default: the sample's own)",
+    )
     benchkit.add_quick_option(parser, QUICK, argv)
     args = parser.parse_args(argv)
     for name in ("rounds", "local_steps", "grad_accum"):

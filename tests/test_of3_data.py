@@ -39,7 +39,8 @@ from foldfed.of3.data.features import (
 )
 from foldfed.of3.data.featurize import build_features
 from foldfed.of3.data.pocket import pocket_crop, select_primary_ligand
-from foldfed.of3.data.sample import Sample, open_sample, prepare_sample, summary_table
+from foldfed.of3.data.sample import Sample, open_sample, prepare_sample
+from foldfed.of3.data.sample_split import summary_table
 
 BUDGET = 48
 ENTRIES = ("7bqu", "2hyy", "3g32")  # EF2 + zinc; imatinib (STI) on ABL; a small ligand

@@ -10,8 +10,10 @@ errors), `preprocess` (OpenFold3's structure cleanup, the ligand census), `pocke
 primary ligand and the crop around it), `featurize` (`build_features`: the whole pipeline),
 `pipeline_context` (seeded, quiet), `features` (the feature file, `load_batch`),
 `cachekey` (its name), `cache` (`featurize_cached`); `partition` (the held-out and
-company rule, pure), `plinder` (the real sample's source files), `sample`
-(`prepare_sample`, `open_sample`), `commands` (`foldfed data ...`).
+company rule, pure), `components` (entries joined by shared labels, pure), `scaffold`
+(ligand scaffolds from the CCD), `plinder` (the real sample's source files), `sample`
+(`prepare_sample`, `open_sample`), `sample_split` (`summary_table`, how far companies
+differ, `repartition`), `commands` (`foldfed data ...`).
 Validation (docs/data_schema.md): `schema` (version, checks, thresholds, inclusion
 criteria; pure), `structure_file` (one mmCIF read with biotite), `plausibility` (RDKit
 sanitization, PoseBusters), `datacard` (the aggregate-only card; pure), `validate`

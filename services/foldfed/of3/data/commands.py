@@ -50,6 +50,16 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the PDB ids and every file left out, with its reason)"
         ),
     )
+    sample.add_argument(
+        "--split-by",
+        choices=("entries", "clusters"),
+        default="entries",
+        help=(
+            "entries: companies dealt entry by entry (they look alike); clusters: each company "
+            "its own protein families and chemical series (whole components of entries sharing "
+            "a protein cluster or a ligand scaffold), see docs/of3_data.md"
+        ),
+    )
     sample.set_defaults(func=cmd_sample)
 
     validate = actions.add_parser(
@@ -102,7 +112,8 @@ def _progress_bar(desc: str, unit: str) -> Callable[[Sequence[T]], Iterator[T]]:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from foldfed.of3.data import partition
-    from foldfed.of3.data.sample import prepare_sample, summary_table
+    from foldfed.of3.data.sample import prepare_sample
+    from foldfed.of3.data.sample_split import summary_table
 
     progress = _progress_bar("featurizing", "entry")
 
@@ -128,6 +139,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         progress=progress,
         sources=sources,
+        split_by=args.split_by,
     )
     print(summary_table(report.sample))
     built = report.featurize_seconds
@@ -140,7 +152,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from foldfed.of3.data.sample import open_sample, summary_table
+    from foldfed.of3.data.sample import open_sample
+    from foldfed.of3.data.sample_split import summary_table
 
     print(summary_table(open_sample(Path(args.dir))))
     return 0

@@ -3,17 +3,20 @@
 `prepare_sample(out, companies=N)` fetches the plinder sdist (cached), writes each entry
 as plain mmCIF under `out/cif/`, featurizes every entry into `out/features/` (files named
 by their content hash, so a rerun reuses them and a changed setting makes new ones),
-assigns companies and the held-out set (`partition`), and writes `out/sample.json`:
+reads each entry's ligand scaffolds (`scaffold`), assigns companies and the held-out set
+(`partition`, by the rule `split_by` names), and writes `out/sample.json`:
 
 ```json
 {"format": "foldfed.of3.sample/1",
  "source": {"requirement": "plinder==0.2.27", "sha256": "..."},
  "settings": {"token_budget": 64, "seed": 0, "min_ligand_heavy_atoms": 6},
  "partition": {"key": "...", "heldout_fraction": 0.3, "companies": ["company-a", ...],
-               "cluster": "minhash8"},
+               "cluster": "minhash8", "split_by": "entries",
+               "scaffold": "murcko/rdkit-2025.09.6"},
  "entries": [{"entry_id": "7bqu", "company": "company-a", "split": "train",
               "features": "features/<blake3>.safetensors", "n_tokens": 64,
-              "cluster": "minhash8:...", "ligand": "EF2", "ligand_chain": "3",
+              "cluster": "minhash8:...", "scaffolds": ["murcko:..."],
+              "component": "minhash8:...", "ligand": "EF2", "ligand_chain": "3",
               "ligand_heavy_atoms": 19, "ligand_tokens_in_crop": 19,
               "ligands": ["EF2"], "full_tokens": 163, "resolution": 1.9}, ...],
  "skipped": [{"entry_id": "2leb", "reason": "no non-solvent ligand ..."}],
@@ -22,7 +25,8 @@ assigns companies and the held-out set (`partition`), and writes `out/sample.jso
 
 `skipped` entries hold no qualifying ligand (the rule, not an error); `failures` are entries
 OpenFold3's preprocessing or featurization rejected, with the exception's message. Neither
-stops the run. `open_sample(out)` reads and validates `sample.json`.
+stops the run. `open_sample(out)` reads and validates `sample.json`; `sample_split` shows
+the split (`summary_table`) and reassigns it by another rule.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class SampleEntry:
     n_tokens: int  # real tokens in the crop
     cluster: str = ""
     ligand: str = ""  # component id of the ligand the crop is built around
+    scaffolds: tuple[str, ...] | None = None  # ligand scaffold ids; None: not recorded
+    component: str = ""  # the held-out unit (partition.Assignment.component)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ class Sample:
     def heldout(self) -> list[SampleEntry]:
         """Every company's held-out entries."""
         return [e for e in self.entries if e.split == "heldout"]
+
+    @property
+    def split_by(self) -> str:
+        """The partition rule the entries are assigned by ("entries" or "clusters")."""
+        return str(self.manifest.get("partition", {}).get("split_by", partition.DEFAULT_SPLIT_BY))
 
     @property
     def failures(self) -> list[dict[str, str]]:
@@ -120,6 +131,8 @@ def open_sample(root: Path) -> Sample:
                 n_tokens=int(raw["n_tokens"]),
                 cluster=str(raw.get("cluster", "")),
                 ligand=str(raw.get("ligand", "")),
+                scaffolds=(tuple(str(x) for x in raw["scaffolds"]) if "scaffolds" in raw else None),
+                component=str(raw.get("component", "")),
             )
             entries.append(entry)
     except (KeyError, TypeError, ValueError) as exc:
@@ -143,7 +156,22 @@ def open_sample(root: Path) -> Sample:
     leaked = sorted(train_clusters & {e.cluster for e in entries if e.split == "heldout"})
     if leaked:
         raise StoreError(f"{path}: clusters in both train and heldout: {leaked}")
-    return Sample(root=root, entries=tuple(entries), companies=companies, manifest=manifest)
+    sample = Sample(root=root, entries=tuple(entries), companies=companies, manifest=manifest)
+    if sample.split_by == "clusters":
+        shared = _shared_scaffolds(sample)
+        if shared:
+            raise StoreError(f"{path}: scaffolds shared across the partition: {shared}")
+    return sample
+
+
+def _shared_scaffolds(sample: Sample) -> list[str]:
+    """Scaffolds in the training sets of two companies, or in training and held-out."""
+    holders: dict[str, set[str]] = {}
+    for e in sample.entries:
+        side = e.company if e.split == "train" else "heldout"
+        for s in e.scaffolds or ():
+            holders.setdefault(s, set()).add(side)
+    return sorted(s for s, sides in holders.items() if len(sides) > 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,6 +201,7 @@ def prepare_sample(
     cifs: Mapping[str, Path] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
     sources: Iterable[str] = ("plinder",),
+    split_by: str = partition.DEFAULT_SPLIT_BY,
 ) -> PrepareReport:
     """Build `out/sample.json` and the feature files (see the module docstring).
 
@@ -180,16 +209,19 @@ def prepare_sample(
     sources with given mmCIF files (tests); `progress` wraps the entry iteration
     (e.g. tqdm). `sources` names plinder and/or the pool's archives (`pool_sources`);
     with any pool source, `out/pool.json` lists the pool (`pool.write_pool_manifest`).
+    `split_by` names the partition rule ("entries", the default, or "clusters").
     """
     from foldfed.durable import atomic_write
     from foldfed.of3.data import plinder
     from foldfed.of3.data.cache import featurize_cached
     from foldfed.of3.data.ccd import OfflineCcd
     from foldfed.of3.data.example import FeatureSettings, FeaturizationError, NoLigandError
+    from foldfed.of3.data.scaffold import entry_scaffolds, scaffold_rule
 
     settings = FeatureSettings(token_budget=token_budget, seed=seed)
     partition.company_names(companies)  # validate early
     partition.derive_key(key)
+    rule = partition.check_split_by(split_by)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     started = time.perf_counter()
@@ -242,7 +274,10 @@ def prepare_sample(
     clusters = {
         e: partition.cluster_id(c.info.protein_sequences, e) for e, c in sorted(built.items())
     }
-    assignments = partition.assign(clusters, companies, key, heldout_fraction)
+    scaffolds = {e: entry_scaffolds(c.info.ligands) for e, c in sorted(built.items())}
+    assignments = partition.assign(
+        clusters, companies, key, heldout_fraction, split_by=rule, scaffolds=scaffolds
+    )
     entries = []
     for entry_id, a in assignments.items():
         info = built[entry_id].info
@@ -254,6 +289,8 @@ def prepare_sample(
                 "features": built[entry_id].path.relative_to(out).as_posix(),
                 "n_tokens": info.n_tokens,
                 "cluster": a.cluster,
+                "scaffolds": list(scaffolds[entry_id]),
+                "component": a.component,
                 "ligand": info.primary_ligand.component,
                 "ligand_chain": info.primary_ligand.chain_id,
                 "ligand_heavy_atoms": info.primary_ligand.heavy_atoms,
@@ -277,6 +314,8 @@ def prepare_sample(
             "heldout_fraction": heldout_fraction,
             "companies": list(partition.company_names(companies)),
             "cluster": f"minhash{partition.KMER}",
+            "split_by": rule,
+            "scaffold": scaffold_rule(),
         },
         "entries": entries,
         "skipped": skipped,
@@ -330,27 +369,3 @@ def _source_of(entry_id: str, pool: Pool | None, *, cifs_given: bool) -> str:
     if pool is not None and entry_id in pool.entries:
         return pool.entries[entry_id].source
     return "files" if cifs_given else PLINDER
-
-
-def summary_table(sample: Sample) -> str:
-    """A readable table: entries per company and split, tokens, then skips and failures."""
-    lines = [f"{'company':<12} {'train':>5} {'heldout':>7}  train entries / heldout entries"]
-    for company in sample.companies:
-        train = sample.of(company, "train")
-        held = sample.of(company, "heldout")
-        names = " ".join(e.entry_id for e in train) + " / " + " ".join(e.entry_id for e in held)
-        lines.append(f"{company:<12} {len(train):>5} {len(held):>7}  {names}")
-    n_train = sum(1 for e in sample.entries if e.split == "train")
-    lines.append(f"{'total':<12} {n_train:>5} {len(sample.heldout()):>7}")
-    tokens = sorted(e.n_tokens for e in sample.entries)
-    if tokens:
-        lines.append(
-            f"tokens per example after the crop: min {tokens[0]}, median "
-            f"{tokens[len(tokens) // 2]}, max {tokens[-1]}"
-        )
-    clusters = {e.cluster for e in sample.entries}
-    lines.append(f"{len(sample.entries)} entries in {len(clusters)} protein clusters")
-    for title, rows in (("skipped", sample.skipped), ("failures", sample.failures)):
-        lines.append(f"{title}: {len(rows)}")
-        lines.extend(f"  {row['entry_id']}: {row['reason']}" for row in rows)
-    return "\n".join(lines)
