@@ -35,8 +35,8 @@ import numpy as np
 
 from foldfed.codecs import (
     Codec,
-    Residual,
     CodecContext,
+    Residual,
     ResidualAlreadyApplied,
     carried,
     codec_from_spec,

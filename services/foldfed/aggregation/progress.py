@@ -114,9 +114,7 @@ class DownlinkCut:
         return cls(tuple(end for _, end in spans))
 
     @classmethod
-    def plain(
-        cls, spans: Sequence[TensorSpan], payload_size: int, chunk_size: int
-    ) -> DownlinkCut:
+    def plain(cls, spans: Sequence[TensorSpan], payload_size: int, chunk_size: int) -> DownlinkCut:
         """From the plain update file's layout (canonical order, byte spans) and size."""
         canonical = CanonicalVector.of((s.name, _count(s)) for s in spans)
         ends = []
@@ -178,9 +176,7 @@ def _count(span: TensorSpan) -> int:
     return (span.end - span.begin) // span.itemsize
 
 
-def _elements_before(
-    spans: Sequence[TensorSpan], canonical: CanonicalVector, byte_end: int
-) -> int:
+def _elements_before(spans: Sequence[TensorSpan], canonical: CanonicalVector, byte_end: int) -> int:
     """How many canonical elements the file's bytes [0, byte_end) need: the elements of
     every tensor byte before `byte_end` (header bytes need none)."""
     needed = 0
