@@ -12,7 +12,7 @@ schedule of prefixes (tests pin it for every optimizer, both downlink kinds and 
 schedules):
 
 - fp32 downlink: the update file is written as its elements become final; its byte chunks
-  (FOLDFED_UPDATE_CHUNK_SIZE) are cut from the written bytes as each one fills;
+  (the aggregator's FOLDFED_CHUNK_SIZE) are cut from the written bytes as each one fills;
 - coded downlink: elements are computed one downlink chunk at a time (the codec's chunk
   plan over the canonical vector): the exact update U_t of the chunk's span, coded with
   the hub's residual slice (downlink.DownlinkSession), and θ_{t+1} = θ_t + d_t there.

@@ -1,6 +1,10 @@
 """The aggregator service: ingest plus the exact running sum; finalizes a step when the
 barrier asks, and broadcasts the global update as content-addressed chunks.
 
+One concept, the aggregator's shell: it carries out what the pure core and the adapters
+decide (aggregation/*, ingest/*), in the order that keeps the commit points of
+docs/format.md sections 9 and 12; the arithmetic itself lives in those modules.
+
 Files under FOLDFED_STATE_DIR:
   store/, ingest.sqlite3        verified chunks and what counts (ingest.ledger)
   accumulator.i64               the open step's int64 sum (a cache, rebuilt at start)
