@@ -52,9 +52,7 @@ def progressive(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
     return run_federation(broker, tmp_path_factory.mktemp("progressive"), env=CODED)
 
 
-def test_progressive_broadcasts_early_and_ends_on_the_classic_model(
-    classic, progressive
-) -> None:
+def test_progressive_broadcasts_early_and_ends_on_the_classic_model(classic, progressive) -> None:
     off_federation, off_record = classic
     on_federation, on_record = progressive
     assert agreed(on_record) == agreed(off_record)
