@@ -2,7 +2,7 @@
 release of the next step, with the real hub services and a realistic model size.
 
     .venv/bin/python bench/release_latency.py [--size-mib 64] [--participants 5] [--steps 3]
-        [--quick]
+        [--progressive on|off] [--quick]
 
 Why it matters: training is synchronous, so every participant idles from the moment its
 delta is delivered until the next step is released. Upload time belongs to the participants'
@@ -594,7 +594,8 @@ def render(result: dict[str, Any]) -> str:
     header = "  ".join(title.rjust(w) for (title, _, _), w in zip(COLUMNS, widths, strict=True))
     lines = [
         f"release latency: {p['model_mib']:.1f} MiB model ({p['tensors']} tensors, float32), "
-        f"{p['participants']} participants, {p['chunk_mib']} MiB chunks, {p['steps']} steps",
+        f"{p['participants']} participants, {p['chunk_mib']} MiB chunks, {p['steps']} steps, "
+        f"progressive finalize {p.get('progressive', 'on')}",
         f"{result['machine']}; code {result['code']}; "
         f"load average before: {result['loadavg_1min_before']:.2f}",
         "",
@@ -643,6 +644,7 @@ def result_fields(result: dict[str, Any]) -> dict[str, ResultValue]:
     return {
         "median_ms": median_ms,
         "size_mib": result["params"]["size_mib"],
+        "progressive": result["params"].get("progressive", "on"),
         "confirm_ms": confirm_ms,
         "median_over_confirm": median_ms / confirm_ms,
         "aggregator_peak_rss_mib": rss["aggregator"]["vm_hwm_mib"],
@@ -761,6 +763,7 @@ async def run(
             "chunk_mib": args.chunk_mib,
             "weight": WEIGHT,
             "seed": args.seed,
+            "progressive": args.progressive,
         },
         "goal_ms": GOAL_MS,
         "goal_met": med["latency_ms"] <= GOAL_MS,
@@ -797,6 +800,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 "FOLDFED_MEMBER_WEIGHTS": ",".join(f"{site}={WEIGHT:g}" for site in sites),
                 # Every step's model is checked after the run: keep them (docs/retention.md).
                 "FOLDFED_RETAIN_STEPS": "0",
+                # Finalize while the deltas arrive, or only after the last (--progressive).
+                "FOLDFED_PROGRESSIVE_FINALIZE": args.progressive,
             },
         )
         fed = LocalFederation(spec)
@@ -828,6 +833,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="global steps (default 3)")
     parser.add_argument("--chunk-mib", type=int, default=4, help="chunk size (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of θ_0 and the deltas")
+    parser.add_argument(
+        "--progressive",
+        choices=("on", "off"),
+        default="on",
+        help="FOLDFED_PROGRESSIVE_FINALIZE at the hub (default on)",
+    )
     parser.add_argument("--workdir", default="", help="a new folder to keep (default: a temp)")
     add_quick_option(parser, {"size_mib": 8, "participants": 2, "steps": 2}, argv)
     args = parser.parse_args(argv)

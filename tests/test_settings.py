@@ -156,6 +156,8 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         # Added with retention (docs/retention.md): disk bounded by the policy, not steps.
         "retain_steps": 1,
         "retain_checkpoint_every": 50,
+        # Added with progressive finalize (docs/format.md 9.8): on; the bytes are the same.
+        "progressive_finalize": True,
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before

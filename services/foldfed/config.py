@@ -178,6 +178,8 @@ class AggregatorSettings:
     update_chunk_size: int
     # The global update's codec (docs/format.md, "Codec specs"); fp32:v1 is exact.
     downlink_codec: str = "fp32:v1"
+    # Finalize and broadcast the update while deltas arrive (aggregation/progressive.py).
+    progressive_finalize: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AggregatorSettings:
@@ -189,6 +191,7 @@ class AggregatorSettings:
             optimizer=ServerOptimizerSettings.from_settings(s),
             update_chunk_size=s.chunk_size,
             downlink_codec=s.downlink_codec,
+            progressive_finalize=s.progressive_finalize,
         )
 
 

@@ -67,6 +67,12 @@ class AtomicFile:
     def digest(self) -> bytes:
         return self._hash.digest()
 
+    def sync_written(self) -> None:
+        """Flush and fdatasync what was written so far, under the temporary name. Not a
+        commit: it only leaves less for `commit`'s fsync to wait for."""
+        self._file.flush()
+        os.fdatasync(self._file.fileno())
+
     def commit(self) -> bytes:
         """fsync, rename into place, fsync the directory; returns the digest."""
         self._file.flush()

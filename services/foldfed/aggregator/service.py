@@ -1,6 +1,10 @@
 """The aggregator service: ingest plus the exact running sum; finalizes a step when the
 barrier asks, and broadcasts the global update as content-addressed chunks.
 
+One concept, the aggregator's shell: it carries out what the pure core and the adapters
+decide (aggregation/*, ingest/*), in the order that keeps the commit points of
+docs/format.md sections 9 and 12; the arithmetic itself lives in those modules.
+
 Files under FOLDFED_STATE_DIR:
   store/, ingest.sqlite3        verified chunks and what counts (ingest.ledger)
   accumulator.i64               the open step's int64 sum (a cache, rebuilt at start)
@@ -17,12 +21,21 @@ Codecs (docs/format.md, "Coded payloads"): deltas are decoded chunk by chunk int
 with the codec and shared ranges of their step (aggregator/sink.py); finalize makes the
 next step's shared ranges from the members' block statistics (a chunk broadcast with the
 update, named by the update manifest) and codes the update with FOLDFED_DOWNLINK_CODEC.
+
+Progressive finalize (FOLDFED_PROGRESSIVE_FINALIZE, docs/format.md "Progressive finalize"):
+once every member of the open step has its manifest in and the step has no update bound,
+each batch of counted chunks advances the step's finalize over the canonical prefix every
+member has covered (aggregation/progress.py, aggregation/progressive.py), and each
+downlink chunk it completes is broadcast at once with its final index. FinalizeRequest
+then finishes the rest, commits exactly as finalize_step would, broadcasts the remaining
+chunks and StepFinalized. Nothing is durable before that commit: a restart starts the step's
+finalize again from zero and broadcasts the same chunks again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -31,6 +44,8 @@ from foldfed import topology, tracing
 from foldfed.aggregation import ServerOptimizer, canonical_order, finalize_step, weight_total
 from foldfed.aggregation.downlink import DownlinkCoder
 from foldfed.aggregation.layout import ModelLayout
+from foldfed.aggregation.progress import CanonicalVector, MemberCoverage, final_prefix
+from foldfed.aggregation.progressive import ProgressiveFinalize, ProgressiveResult, UpdateChunk
 from foldfed.aggregation.state import generations
 from foldfed.aggregator.retention import HubRetention
 from foldfed.aggregator.sink import AggregationSink
@@ -59,6 +74,7 @@ from foldfed.domain import (
 )
 from foldfed.errors import Reject
 from foldfed.faults import crash_point
+from foldfed.format import ChunkPlan
 from foldfed.ingest.ledger import IngestLedger
 from foldfed.ingest.rules import Effects
 from foldfed.ingest.service import IngestService
@@ -94,6 +110,9 @@ class AggregatorService(IngestService):
         retain = load()
         policy = RetentionPolicy(retain.retain_steps, retain.retain_checkpoint_every)
         self.retention = HubRetention(self.state_dir, ledger, policy)
+        self._progress: _Progress | None = None  # the open step's progressive finalize
+        self._progress_seen = -1  # the sink's change counter when progress was last looked at
+        self._progress_failed = -1  # a step whose progressive finalize failed: not again
 
     # ---------------------------------------------------------------- paths
 
@@ -135,9 +154,11 @@ class AggregatorService(IngestService):
             # A delivery is durable, its receipt not yet out: mid-step for the others.
             crash_point(SERVICE, "after-delivery", effects.receipts[0].step)
         for released in effects.released:
+            await asyncio.to_thread(self._drop_progress)
             await asyncio.to_thread(self._open_sum, released.step)
             # The step boundary: what only the closed step needed may go (retention.md).
             await asyncio.to_thread(self.retention.collect)
+        await self._advance_progress()
 
     def _open_sum(self, step: int) -> None:
         """The sum of `step` (empty if new, kept if the sink holds it already), with the
@@ -173,15 +194,15 @@ class AggregatorService(IngestService):
         tracing.annotate(step=step, participants=len(weights))
         with tracing.span("finalize.compute", step=step):
             result = await asyncio.to_thread(self._finalize_files, step, request, weights)
-        manifest, model_digest, weight_sum = result
+        manifest, model_digest, weight_sum, first = result
         # Participants' downloads of the update are children of this span (chunk headers).
         with tracing.span(
             "broadcast",
             step=step,
-            chunks=len(manifest.chunk_digests),
+            chunks=len(manifest.chunk_digests) - first,
             **{tracing.BYTES: manifest.payload_size},
         ):
-            await self._broadcast_update(manifest)
+            await self._broadcast_update(manifest, first)
         finalized = StepFinalized(step, encode(manifest)[1], model_digest, weight_sum, now_ms())
         await self.bus.publish(topology.EVENTS_EXCHANGE, topology.FINALIZED_KEY, finalized)
         log.info(
@@ -205,7 +226,9 @@ class AggregatorService(IngestService):
 
     def _finalize_files(
         self, step: int, request: FinalizeRequest, weights: dict[str, float]
-    ) -> tuple[Manifest, bytes, float]:
+    ) -> tuple[Manifest, bytes, float, int]:
+        """The update manifest, θ_{step+1}'s digest, the weight sum, and the first chunk
+        index not broadcast yet (chunks a progressive finalize broadcast before)."""
         coding = self.ledger.coding
         downlink = self._downlink(coding)
         counted = [weights[p] for p in sorted(request.participants)]
@@ -218,6 +241,15 @@ class AggregatorService(IngestService):
             # The files are renamed before the optimizer state commits: both must be there.
             done = step + 1 in generations(state_dir)
         model_digest = b""
+        progress = self._take_progress(step, request, weight_sum, done)
+        if progress is not None:
+            finished, first = progress
+            layout, _ = self.sink._ready()
+            manifest = self._finished_manifest(step, finished, downlink, weight_sum)
+            next_ranges = self._next_ranges(step, request, coding, layout.elements)
+            model_digest = finished.result.model_digest
+            manifest = replace(manifest, next_ranges_digest=next_ranges)
+            return manifest, model_digest, weight_sum, first
         if not done:
             if step != self.ledger.open_step:
                 raise Reject(f"step {step} is not open and was never finalized")
@@ -246,7 +278,7 @@ class AggregatorService(IngestService):
         else:
             manifest = self._coded_update_manifest(step, downlink, layout, weight_sum)
         next_ranges = self._next_ranges(step, request, coding, layout.elements)
-        return replace(manifest, next_ranges_digest=next_ranges), model_digest, weight_sum
+        return replace(manifest, next_ranges_digest=next_ranges), model_digest, weight_sum, 0
 
     def _downlink(self, coding: CycleCoding) -> DownlinkCoder | None:
         spec = self.agg_settings.downlink_codec
@@ -279,6 +311,20 @@ class AggregatorService(IngestService):
         digests = tuple(digest_of(c) for c in chunks)
         for digest, body in zip(digests, chunks, strict=True):
             self.ledger.store.put(digest, body)
+        payload = digest_of(b"".join(chunks))
+        return self._coded_manifest(step, downlink, layout, weight_sum, digests, coded.chunk_sizes,
+                                    payload)  # fmt: skip
+
+    def _coded_manifest(
+        self,
+        step: int,
+        downlink: DownlinkCoder,
+        layout: ModelLayout,
+        weight_sum: float,
+        digests: tuple[bytes, ...],
+        sizes: tuple[int, ...],
+        payload_digest: bytes,
+    ) -> Manifest:
         tensors = vector_spans([(s.name, s.dtype, s.shape) for s in canonical_order(layout)])
         return Manifest(
             step=step,
@@ -287,14 +333,14 @@ class AggregatorService(IngestService):
             codec=CODEC_CODED_VECTOR,
             tensors=tensors,
             chunk_size=downlink.chunk_limit,
-            payload_size=sum(coded.chunk_sizes),
+            payload_size=sum(sizes),
             chunk_digests=digests,
-            payload_digest=digest_of(b"".join(chunks)),
+            payload_digest=payload_digest,
             base_model_digest=self.ledger.model_digest,
-            codec_spec=coded.spec,
+            codec_spec=downlink.codec.spec,
             cycle=downlink.cycle,
             codec_seed=downlink.seed,
-            chunk_sizes=coded.chunk_sizes,
+            chunk_sizes=sizes,
         )
 
     def _next_ranges(
@@ -319,25 +365,219 @@ class AggregatorService(IngestService):
         self.ledger.store.put(digest, data)
         return digest
 
-    async def _broadcast_update(self, manifest: Manifest) -> None:
+    async def _broadcast_update(self, manifest: Manifest, first: int = 0) -> None:
         """One publish per chunk reaches every participant's queue (fan-out); the next
-        step's shared ranges, if any, go as one more chunk (index = the chunk count)."""
+        step's shared ranges, if any, go as one more chunk (index = the chunk count).
+        Chunks before `first` went out already (a progressive finalize)."""
         digests = list(manifest.chunk_digests)
         if manifest.next_ranges_digest:
             digests.append(manifest.next_ranges_digest)
         async with PublishWindow(self.settings.bus.inflight_window) as window:
             for index, digest in enumerate(digests):
+                if index < first:
+                    continue
                 body = await asyncio.to_thread(self.ledger.store.get, digest)
                 chunk = Chunk(manifest.step, topology.HUB_ID, index, digest, body)
                 await window.submit(self.bus.publish(topology.BROADCAST_EXCHANGE, "", chunk))
 
+    # ---------------------------------------------------------------- progressive finalize
+
+    async def _advance_progress(self) -> None:
+        """Finalize what every member's counted chunks cover, and broadcast the downlink
+        chunks that completes (in a worker thread; ingest waits, so nothing else uses the
+        running sum meanwhile). A failure here never fails the chunks that triggered it:
+        the step falls back to finalize_step at FinalizeRequest (which reports it)."""
+        sink = self.sink
+        if not self.agg_settings.progressive_finalize or not isinstance(sink, TracedSink):
+            return
+        if sink.applied == self._progress_seen or sink.step is None:
+            return  # nothing counted since the last look
+        step = sink.step
+        if step == self._progress_failed:
+            return  # given up for this step
+        self._progress_seen = sink.applied
+        try:
+            chunks = await asyncio.to_thread(self._advance_files)
+        except Exception as exc:
+            log.warning("progressive finalize dropped", step=step, error=repr(exc))
+            await asyncio.to_thread(self._drop_progress)
+            self._progress_failed = step
+            return
+        progress = self._progress
+        if not chunks or progress is None or not progress.broadcasting:
+            return
+        try:
+            await self._publish_update_chunks(step, chunks)
+        except Exception as exc:
+            progress.broadcasting = False
+            log.warning("early broadcast stopped", step=step, error=repr(exc))
+            return
+        progress.broadcast = chunks[-1].index + 1
+        log.info("update chunks broadcast early", chunks=len(chunks), through=chunks[-1].index)
+        # Some chunks out, the step not committed: a crash must recompute the same ones.
+        crash_point(SERVICE, "mid-progress", step)
+
+    def _advance_files(self) -> list[UpdateChunk]:
+        progress = self._progress or self._start_progress()
+        if progress is None:
+            return []
+        sink = self.sink
+        assert isinstance(sink, TracedSink)
+        if sink.withdrew:
+            self._drop_progress()  # a delta left the sum: finalized ranges may be wrong
+            return []
+        prefix = final_prefix(progress.members, sink.counted, progress.elements)
+        chunks = progress.job.advance(prefix)
+        for chunk in chunks:  # FinalizeRequest, or a repeat of it, reads them from here
+            self.ledger.store.put(chunk.digest, chunk.body, verified=True)
+        return chunks
+
+    def _start_progress(self) -> _Progress | None:
+        """A progressive finalize of the open step, if it is safe (see the module
+        docstring): no update bound, every member's manifest in, the step not finalized."""
+        step = self.ledger.open_step
+        open_step = self.ledger.facts.open_step()
+        sink = self.sink
+        assert isinstance(sink, TracedSink)
+        if open_step.norm_bound > 0 or sink.step != step or sink.withdrew:
+            return None
+        manifests = {p: self.ledger.manifest(step, p) for p in sorted(open_step.members)}
+        if any(m is None for m in manifests.values()):
+            return None
+        update, model = self.update_path(step), self._next_model_path(step)
+        if update.exists() or model.exists():
+            return None  # finalized before: FinalizeRequest re-publishes it
+        layout, accumulator = self.sink._ready()
+        canonical = CanonicalVector.of((s.name, s.count) for s in canonical_order(layout))
+        members = {p: MemberCoverage.of(m, canonical) for p, m in manifests.items() if m}
+        weight_sum = weight_total([m.weight for m in manifests.values() if m])
+        update.parent.mkdir(parents=True, exist_ok=True)
+        model.parent.mkdir(parents=True, exist_ok=True)
+        job = ProgressiveFinalize(
+            layout,
+            accumulator,
+            weight_sum,
+            self.model_path(step),
+            update,
+            model,
+            self.optimizer,
+            self.state_dir / "optimizer",
+            step=step,
+            downlink=self._downlink(self.ledger.coding),
+            update_chunk_size=self.agg_settings.update_chunk_size,
+        )
+        self._progress = _Progress(step, job, members, weight_sum, layout.elements)
+        log.info("progressive finalize started", members=len(members))
+        return self._progress
+
+    def _take_progress(
+        self, step: int, request: FinalizeRequest, weight_sum: float, done: bool
+    ) -> tuple[ProgressiveResult, int] | None:
+        """Finish the progressive finalize of `step` if there is one and the request asks
+        for what it was started with (the same members, hence the same weights); else
+        drop it and return None (finalize_step runs, or the files are there already).
+        Also returns the first chunk index not broadcast yet."""
+        progress, self._progress = self._progress, None
+        self._progress_seen = -1
+        if progress is None:
+            return None
+        sink = self.sink
+        assert isinstance(sink, TracedSink)
+        if (
+            done
+            or progress.step != step
+            or step != self.ledger.open_step
+            or set(request.participants) != set(progress.members)
+            or weight_sum != progress.weight_sum
+            or sink.withdrew
+        ):
+            progress.job.discard()
+            return None
+        finished, rest = progress.job.finish()
+        for chunk in rest:
+            self.ledger.store.put(chunk.digest, chunk.body, verified=True)
+        return finished, progress.broadcast
+
+    def _drop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.job.discard()
+            self._progress = None
+        self._progress_seen = -1
+
+    def _finished_manifest(
+        self,
+        step: int,
+        finished: ProgressiveResult,
+        downlink: DownlinkCoder | None,
+        weight_sum: float,
+    ) -> Manifest:
+        """The update manifest of a progressive finalize: the one finalize_step's files
+        give (_plain_update_manifest, _coded_update_manifest), from the chunks as cut."""
+        if downlink is not None:
+            layout, _ = self.sink._ready()
+            return self._coded_manifest(step, downlink, layout, weight_sum, finished.digests,
+                                        finished.sizes, finished.payload_digest)  # fmt: skip
+        plan = ChunkPlan(
+            finished.payload_size,
+            self.agg_settings.update_chunk_size,
+            finished.digests,
+            finished.payload_digest,
+            finished.tensors,
+        )
+        base = self.ledger.model_digest
+        return manifest_of(
+            plan, step=step, participant=topology.HUB_ID, weight=weight_sum, base_model_digest=base
+        )
+
+    def _next_model_path(self, step: int) -> Path:
+        return self.state_dir / "models" / _name("model", step + 1)
+
+    async def _publish_update_chunks(self, step: int, chunks: list[UpdateChunk]) -> None:
+        async with PublishWindow(self.settings.bus.inflight_window) as window:
+            for c in chunks:
+                chunk = Chunk(step, topology.HUB_ID, c.index, c.digest, c.body)
+                await window.submit(self.bus.publish(topology.BROADCAST_EXCHANGE, "", chunk))
+
+
+@dataclass
+class _Progress:
+    """The open step's progressive finalize and what it was started with."""
+
+    step: int
+    job: ProgressiveFinalize
+    members: dict[str, MemberCoverage]
+    weight_sum: float
+    elements: int
+    broadcast: int = 0  # chunks 0 .. broadcast - 1 are out (confirmed)
+    broadcasting: bool = True  # False after a failed publish: FinalizeRequest sends the rest
+
 
 class TracedSink(AggregationSink):
-    """The running sum, with an "aggregate" span per chunk added (under its ingest span)."""
+    """The running sum, with an "aggregate" span per chunk added (under its ingest span);
+    keeps which chunks of the open step are counted, for a progressive finalize."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.counted: dict[str, set[int]] = {}  # participant -> counted chunk indices
+        self.applied = 0  # chunks applied since start (a change counter)
+        self.withdrew = False  # a delta of the open step was taken out of the sum
+
+    def open_step(self, step: int, base_model: Path, ranges: SharedRanges | None = None) -> None:
+        if step != self.step:
+            self.counted, self.withdrew = {}, False
+        super().open_step(step, base_model, ranges)
 
     def apply(self, m: Manifest, index: int, prepared: object) -> None:
         with tracing.child_span("aggregate", step=m.step, participant=m.participant, index=index):
             super().apply(m, index, prepared)
+        self.counted.setdefault(m.participant, set()).add(index)
+        self.applied += 1
+
+    def retract(self, m: Manifest, index: int, body: bytes) -> None:
+        super().retract(m, index, body)
+        self.counted.get(m.participant, set()).discard(index)
+        self.withdrew = True
+        self.applied += 1
 
 
 async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> None:

@@ -307,6 +307,12 @@ class Settings(BaseSettings):
         "the global update's codec spec, coded with the hub's error feedback (no shared"
         " ranges)",
     )  # fmt: skip
+    progressive_finalize: Switch = _var(
+        "FOLDFED_PROGRESSIVE_FINALIZE", True, "aggregator",
+        "finalize and broadcast the global update chunk by chunk while the deltas still"
+        " arrive (same bytes; only steps with no update bound; docs/format.md, \"Progressive"
+        " finalize\")",
+    )  # fmt: skip
     codec_seed: int = _var(
         "FOLDFED_CODEC_SEED", 0, "barrier",
         "the cycle's codec seed: names the codecs' random streams (rotation, rounding)",
