@@ -85,6 +85,7 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "cycle": 1,
         "chunk_size": 4 << 20,
         "rate_limit_bps": 0,
+        "download_rate_limit_bps": 0,
         "inflight_window": 8,
         "publish_timeout_s": 30.0,
         "reply_timeout_s": 30.0,

@@ -1,5 +1,8 @@
 """A run's report: markdown with measured vs predicted times (converted back to real time)
-and two pictures: a per-step timeline per participant and the cumulative idle cost."""
+and two pictures: a per-step timeline per participant and the cumulative idle cost.
+
+One concept, the report, in more than 400 lines: its sections (checks, codecs side by
+side, wall time, participants, steps) and pictures render the same `RunResult`."""
 
 from __future__ import annotations
 
@@ -83,7 +86,8 @@ def render_markdown(r: RunResult, pictures: list[Path]) -> str:
         f"{s.time_scale:g}); the run itself took {r.wall_s:.1f} s.",
         f"- delta: {s.delta_mib:g} MiB real; the run sent {s.delta_bytes_run / MIB:.3f} MiB per "
         f"delta (÷ S) at each link's real bandwidth, so uploads take 1/S of real time on real "
-        f"bytes (uploader token bucket, {s.chunk_mib} MiB chunks).",
+        f"bytes (uploader token bucket, {s.chunk_mib} MiB chunks); the global update comes "
+        f"back through the same link emulation (its chunks are kept at the link's rate).",
         "- latency is not emulated on the wire (loopback); the prediction adds two round trips "
         "per upload.",
         f"- steps: {s.steps}" + (f" + {s.next_cycle_steps} (cycle 2)" if s.late_joiners else ""),
@@ -237,33 +241,58 @@ def _codec_section(r: RunResult) -> list[str]:
         "",
         "## Codecs side by side (real time and bytes, per step)",
         "",
-        "| codec (up / down) | uplink per site | vs first | uplink at link | downlink "
-        "(not emulated) | compute (slowest site) | wall measured | wall projected | "
-        f"{PROJECTED_STEPS} steps projected | final model |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| codec (up / down) | uplink per site | vs first | downlink | wall measured | "
+        "comm measured | compute (slowest site) | comm predicted, sequential | comm "
+        f"predicted, overlapped | {PROJECTED_STEPS} steps projected (measured) | final model |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, f in zip(r.codec_runs, figures, strict=True):
         slow = max(f.compute_s, key=lambda n: f.compute_s[n])
         out.append(
-            f"| {f.label} | {f.uplink_bytes / 1e6:,.1f} MB | {ref / f.uplink_bytes:.1f}x | "
-            f"{f.uplink_s[slow]:,.1f} s | {f.downlink_bytes / 1e6:,.1f} MB, "
-            f"{f.downlink_s[slow]:,.1f} s | {f.compute_s[slow]:,.0f} s ({slow}) | "
-            f"{_hms(f.measured_wall_s)} | {_hms(f.projected_wall_s)} | "
+            f"| {f.label} | {f.uplink_bytes / 1e6:,.1f} MB, {f.uplink_s[slow]:,.1f} s | "
+            f"{ref / f.uplink_bytes:.1f}x | {f.downlink_bytes / 1e6:,.1f} MB, "
+            f"{f.downlink_s[slow]:,.1f} s | {_hms(f.measured_wall_s)} | "
+            f"{_hms(f.measured_comm_s)} | {f.compute_s[slow]:,.0f} s ({slow}) | "
+            f"{_hms(f.sequential_comm_s)} | {_hms(f.overlapped_comm_s)} | "
             f"{_hms(f.projected_wall_s * PROJECTED_STEPS)} | `{run.final_digest[:12]}` |"
         )
     out += [
         "",
+        "| codec | "
+        + " | ".join(f"{n}: release → delivery - compute" for n in r.scenario.names)
+        + " |",
+        "|---|" + "---|" * len(r.scenario.names),
+    ]
+    for f in figures:
+        out.append(
+            f"| {f.label} | "
+            + " | ".join(f"{f.site_comm_s.get(n, float('nan')):,.1f} s" for n in r.scenario.names)
+            + " |"
+        )
+    n = figures[0].measured_steps if figures else 0
+    out += [
+        "",
         f"Each codec ran {r.scenario.steps} steps with the same seeds (same compute draws "
-        f"and delta bytes) at S = {S:g}. Uplink bytes are measured (what the uploaders sent, "
-        "x S) and the uplink is emulated by the uploader's token bucket; 'uplink at link' is "
-        "those bytes over the site's link. The downlink is NOT emulated (the broker delivers "
-        "the global update on loopback): its time is the update's wire size (the codec's "
-        "chunk sizes; an upper bound with zstd) over the site's link, and 'wall projected' "
-        "adds it, plus the token bucket's first chunk of burst (an emulation artifact), to "
-        "the measured wall time. Codec CPU time (encode at the sites, decode and re-encode "
-        "at the hub) is measured in the run: it is proportional to the run's bytes, so x S it "
-        "stands for the full-size delta on this machine's CPU, with 5 sites and the hub "
-        "sharing its cores (each site has its own machine in reality).",
+        f"and delta bytes) at S = {S:g}. Both directions of every site's link are emulated "
+        "at its rate: the uploader's token bucket sends the deltas "
+        "(FOLDFED_RATE_LIMIT_BPS), and the update's chunks are kept only once their last "
+        "byte would have arrived (FOLDFED_DOWNLOAD_RATE_LIMIT_BPS, no burst). 'wall "
+        f"measured' is the mean step, release to release, over the {n} step(s) that began "
+        "with a download (a cycle's first step has none), x S, plus the uploader's first "
+        "chunk of burst (an emulation artifact: a real link carries those bytes too). "
+        "'comm measured' is that wall time minus the slowest site's compute: what a step "
+        "spends beyond what it would take on infinitely fast links, whether downloads "
+        "follow the uploads (today's hub) or overlap them. It includes the services' own "
+        "time x S (ingest, finalize, release, hand-offs, the codecs' CPU), so it is an "
+        "upper bound of the real figure: codec CPU time scales with the bytes, but the "
+        "per-step fixed costs do not (see 'overhead' below). The per-site table splits "
+        "it: release → that site's delivery at the hub, minus its compute (its download, "
+        "upload and hand-offs). 'comm predicted' comes from the step model "
+        "(predict.transfer_step: measured uplink bytes and the update's wire size over "
+        "the links, 1 MiB chunks), with downloads after the last delivery (sequential, "
+        "today's hub) or as each chunk index is complete (overlapped, a progressive "
+        "finalize); 'uplink' and 'downlink' show each direction's bytes over the slowest "
+        "site's link. The projection multiplies the MEASURED wall time.",
         "",
         f"The sections below show the last codec's run ({r.codec_runs[-1].scenario.codec.label}); "
         "each codec's full report is in its own folder (`codec<i>/report.md`).",

@@ -152,8 +152,12 @@ class Run:
 
     def participant_env(self, name: str) -> dict[str, str]:
         p = self.s.participant(name)
+        # The site's link, emulated each way at its rate: the measured step includes the
+        # real download of the global update, not an analytic stand-in.
+        link = max(1, round(p.bandwidth_bps)) if p.bandwidth_bps > 0 else None
         own = env_for(
-            rate_limit_bps=max(1, round(p.bandwidth_bps)) if p.bandwidth_bps > 0 else None,
+            rate_limit_bps=link,
+            download_rate_limit_bps=link,
             initial_model=self.cycle_initial if name in self.s.late_joiners else None,
             upload_budget_s=self.s.scaled(self.s.upload_budget_s) or None,
         )

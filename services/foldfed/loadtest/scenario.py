@@ -125,8 +125,9 @@ class Expect:
     goodput_min: float = 0.95
     # Compare the final model digest with an undisturbed run of the same seeds.
     same_digest_as_undisturbed: bool = False
-    # With codecs: some compared codec keeps each site's transfer time per step (up and
-    # down, at real size and link speed) within its compute time.
+    # With codecs: some compared codec keeps the communication time per step (measured:
+    # wall time minus the slowest site's compute, downloads emulated) within the compute
+    # time, at real size and link speed.
     comm_within_compute: bool = False
 
 
@@ -525,6 +526,9 @@ def parse_scenario(raw: Any) -> Scenario:
         raise ScenarioError("smoke_time_scale: must be >= 1 (or 0: time_scale)")
     if scenario.expect.comm_within_compute and len(scenario.codecs) < 1:
         raise ScenarioError("expect.comm_within_compute: needs `codecs`")
+    if scenario.expect.comm_within_compute and min(steps, scenario.smoke_steps) < 2:
+        # A cycle's first step downloads nothing: only the later ones measure a download.
+        raise ScenarioError("expect.comm_within_compute: needs steps and smoke_steps >= 2")
     return scenario
 
 

@@ -92,7 +92,7 @@ def median_hub_s(steps: Iterable[MeasuredStep]) -> float:
 def overhead_s(steps: Iterable[MeasuredStep], done_s: Mapping[int, float]) -> float:
     """Median of (measured wall - the slowest participant's planned compute + upload), in
     run seconds: everything the services add to a step (release delivery, spool hand-offs,
-    ingest, finalize, release). `done_s`: step → planned max_i(c_i + u_i), run seconds."""
+    ingest, finalize, release). `done_s`: step → planned max_i(d_i + c_i + u_i), run seconds."""
     values = [s.wall_s - done_s[s.step] for s in steps if s.step in done_s]
     return statistics.median(values) if values else 0.0
 

@@ -322,6 +322,12 @@ class Settings(BaseSettings):
         "FOLDFED_RATE_LIMIT_BPS", 0, "uploader", "token-bucket rate limit in bytes/s (0 = none)",
         ge=0,
     )  # fmt: skip
+    download_rate_limit_bps: int = _var(
+        "FOLDFED_DOWNLOAD_RATE_LIMIT_BPS", 0, "uploader",
+        "link emulation for load tests: the global update's chunks are received at most at"
+        " this rate in bytes/s, each kept once its last byte would have arrived (0 = off)",
+        ge=0,
+    )  # fmt: skip
     upload_budget_s: float = _var(
         "FOLDFED_UPLOAD_BUDGET_S", 0.0, "uploader",
         "seconds per step an upload may take: with the measured goodput, the least lossy"

@@ -1,5 +1,6 @@
-"""A token bucket in bytes per second, to emulate (or respect) a slow link. Pure: the
-caller passes the clock, so tests need no sleeping."""
+"""A token bucket in bytes per second, to emulate (or respect) a slow link, in either
+direction. Pure: the caller passes the clock, so tests need no sleeping (uploader/link.py
+does the waiting)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ class TokenBucket:
         self._tokens = 0.0
         self._stamp = now + wait
         return wait
+
+
+# A downlink banks nothing while idle (one byte, as the bucket needs a positive burst):
+# a chunk is received when its last byte is, n / rate after the link was free for it.
+DOWNLINK_BURST = 1.0
+
+
+def downlink_bucket(rate: float, now: float) -> TokenBucket:
+    """The bucket of a receiving link: each chunk waits its own size over the rate, from
+    when it is asked for or when the previous one was through, whichever is later."""
+    return TokenBucket(rate, DOWNLINK_BURST, now)

@@ -34,6 +34,7 @@ from foldfed.settings import load
 from foldfed.spool import Spool
 from foldfed.uploader.coding import UplinkCoder, decode_update
 from foldfed.uploader.inbox import Inbox
+from foldfed.uploader.link import Link
 from foldfed.uploader.retention import SpoolRetention
 from foldfed.uploader.upload import Uploader
 
@@ -67,6 +68,10 @@ class UploaderService:
         self._extra_delay_s = load().uploader_extra_delay_s
         # Seconds an upload may take per step; the coder picks the codec that fits (0: off).
         self._upload_budget_s = load().upload_budget_s
+        # Load tests emulate the site's downlink (0: off; the broker's own pace).
+        self.downlink = Link.downlink(load().download_rate_limit_bps)
+        # Seconds the emulated downlink held each step's update (step of the update).
+        self._download_s: dict[int, float] = {}
         policy = RetentionPolicy(load().retain_steps)  # checkpoints are the hub's
         self.retention = SpoolRetention(self.spool, self.downloads, self.coder, policy)
 
@@ -175,6 +180,10 @@ class UploaderService:
                 with tracing.span(
                     "download", step=msg.step, index=msg.index, **{tracing.BYTES: len(msg.body)}
                 ):
+                    # Kept (and acked) once its last byte would have crossed the link.
+                    held = await self.downlink.carry(len(msg.body))
+                    if self.downlink.limited:
+                        self._download_s[msg.step] = self._download_s.get(msg.step, 0.0) + held
                     await asyncio.to_thread(self._keep_update_chunk, msg)
             case StepReleased():
                 await self._on_release(msg)
@@ -192,8 +201,19 @@ class UploaderService:
         with tracing.span("receive_release", step=release.step, final=release.final or None):
             await self._write_release(release)
         waited = None if self._delivered_at is None else time.monotonic() - self._delivered_at
-        log.info("step released", model=short(release.model_digest), waited_s=waited)
-        await self._event("release_received", release.step, {"wait_s": waited or 0.0})
+        metrics = {"wait_s": waited or 0.0}
+        # The update released with step t is step t-1's; older entries are done with too.
+        held = self._download_s.pop(release.step - 1, None)
+        self._download_s = {k: v for k, v in self._download_s.items() if k >= release.step}
+        if held is not None:
+            metrics["download_s"] = held
+        log.info(
+            "step released",
+            model=short(release.model_digest),
+            waited_s=waited,
+            download_s=metrics.get("download_s"),
+        )
+        await self._event("release_received", release.step, metrics)
 
     async def _write_release(self, release: StepReleased) -> None:
         update = None

@@ -39,8 +39,8 @@ from foldfed.messages import (
 from foldfed.payloadfile import plan_chunks, read_chunk, read_range
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.journal import UploadJournal
+from foldfed.uploader.link import Link
 from foldfed.uploader.planning import RoundPlan, journal_trusted, plan_round, resumes
-from foldfed.uploader.ratelimit import TokenBucket
 
 log = structlog.get_logger(__name__)
 
@@ -88,12 +88,7 @@ class Uploader:
         self.settings = settings
         self.bus = bus
         self.inbox = inbox
-        self._bucket: TokenBucket | None = None
-        if settings.rate_limit_bps:
-            # Burst of one chunk: enough to keep the pipe busy, small enough to be honest.
-            self._bucket = TokenBucket(
-                settings.rate_limit_bps, settings.chunk_size, time.monotonic()
-            )
+        self._link = Link.uplink(settings.rate_limit_bps, settings.chunk_size)
 
     async def upload(
         self,
@@ -320,7 +315,7 @@ class Uploader:
             async with PublishWindow(self.settings.bus.inflight_window) as window:
                 for index in plan.send:
                     body = await asyncio.to_thread(_read_chunk, delta_path, manifest, index)
-                    await self._throttle(len(body))
+                    await self._link.carry(len(body))
                     chunk = Chunk(
                         manifest.step,
                         manifest.participant,
@@ -334,12 +329,6 @@ class Uploader:
                     await window.submit(publish, on_confirm=confirmed(index, len(body)))
         finally:
             progress.close()
-
-    async def _throttle(self, nbytes: int) -> None:
-        if self._bucket is not None:
-            delay = self._bucket.delay_for(nbytes, time.monotonic())
-            if delay > 0:
-                await asyncio.sleep(delay)
 
 
 def _read_chunk(path: Path, manifest: Manifest, index: int) -> bytes:
