@@ -11,6 +11,7 @@ What podman 4.3 runs, and how each rendered object is adapted (`for_podman`, pur
                            (two pods' 8081 collide); probes' named ports become numbers
       emptyDir             a podman named volume named after the pod's volume, shared by
                            every pod with a volume of that name: renamed per pod
+      subPath              the volume at the file's folder (podman 4.3 ignores subPath)
       secret volume        `optional: false` (podman 4.3 dereferences it unset), and its
                            own podman secret (`<name>.volume`): podman 4.3 reads a secret
                            as a flat JSON map for env, as a Kubernetes Secret for volumes
@@ -48,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,6 +190,7 @@ def adapt_pod(workload: str, pod: Obj, how: Adaptation) -> None:
     for container in containers:
         for mount in container.get("volumeMounts", []):
             mount["name"] = renamed[mount["name"]]
+            whole_volume(mount)
     users = {
         how.image_users[c["image"]] for c in pod["containers"] if c["image"] in how.image_users
     }
@@ -230,6 +231,18 @@ def volume_name(workload: str, volume: Obj, prefix: str) -> str:
     return str(volume["name"])
 
 
+def whole_volume(mount: Obj) -> None:
+    """A one-file `subPath` mount as the volume at the file's folder: podman 4.3 ignores
+    subPath and would mount the volume's folder as the file (here the folder only holds
+    that file in the images: /etc/rabbitmq/conf.d)."""
+    sub = mount.pop("subPath", None)
+    if sub is not None:
+        folder, _, name = mount["mountPath"].rpartition("/")
+        if name != sub:
+            raise PlayError(f"subPath {sub} mounted as {mount['mountPath']}: not adaptable")
+        mount["mountPath"] = folder
+
+
 def per_workload(objects: list[Obj]) -> dict[str, list[Obj]]:
     """One play file per workload, so each can start after its dependencies: the
     workload, the PVCs it claims and every ConfigMap (podman resolves them per file)."""
@@ -255,16 +268,11 @@ def env_secret(data: dict[str, bytes]) -> bytes:
 
 
 def volume_secret(name: str, data: dict[str, bytes]) -> bytes:
-    """A secret as podman 4.3 reads it for a secret volume: a Kubernetes Secret."""
+    """A secret as podman 4.3 reads it for a secret volume: a Kubernetes Secret whose
+    `data` it writes to the files as is, not base64-decoded (and `stringData` ignored)."""
     body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}}
-    body["data"] = {k: base64.b64encode(v).decode() for k, v in data.items()}
+    body["data"] = {k: v.decode() for k, v in data.items()}
     return json.dumps(body).encode()
-
-
-def with_host(url: str, host: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[0] + "@" + host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 # ---------------------------------------------------------------- podman
