@@ -126,12 +126,14 @@ def for_podman(objects: list[Obj], how: Adaptation) -> list[Obj]:
         kind = obj["kind"]
         if kind in UNSUPPORTED:
             continue
+        if kind == "StatefulSet":
+            for claim in claims_of(obj):
+                claim["metadata"]["name"] = how.prefix + claim["metadata"]["name"]
+                out.append(claim)
+            obj = as_deployment(obj)
         obj["metadata"].pop("namespace", None)
         obj["metadata"]["name"] = how.prefix + obj["metadata"]["name"]
-        if kind == "StatefulSet":
-            out.extend(claims_of(obj))
-            obj = as_deployment(obj)
-        if kind in ("Deployment", "StatefulSet"):
+        if obj["kind"] == "Deployment":
             adapt_pod(obj["metadata"]["name"], obj["spec"]["template"]["spec"], how)
         out.append(obj)
     return out
