@@ -34,6 +34,9 @@ runs each container's readinessProbe itself (exec as is; httpGet with the contai
 python3). Every pod, volume, secret and network of a run carries the run's prefix and is
 removed at the end whatever happened (`podman play kube --down`, then by prefix).
 
+One concept, over 400 lines: the rendered objects under podman 4.3. The pure adaptation
+and the run that plays it stay together so that this table has one home.
+
     python3 deploy/podman/kube.py [--companies company-a,company-b] [--keep]
 """
 
