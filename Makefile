@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.foldfed-installed
 STAMP_OF3 := $(VENV)/.foldfed-of3
 STAMP_DEV := $(VENV)/.foldfed-dev
 
-.PHONY: fuzz test-containers setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
+.PHONY: fuzz test-containers test-kube setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -115,3 +115,8 @@ clean:
 # end of the run (deploy/README.md, "Containers"), a cause still open.
 test-containers: setup $(STAMP_DEV) containers-prereqs
 	$(VENV)/bin/pytest -q -m containers tests/test_containers.py
+
+# The rendered kustomize overlays (hub, company-a, company-b) under `podman play kube`
+# through a 2-step cycle (deploy/podman/kube.py; deploy/README.md, "Containers").
+test-kube: setup $(STAMP_DEV) containers-prereqs
+	$(VENV)/bin/pytest -q -m containers tests/test_kube_play.py
