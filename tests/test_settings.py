@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 NOT_SETTINGS = {
     "FOLDFED_CLI": "a constant of the benchmarks (the command line they start)",
     "FOLDFED_IMAGE": "compose's own interpolation: which image to run",
+    "FOLDFED_FUZZ_SCALE": "the fuzz tests' example multiplier (make fuzz), not a service's",
+    "FOLDFED_FUZZ_SEED": "the fuzz tests' seed, not a service's",
+    "FOLDFED_FUZZ_REPORT": "the fuzz tests' summary switch, not a service's",
     "FOLDFED_MONITOR_STRAGGLER_WINDOW": "README's old name of FOLDFED_MONITOR_WINDOW, never read",
 }
 FIELDS = Settings.model_fields
