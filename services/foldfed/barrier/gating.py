@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from foldfed.barrier.machine import BarrierState, Phase
 from foldfed.digests import digest_of
 from foldfed.dsse import envelope_from_json
 from foldfed.gate.record import Readiness, RecordRefused, verify_record
@@ -99,6 +100,41 @@ class Decision:
     cycle: int
     members: frozenset[str]
     deadline_ms: int
+
+
+@dataclass(frozen=True)
+class GatingTerms:
+    """What every round takes from the consortium's settings, and the first cycle's terms
+    (its number, first step and θ0: those of FOLDFED_CYCLE, FOLDFED_FIRST_STEP and
+    FOLDFED_INITIAL_MODEL)."""
+
+    roster: frozenset[str]
+    min_members: int
+    window_ms: int
+    first_cycle: int
+    first_step: int
+    first_theta0: bytes
+
+
+def next_round(state: BarrierState | None, terms: GatingTerms, now_ms: int) -> Round | None:
+    """The round to open now: the first cycle's before any ran, the next one's once the
+    last is done (opened when its final update was released, from the stored state, so a
+    restart computes the same), none while a cycle runs."""
+    t = terms
+    if state is None:
+        return Round(
+            t.first_cycle, t.first_theta0, t.first_step, t.roster, t.min_members, now_ms,
+            t.window_ms,
+        )  # fmt: skip
+    if state.phase is not Phase.DONE:
+        return None
+    ended = state.current.released_ms
+    opened = ended if ended is not None else now_ms
+    # The final release went out as step state.step: the next cycle starts after it.
+    return Round(
+        state.cycle + 1, state.model_digest, state.step + 1, t.roster, t.min_members, opened,
+        t.window_ms,
+    )  # fmt: skip
 
 
 class Standing(StrEnum):
