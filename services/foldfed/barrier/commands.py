@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     show.add_argument("--state-dir", default=None, help="default: FOLDFED_STATE_DIR")
+    show.add_argument(
+        "--cycle", type=int, default=None, help="that cycle's round (default: the latest)"
+    )
     show.add_argument("--json", action="store_true", help="one JSON document instead")
     show.set_defaults(func=cmd_status)
 
@@ -46,7 +49,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not path.exists():
         raise ConfigError(f"no barrier store at {path}: is this the hub's FOLDFED_STATE_DIR?")
     with BarrierStore(path) as store:
-        latest = store.latest_round()
+        latest = store.latest_round() if args.cycle is None else store.round_of(args.cycle)
         if latest is None:
             print("no gating round: cycles are not gated (FOLDFED_GATED_CYCLES) or not yet")
             return 1
