@@ -67,20 +67,22 @@ class Gatekeeper:
         finally:
             await connection.close()
 
-    async def terms(self) -> GatingTerms:
+    async def terms(self, first: bool) -> GatingTerms:
+        """The rounds' terms; θ0 of the first cycle is hashed only when `first` needs it."""
         s = self.settings
+        theta0 = await asyncio.to_thread(file_digest, s.initial_model) if first else b""
         return GatingTerms(
             roster=frozenset(s.participants),
             min_members=s.gate_min_members,
             window_ms=max(1, round(s.gate_window_s * 1000)),
             first_cycle=s.cycle,
             first_step=s.first_step,
-            first_theta0=await asyncio.to_thread(file_digest, s.initial_model),
+            first_theta0=theta0,
         )
 
     async def open_round(self, state: BarrierState | None, now_ms: int) -> Round | None:
         """Open the round `state` calls for (a stored one is kept as it is)."""
-        wanted = next_round(state, await self.terms(), now_ms)
+        wanted = next_round(state, await self.terms(first=state is None), now_ms)
         if wanted is None:
             return None
         rnd = await asyncio.to_thread(self.store.open_round, wanted)
