@@ -34,6 +34,20 @@ def existing_initial_model(settings: Settings) -> Path:
 DEFAULT_MEMBER_WEIGHT = 4096.0
 
 
+def _gate_keyring(settings: Settings) -> Path | None:
+    """FOLDFED_CONSORTIUM_KEYRING: required once cycles are gated, and the minimum must fit
+    the roster (a cycle that can never start is a configuration error, not a wait)."""
+    if not settings.gated_cycles:
+        return settings.consortium_keyring
+    roster = required(settings.participants, "participants")
+    if settings.gate_min_members > len(roster):
+        raise ConfigError(
+            f"{variable('gate_min_members')}={settings.gate_min_members} but "
+            f"{variable('participants')} names {len(roster)}"
+        )
+    return required(settings.consortium_keyring, "consortium_keyring")
+
+
 def _member_weights(settings: Settings) -> tuple[tuple[str, float], ...]:
     """FOLDFED_MEMBER_WEIGHTS: empty (DEFAULT_MEMBER_WEIGHT each), or a weight for every
     participant and no one else, so that no member's weight is left to a default by a typo."""
@@ -224,6 +238,12 @@ class BarrierSettings:
     # The cycle's L2 bound on each member's decoded delta, announced with every release
     # (FOLDFED_UPDATE_NORM_BOUND; 0.0 = none).
     update_norm_bound: float = 0.0
+    # Readiness gating (docs/operating-model.md, "Gated cycles"): the barrier starts each
+    # cycle itself with the `participants` (the roster) gated before the deadline.
+    gated_cycles: bool = False
+    consortium_keyring: Path | None = None
+    gate_window_s: float = 3600.0
+    gate_min_members: int = 2
 
     def agreed_weights(self, members: tuple[str, ...]) -> tuple[float, ...]:
         """The weights a release of `members` announces, in that order."""
@@ -247,4 +267,8 @@ class BarrierSettings:
             codec_choices=cycle_choices(s.codec, s.codec_choices),
             member_weights=_member_weights(s),
             update_norm_bound=s.update_norm_bound,
+            gated_cycles=s.gated_cycles,
+            consortium_keyring=_gate_keyring(s),
+            gate_window_s=s.gate_window_s,
+            gate_min_members=s.gate_min_members,
         )

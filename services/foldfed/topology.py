@@ -30,6 +30,9 @@ RECEIPT_KEY = "ingest.receipt"
 FINALIZED_KEY = "aggregator.finalized"
 MODEL_REPORT_KEY = "participant.model"
 BARRIER_KEYS = (RECEIPT_KEY, FINALIZED_KEY, MODEL_REPORT_KEY)
+# Participants' signed readiness records (`foldfed gate check`); the barrier binds it to its
+# queue only when cycles are gated (FOLDFED_GATED_CYCLES).
+READINESS_KEY = "uploader.readiness"
 # The monitor's queue: every message on the events exchange (events, receipts,
 # finalizations, model reports, heartbeats). Hub-side: only the hub's user consumes it.
 MONITOR_QUEUE = "foldfed.hub.monitor"

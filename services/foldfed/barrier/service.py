@@ -5,6 +5,10 @@ SQLite transaction; then its effects are published; then the message is acked. O
 the service replays whatever effect was pending (Recover), so a barrier killed between
 "all delivered" and "released" releases on restart, exactly once as far as anyone can
 tell (receivers are idempotent).
+
+With FOLDFED_GATED_CYCLES the settings no longer start cycles: the gatekeeper
+(barrier/gatekeeper.py) keeps the participants' readiness records and starts each cycle
+itself, with exactly the members gated before its deadline (docs/operating-model.md).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import structlog
 from opentelemetry.trace import SpanContext
 
 from foldfed import topology, tracing
+from foldfed.barrier.gatekeeper import Gatekeeper
 from foldfed.barrier.machine import (
     BarrierState,
     CycleDone,
@@ -74,9 +79,15 @@ class BarrierService:
         self.settings = settings
         self.bus = bus
         self.store = store
+        # One store call at a time: messages and the gating clock both reach it.
+        self._store_lock = asyncio.Lock()
+        self.gatekeeper = Gatekeeper(settings, store) if settings.gated_cycles else None
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.declare_hub_topology(self.settings.participants)
+        if self.gatekeeper is not None:
+            await self._run_gated(self.gatekeeper, stop)
+            return
         state = self.store.load()
         # A cycle starts on an empty store, or once the stored cycle is done and the
         # settings name a later one (FOLDFED_CYCLE): the cycle boundary where sites that
@@ -104,8 +115,49 @@ class BarrierService:
         log.info("barrier ready")
         await self.bus.consume(topology.BARRIER_QUEUE, self.handle, stop=stop)
 
+    async def _run_gated(self, gatekeeper: Gatekeeper, stop: asyncio.Event) -> None:
+        """Cycles start when their round decides (module docstring), never from settings."""
+        await gatekeeper.bind()
+        state = self.store.load()
+        if state is not None:
+            log.info("recovering")
+            await self._apply(Recover(at_ms=now_ms()))
+        await gatekeeper.open_round(state, now_ms())
+        log.info("barrier ready", gated=True)
+        clock = asyncio.create_task(self._gating_clock(gatekeeper, stop))
+        try:
+            await self.bus.consume(topology.BARRIER_QUEUE, self.handle, stop=stop)
+        finally:
+            clock.cancel()
+            await asyncio.gather(clock, return_exceptions=True)
+
+    async def _gating_clock(self, gatekeeper: Gatekeeper, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            async with self._store_lock:
+                wait = await asyncio.to_thread(gatekeeper.seconds_to_next_deadline, now_ms())
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=max(0.05, wait))
+            except TimeoutError:
+                await self._start_if_due(gatekeeper)
+
+    async def _start_if_due(self, gatekeeper: Gatekeeper) -> None:
+        async with self._store_lock:
+            at = now_ms()
+            due = await asyncio.to_thread(gatekeeper.due, at)
+            if due is None:
+                return
+            rnd, decision = due
+            start = await asyncio.to_thread(gatekeeper.start_of, rnd, decision, at)
+            effects = await asyncio.to_thread(self.store.start_gated, decision, start)
+            state = await asyncio.to_thread(self.store.load)
+        await self._perform(effects, state)
+
     async def handle(self, incoming: Incoming) -> None:
         try:
+            msg = incoming.message()
+            if isinstance(msg, Event) and msg.kind == "readiness":
+                await self._readiness(incoming, msg)
+                return
             event = self._event_of(incoming)
         except Reject as exc:
             log.warning("rejected", reason=exc.reason, type=incoming.type, user=incoming.user_id)
@@ -118,6 +170,15 @@ class BarrierService:
             participant=getattr(event, "participant", None),
         ):
             await self._apply(event)
+        await incoming.raw.ack()
+
+    async def _readiness(self, incoming: Incoming, event: Event) -> None:
+        if self.gatekeeper is None:
+            log.info("readiness record ignored: cycles are not gated", user=incoming.user_id)
+        else:  # Reject: dead-lettered by handle()
+            record = self.gatekeeper.record_of(incoming, event, now_ms())
+            async with self._store_lock:
+                await self.gatekeeper.keep(record)
         await incoming.raw.ack()
 
     def _event_of(self, incoming: Incoming) -> MachineEvent:
@@ -142,14 +203,18 @@ class BarrierService:
         raise Reject(f"{incoming.type} does not belong on the barrier queue")
 
     async def _apply(self, event: MachineEvent) -> None:
-        effects = await asyncio.to_thread(self.store.apply, event)
-        for effect in effects:
-            if isinstance(effect, Release | RequestFinalize):
-                # Durable, not yet published: the window a crash test aims at.
-                crash_point(SERVICE, f"before-{type(effect).__name__.lower()}", effect.step)
-        state = None
-        if any(isinstance(e, Release | RequestFinalize | CycleDone) for e in effects):
-            state = await asyncio.to_thread(self.store.load)  # the records traces derive from
+        async with self._store_lock:
+            effects = await asyncio.to_thread(self.store.apply, event)
+            for effect in effects:
+                if isinstance(effect, Release | RequestFinalize):
+                    # Durable, not yet published: the window a crash test aims at.
+                    crash_point(SERVICE, f"before-{type(effect).__name__.lower()}", effect.step)
+            state = None
+            if any(isinstance(e, Release | RequestFinalize | CycleDone) for e in effects):
+                state = await asyncio.to_thread(self.store.load)  # traces derive from it
+            if self.gatekeeper is not None and any(isinstance(e, CycleDone) for e in effects):
+                # The boundary: gating for the next cycle opens (kept if already open).
+                await self.gatekeeper.open_round(state, now_ms())
         await self._perform(effects, state)
 
     async def _perform(self, effects: Effects, state: BarrierState | None) -> None:

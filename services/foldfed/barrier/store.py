@@ -8,10 +8,19 @@ Tables:
                                         append-only: every applied event, ignored ones
                                         included, and the effects it produced
   steps(step, cycle, record)            one StepRecord per global step, for the monitor
+  rounds(cycle, round, decision)        readiness gating (barrier/gating.py): each round as
+                                        opened, and what it decided ('null' while open)
+  readiness(seq, digest, cycle, participant, record)
+                                        every verified readiness record, in arrival order,
+                                        once per signed payload (a redelivery adds nothing)
 
 `apply(event)` reads the state, runs `transition`, and writes the new state, the log row
 and the changed step records in ONE transaction: after a crash the event happened
 entirely or not at all, so the state is always the replay of the log (`verify` checks).
+A gated cycle start (`start_gated`) writes the round's decision and applies its
+CycleStarted in one transaction too, so a restarted barrier finds both or neither. The
+gating tables were added without a format change: they are created when missing, and a
+store without them simply has no rounds.
 
 Crash semantics. The service calls `apply(event)`, then performs the effects it returns
 (publishes), then acks the message that carried the event. Killed after `apply` commits
@@ -25,6 +34,10 @@ JSON, never pickle: bytes as lowercase hex, frozensets as sorted lists, tuples a
 enums by value, dataclasses as objects; events and effects carry their class in "type".
 
 Blocking: the service calls it from a worker thread, one call at a time.
+
+One concept, the barrier's durable state, in one module of over 400 lines: the cycle's
+event log and the gating rounds share a file and a transaction (`start_gated`), and one
+JSON codec serves both.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
+from foldfed.barrier.gating import Decision, GateRecord, Round
 from foldfed.barrier.machine import (
     BarrierState,
     CycleDone,
@@ -80,6 +94,18 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY,
     cycle INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    cycle INTEGER PRIMARY KEY,
+    round TEXT NOT NULL,
+    decision TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS readiness (
+    seq INTEGER PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    cycle INTEGER NOT NULL,
+    participant TEXT NOT NULL,
     record TEXT NOT NULL
 );
 """
@@ -136,20 +162,90 @@ class BarrierStore:
         """Run `event` through the machine and make the outcome durable; return the effects
         the caller must now perform."""
         with self._transaction("IMMEDIATE"):
-            seq, state = self._read_state()
-            new_state, effects = transition(state, event)
-            self._db.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                (
-                    seq + 1,
-                    event.at_ms,
-                    type(event).__name__,
-                    _dump_tagged(event),
-                    _dump_effects(effects),
-                ),
-            )
-            self._write_state(seq + 1, new_state)
+            return self._apply_locked(event)
+
+    def _apply_locked(self, event: Event) -> Effects:
+        seq, state = self._read_state()
+        new_state, effects = transition(state, event)
+        self._db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+            (
+                seq + 1,
+                event.at_ms,
+                type(event).__name__,
+                _dump_tagged(event),
+                _dump_effects(effects),
+            ),
+        )
+        self._write_state(seq + 1, new_state)
         return effects
+
+    # ---------------------------------------------------------------- gating
+
+    def open_round(self, rnd: Round) -> Round:
+        """Keep `rnd` unless its cycle's round is already stored; return the stored one, so
+        a restarted barrier keeps the deadlines it announced whatever its settings say."""
+        with self._transaction("IMMEDIATE"):
+            self._db.execute(
+                "INSERT OR IGNORE INTO rounds VALUES (?, ?, 'null')",
+                (rnd.cycle, json.dumps(_to_json(rnd))),
+            )
+            found = self._round_row(rnd.cycle)
+        if found is None:  # inserted or kept in this very transaction
+            raise StoreError(f"{self.path}: the round of cycle {rnd.cycle} vanished")
+        return found[0]
+
+    def latest_round(self) -> tuple[Round, Decision | None] | None:
+        """The round of the highest cycle, and its decision (None while it is open)."""
+        row = self._db.execute("SELECT MAX(cycle) FROM rounds").fetchone()
+        return None if row[0] is None else self._round_row(row[0])
+
+    def round_of(self, cycle: int) -> tuple[Round, Decision | None] | None:
+        return self._round_row(cycle)
+
+    def _round_row(self, cycle: int) -> tuple[Round, Decision | None] | None:
+        row = self._db.execute(
+            "SELECT round, decision FROM rounds WHERE cycle = ?", (cycle,)
+        ).fetchone()
+        if row is None:
+            return None
+        decision = _parse(row[1])
+        return (
+            _decode(Round, _parse(row[0])),
+            None if decision is None else _decode(Decision, decision),
+        )
+
+    def add_readiness(self, record: GateRecord) -> bool:
+        """Keep a verified record; False when the same signed record is already kept."""
+        with self._transaction("IMMEDIATE"):
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO readiness (digest, cycle, participant, record) "
+                "VALUES (?, ?, ?, ?)",
+                (record.digest, record.cycle, record.participant, json.dumps(_to_json(record))),
+            )
+        return cursor.rowcount == 1
+
+    def readiness(self, cycle: int) -> list[GateRecord]:
+        """The records for `cycle`, in arrival order."""
+        rows = self._db.execute(
+            "SELECT record FROM readiness WHERE cycle = ? ORDER BY seq", (cycle,)
+        )
+        return [_decode(GateRecord, _parse(record)) for (record,) in rows]
+
+    def start_gated(self, decision: Decision, start: CycleStarted) -> Effects:
+        """Record the round's decision and apply the cycle start it makes, atomically.
+        A round decides once: a second call returns no effect and changes nothing."""
+        with self._transaction("IMMEDIATE"):
+            found = self._round_row(decision.cycle)
+            if found is None:
+                raise StoreError(f"no gating round for cycle {decision.cycle}")
+            if found[1] is not None:
+                return (Ignored(f"cycle {decision.cycle} was already decided"),)
+            self._db.execute(
+                "UPDATE rounds SET decision = ? WHERE cycle = ?",
+                (json.dumps(_to_json(decision)), decision.cycle),
+            )
+            return self._apply_locked(start)
 
     def _write_state(self, seq: int, state: BarrierState | None) -> None:
         body = "null" if state is None else json.dumps(_to_json(state))
@@ -320,7 +416,7 @@ def _from_json(tp: Any, raw: Any) -> Any:
         return bytes.fromhex(_as(str, raw))
     if isinstance(tp, type) and issubclass(tp, Enum):
         return tp(raw)
-    if tp in (int, str):
+    if tp in (int, str, bool):
         return _as(tp, raw)
     if tp is float:  # JSON writes 1.0 as 1.0, but a hand-edited 1 is still a number
         if type(raw) not in (int, float):

@@ -286,6 +286,29 @@ class Settings(BaseSettings):
         ge=1,
     )  # fmt: skip
 
+    gated_cycles: Switch = _var(
+        "FOLDFED_GATED_CYCLES", False, "barrier",
+        "the barrier starts each cycle by itself with exactly the roster"
+        " (`FOLDFED_PARTICIPANTS`) members whose signed readiness record reached it before"
+        " the deadline (docs/operating-model.md, \"Gated cycles\"); off: the settings"
+        " start cycles",
+    )  # fmt: skip
+    consortium_keyring: Path | None = _var(
+        "FOLDFED_CONSORTIUM_KEYRING", None, "barrier",
+        "the consortium's keyring.json; readiness records must verify against it"
+        " (needed with `FOLDFED_GATED_CYCLES`)",
+    )  # fmt: skip
+    gate_window_s: float = _var(
+        "FOLDFED_GATE_WINDOW_S", 3600.0, "barrier",
+        "gated cycles: the deadline is this long after the previous cycle ended (or the"
+        " first start); with too few members gated it moves on by as much again",
+        gt=0.0, allow_inf_nan=False,
+    )  # fmt: skip
+    gate_min_members: int = _var(
+        "FOLDFED_GATE_MIN_MEMBERS", 2, "barrier",
+        "gated cycles: the fewest members a cycle starts with", ge=1,
+    )  # fmt: skip
+
     # --- transfer
     chunk_size: ChunkSize = _var(
         "FOLDFED_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, "uploader aggregator",
