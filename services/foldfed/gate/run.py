@@ -1,7 +1,7 @@
 """One gate run: measure, judge, sign the readiness record, write it, publish it.
 
 The record is published as an `Event` of kind "readiness" on the events exchange under
-`READINESS_KEY` ("uploader.readiness"): the participant's broker user may already publish
+`topology.READINESS_KEY` ("uploader.readiness"): the participant's broker user may already publish
 there (topology.participant_permissions: its uploader's events), so gating widens no
 permission, and the broker stamps the user id the hub believes (the monitor checks it
 against the record's participant). The hub's monitor keeps it with every other event.
@@ -29,7 +29,7 @@ from foldfed.messages import Event, now_ms
 from foldfed.signing import SigningKey
 from foldfed.trainer.backend import TrainerSettings
 
-READINESS_KEY = "uploader.readiness"
+READINESS_KEY = topology.READINESS_KEY  # the barrier binds it too (barrier/gatekeeper.py)
 SERVICE = "gate"
 
 
