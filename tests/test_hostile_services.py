@@ -32,7 +32,7 @@ any hostile message. The test asserts:
 Exact replays are not hostile messages here: the same manifest again is acked as a
 duplicate (a restarted uploader asks for its receipt again; docs/format.md section 9).
 
-`make test` sends about 500 messages; `make fuzz` (FOLDFED_FUZZ_SCALE=20) about 10,000.
+`make test` sends about 700 messages; `make fuzz` (FOLDFED_FUZZ_SCALE=20) about 13,500.
 What may reach a participant's queue is the hub's alone (broker permissions): the last
 tests show the broker refuses a participant's publish towards another's queue.
 """
@@ -56,7 +56,7 @@ import aio_pika
 import aiormq
 import pytest
 import torch
-from fuzzing import SCALE, fuzz, mutated
+from fuzzing import EXAMPLES, REASONS, SCALE, fuzz, mutated
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -93,7 +93,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 A, B, C = PARTICIPANTS
 HONEST = (A, B)  # trainer + uploader services
 STEPS = 2
-# Hostile messages of each kind per step (12 kinds, 2 steps): about 530 in `make test`,
+# Hostile messages of each kind per step (19 kinds, 2 steps): about 700 in `make test`,
 # FOLDFED_FUZZ_SCALE (20 in `make fuzz`) times as many: over 10,000.
 PER_KIND = 24
 MODEL_KEY = topology.MODEL_REPORT_KEY
@@ -230,12 +230,14 @@ def _forged_chunk(draw: st.DrawFn, ctx: Context) -> Hostile:
 WEIGHTS = st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0, 1e9, 5e-324, 1e308])
 
 
+FLAWS = ("weight", "codec", "tensor", "digests", "size", "base")
+
+
 @st.composite
-def _flawed_manifest(draw: st.DrawFn, ctx: Context) -> Hostile:
+def _flawed_manifest(draw: st.DrawFn, ctx: Context, flaw: str) -> Hostile:
     """org-c's honest manifest for the open step with one flaw, so it reaches the deep
     checks (sender, step, base model are right) and must still be refused."""
     m = ctx.honest
-    flaw = draw(st.sampled_from(["weight", "codec", "tensor", "digests", "size", "base"]))
     if flaw == "weight":
         bad = draw(WEIGHTS.filter(lambda w: w != ctx.weight))
         return _ingest(
@@ -393,7 +395,7 @@ def hostile_kinds(ctx: Context) -> list[st.SearchStrategy[Hostile]]:
         _outsider(ctx),
         _wrong_step(ctx),
         _forged_chunk(ctx),
-        _flawed_manifest(ctx),
+        *(_flawed_manifest(ctx, flaw) for flaw in FLAWS),
         _mutated_manifest(ctx),
         _mutated_chunk(ctx),
         _wrong_type(ctx),
@@ -733,6 +735,9 @@ def test_every_hostile_message_is_refused_with_a_reason_of_its_kind(hostile: Run
     assert not wrong, wrong[:20]
     left = [(k[0], k[1]) for k, ms in pending.items() if ms]
     assert not left, f"{len(left)} hostile messages were not refused: {left[:10]}"
+    # In `make fuzz`'s closing report (tests/fuzzing.py), beside the decoders' inputs.
+    EXAMPLES["hostile messages at the running services"] = len(hostile.sent)
+    REASONS["hostile messages at the running services"] = len(hostile.sent)
     kinds = Counter(m.kind for m in hostile.sent)
     print(f"\nhostile messages by kind: {dict(sorted(kinds.items()))}")
     print(f"refusals by reason class: {dict(sorted(classes.items()))}")
@@ -761,8 +766,13 @@ def test_every_refusal_is_counted_by_the_service_that_refused_it(hostile: RunRes
     assert state["dropped"] == events
     assert state["dropped_by_reason"] == logged["monitor"]
     assert OTHER not in state["rejected_by_reason"] and OTHER not in state["dropped_by_reason"]
-    # org-c heard of each refusal of what it sent to the hub as itself.
-    own = sum(1 for m in hostile.sent if m.key == topology.INGEST_ROUTING_KEY and m.sender == C)
+    # org-c heard of each refusal of what it sent to the hub as itself (with its user_id:
+    # without one the hub cannot tell whom to tell, so it tells nobody).
+    own = sum(
+        1
+        for m in hostile.sent
+        if m.key == topology.INGEST_ROUTING_KEY and m.sender == C and m.with_user_id
+    )
     assert hostile.own_rejections == own
 
 
