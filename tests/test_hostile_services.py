@@ -1,5 +1,9 @@
 """Hostile messages against the running services (issue 14 item 6), over a real broker.
 
+One concept, over 400 lines: the hostile member of a live federation. Its message
+strategies, the driver that plays it between the honest members' steps, and what the hub
+must show afterwards.
+
 A federation of real processes runs R steps: the aggregator (ingest), the barrier and the
 monitor at the hub; org-a and org-b each a trainer and an uploader service. The third
 member, org-c, is played by this test: a hostile participant with valid credentials. At
