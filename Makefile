@@ -80,12 +80,15 @@ lint: setup $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The long fuzzing campaign: tests/test_fuzz_*.py with each test's example count times
-# FUZZ_SCALE (make test runs them at scale 1). Ends with `RESULT fuzz_inputs=...` (stderr);
+# The long fuzzing campaign: tests/test_fuzz_*.py (the decoders) and
+# tests/test_hostile_services.py (hostile messages against the running hub services, over
+# 10,000 at scale 20) with each test's example count times FUZZ_SCALE (make test runs them
+# at scale 1). Ends with `RESULT fuzz_inputs=...` (stderr);
 # FOLDFED_FUZZ_SEED=N draws another fixed sequence than the derandomized default.
 FUZZ_SCALE ?= 20
 fuzz: setup $(STAMP_DEV)
-	FOLDFED_FUZZ_SCALE=$(FUZZ_SCALE) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_*.py
+	FOLDFED_FUZZ_SCALE=$(FUZZ_SCALE) $(VENV)/bin/pytest -q -p no:cacheprovider \
+		tests/test_fuzz_*.py tests/test_hostile_services.py
 
 # Regenerate services/foldfed/v1 from proto/ with the pinned generator (grpcio-tools in
 # the dev extra); tests/test_contract.py fails when the committed code drifts.

@@ -34,6 +34,7 @@ from foldfed import topology, tracing
 from foldfed.config import BusSettings, amqp_user
 from foldfed.errors import BrokerBlocked, BrokerError, DecodeError, Reject
 from foldfed.messages import AnyMessage, decode, encode
+from foldfed.rejections import RejectionCounts
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -240,6 +241,8 @@ class Bus:
         self._exchanges: dict[str, AbstractExchange] = {}
         # The broker's own reason while it blocks our publishes ("low on disk"), else None.
         self.blocked_reason: str | None = None
+        # Every message this process dead-lettered, per reason class: logged at close.
+        self.rejections = RejectionCounts()
         self._watch_alarms()
         connection.reconnect_callbacks.add(lambda *_: self._watch_alarms())
 
@@ -287,6 +290,13 @@ class Bus:
     async def close(self) -> None:
         """Safe to call twice; returns within CLOSE_S whatever the broker does."""
         if not self._connection.is_closed:
+            if self.rejections.total:
+                log.info(
+                    "rejections",
+                    total=self.rejections.total,
+                    by_reason=self.rejections.as_dict(),
+                    connection=self.name,
+                )
             await close_connection(self._connection, self.name)
 
     async def _exchange(self, name: str) -> AbstractExchange:
@@ -393,7 +403,7 @@ class Bus:
         """Park a bad message with its reason in headers, then ack the original.
 
         Done by hand rather than by basic.reject, because a broker dead-letter cannot
-        carry our reason."""
+        carry our reason. Counted in `rejections` by the reason's class once parked."""
         headers = {
             topology.REASON_HEADER: reason,
             topology.ORIGINAL_TYPE_HEADER: incoming.type,
@@ -406,6 +416,7 @@ class Bus:
             type_name=incoming.type or "unknown",
             headers=headers,
         )
+        self.rejections.count(reason)
         await incoming.raw.ack()
 
     # ---------------------------------------------------------------- consuming

@@ -51,6 +51,14 @@ class SnapshotCollector(Collector):
         )
         rejected.add_metric([], snap["rejected"])
         yield rejected
+        by_reason = CounterMetricFamily(
+            "foldfed_rejected_messages_by_reason",
+            "The same rejections per reason class (foldfed.rejections).",
+            labels=["reason"],
+        )
+        for reason, count in snap.get("rejected_by_reason", {}).items():
+            by_reason.add_metric([reason], count)
+        yield by_reason
 
         per = {
             "delivered": GaugeMetricFamily(

@@ -167,6 +167,8 @@ class MonitorService:
     def snapshot(self) -> dict:
         snap = self.model.snapshot(now_ms())
         snap["dropped"] = self.dropped
+        # What this monitor refused itself (undecodable, not believed), per reason class.
+        snap["dropped_by_reason"] = self.bus.rejections.as_dict()
         return snap
 
     async def _start_http(self) -> web.AppRunner:

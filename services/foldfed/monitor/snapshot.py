@@ -93,6 +93,7 @@ def snapshot(state: MonitorState, now_ms: int) -> dict[str, Any]:
             for (s, p), (at, st, word) in sorted(state.heartbeats.items())
         ],
         "rejected": state.rejected,
+        "rejected_by_reason": dict(sorted(state.rejected_by_reason.items())),
         "mismatches": list(state.mismatches),
         "rule": {
             "margin": c.rule.margin,

@@ -23,6 +23,7 @@ from typing import Any
 from foldfed.domain import AnyMessage, DeliveryReceipt, Event, Heartbeat, ModelReport, StepFinalized
 from foldfed.monitor import attribution
 from foldfed.monitor.attribution import StragglerRule
+from foldfed.rejections import reason_class
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class MonitorState:
         self.heartbeats: dict[tuple[str, str], tuple[int, int, str]] = {}
         self.alerts: dict[str, dict[str, Any]] = {}
         self.rejected = 0
+        # The same rejections per reason class (foldfed.rejections), from each event's detail.
+        self.rejected_by_reason: dict[str, int] = {}
         self.mismatches: list[str] = []
         self.reports: dict[tuple[int, str], dict[str, float]] = {}
         self._stragglers: set[str] = set()
@@ -155,6 +158,8 @@ class MonitorState:
             self.cycle_done_ms = _first(self.cycle_done_ms, event.unix_ms)
         elif event.kind == "rejected":
             self.rejected += 1
+            name = reason_class(event.detail)
+            self.rejected_by_reason[name] = self.rejected_by_reason.get(name, 0) + 1
         elif event.kind == "model_mismatch":
             if event.detail not in self.mismatches:
                 self.mismatches.append(event.detail)
