@@ -36,6 +36,11 @@ def record_path(state_dir: Path, step: int) -> Path:
     return state_dir / RECORDS_DIR / f"step-{step:012d}.dsse.json"
 
 
+def record_file_bytes(envelope: dsse.Envelope) -> bytes:
+    """A record file's exact bytes: its envelope's JSON, indented, one newline."""
+    return (json.dumps(envelope.to_json(), indent=1) + "\n").encode()
+
+
 class StepRecorder:
     def __init__(
         self,
@@ -83,4 +88,4 @@ class StepRecorder:
         keys = [] if self.key is None else [self.key]
         envelope = dsse.sign(RECORD_TYPE, record.payload(), keys)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, (json.dumps(envelope.to_json(), indent=1) + "\n").encode())
+        atomic_write(path, record_file_bytes(envelope))

@@ -39,7 +39,7 @@ from foldfed.aggregation import finalize_step, weight_total
 from foldfed.aggregation.dtypes import STORAGE, add_in_dtype
 from foldfed.aggregation.finalize import FinalizeResult
 from foldfed.aggregation.server_opt import ServerOptimizer
-from foldfed.aggregator.records import RECORDS_DIR
+from foldfed.aggregator.records import RECORDS_DIR, record_file_bytes
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.audit.chain import Break, check_chain, check_contribution, check_file, open_record
 from foldfed.audit.record import StepRecord
@@ -91,11 +91,17 @@ def _records(state_dir: Path, hub_key: VerifyKey) -> list[StepRecord]:
     records = []
     for path in sorted((state_dir / RECORDS_DIR).glob("step-*.dsse.json")):
         step = _step_of(path)
+        raw = path.read_bytes()
         try:
-            envelope = envelope_from_json(_json(path))
+            envelope = envelope_from_json(_json(raw))
         except MalformedEnvelope as exc:
             raise Break(f"step {step}: the record is not a DSSE envelope ({exc})") from None
-        records.append(open_record(envelope, hub_key, step))
+        record = open_record(envelope, hub_key, step)
+        # Bytes the signature does not cover (spacing, base64 padding bits) must not change
+        # either: a record file is exactly what the hub writes.
+        if raw != record_file_bytes(envelope):
+            raise Break(f"step {step}: the record file is not as the hub wrote it")
+        records.append(record)
     return records
 
 
@@ -106,9 +112,9 @@ def _step_of(path: Path) -> int:
     return int(digits)
 
 
-def _json(path: Path) -> object:
+def _json(raw: bytes) -> object:
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedEnvelope(f"not JSON: {exc}") from None
 
