@@ -5,6 +5,7 @@ and named (issue 14 item 5)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +72,9 @@ def _targets(federation: LocalFederation) -> dict[str, tuple[Path, str]]:
         "record": (hub / "records" / f"step-{2:012d}.dsse.json", "step 2: the record"),
         "manifest": (manifest, f"step 2: manifest of {member!r}"),
         "chunk": (first_chunk, f"step 2: chunk 0 of {member!r}"),
-        "model": (hub / "models" / f"model-{3:012d}.safetensors", "step 2: θ_(t+1)"),
-        "update": (hub / "updates" / f"update-{2:012d}.safetensors", "step 2: U_t"),
-        "initial model": (federation.initial_model, "step 1: θ_t"),
+        "model": (hub / "models" / f"model-{3:012d}.safetensors", "step 2: θ_3 (model-"),
+        "update": (hub / "updates" / f"update-{2:012d}.safetensors", "step 2: U_2 (update-"),
+        "initial model": (federation.initial_model, "step 1: θ_1"),
     }
 
 
@@ -99,3 +100,24 @@ def test_any_single_changed_byte_breaks_verify_with_a_named_reason(
         path.write_bytes(original)
         path.chmod(mode)
     assert _verify(federation)[0]
+
+
+def test_after_retention_the_signed_digests_still_chain_and_a_changed_record_breaks(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    """What retention deletes (chunks, models, updates) is held by the signed records:
+    verify says so per step; manifests and records are kept, and still checked."""
+    kept = tmp_path / "hub"
+    shutil.copytree(federation.hub_dir, kept)
+    for deleted in ("store/chunks", "models", "updates"):
+        shutil.rmtree(kept / deleted)
+    keyring = read_keyring(federation.keyring)
+    outcome = verify_state(kept, keyring)
+    assert outcome.ok, outcome.broken
+    for line in outcome.steps:
+        assert "held by the signed digests" in line and "U_t held by its signed digest" in line
+    record = kept / "records" / f"step-{3:012d}.dsse.json"
+    changed = bytearray(record.read_bytes())
+    changed[len(changed) // 3] ^= 0x01
+    record.write_bytes(bytes(changed))
+    assert verify_state(kept, keyring).broken.startswith("step 3: the record")
