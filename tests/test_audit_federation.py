@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from test_federation import STEPS, run_federation
 
-from foldfed.audit.verify import verify_state
 from foldfed.demo.cluster import LocalFederation
 from foldfed.keyfiles import read_keyring
+from foldfed.verifier.state import verify_state
 
 from conftest import PARTICIPANTS, BrokerHandle
 

@@ -27,7 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.of3.data.commands",
     "foldfed.governance.commands",
     "foldfed.gate.commands",
-    "foldfed.audit.commands",
+    "foldfed.verifier.commands",
 )
 
 

@@ -13,13 +13,12 @@ next step's. Without a hub key (FOLDFED_SIGNING_KEY) the record is written unsig
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from foldfed import dsse
 from foldfed.aggregation.server_opt import ServerOptimizer
-from foldfed.audit.record import make_record
+from foldfed.audit.record import RECORDS_DIR, make_record, record_file_bytes
 from foldfed.audit.signatures import RECORD_TYPE
 from foldfed.digests import file_digest
 from foldfed.domain import Manifest
@@ -29,16 +28,9 @@ from foldfed.keyfiles import read_private_key
 from foldfed.messages import id_of
 from foldfed.signing import SigningKey
 
-RECORDS_DIR = "records"
-
 
 def record_path(state_dir: Path, step: int) -> Path:
     return state_dir / RECORDS_DIR / f"step-{step:012d}.dsse.json"
-
-
-def record_file_bytes(envelope: dsse.Envelope) -> bytes:
-    """A record file's exact bytes: its envelope's JSON, indented, one newline."""
-    return (json.dumps(envelope.to_json(), indent=1) + "\n").encode()
 
 
 class StepRecorder:

@@ -1,5 +1,5 @@
 """How a cycle's signed records, signed manifests and stored files are checked against
-each other: facts in, the first break out. Pure (no files: `foldfed.audit.verify` reads
+each other: facts in, the first break out. Pure (no files: `foldfed.verifier.state` reads
 them and hands the bytes and digests over).
 
 What holds when every check passes (docs/threat-model.md, "Audit trail"):
@@ -15,7 +15,7 @@ What holds when every check passes (docs/threat-model.md, "Audit trail"):
    retention deleted is accounted for by the chain alone).
 
 The arithmetic checks (θ_{t+1} = θ_t + U_t, and U_t = the aggregate of the contributions)
-need the files and the aggregation code: `verify` does them and reports a break here.
+need the files and the aggregation code: `foldfed.verifier` does them and reports a break here.
 """
 
 from __future__ import annotations

@@ -24,15 +24,19 @@ the first release to the last. Pure: dicts and bytes in and out.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from foldfed.dsse import Envelope
 from foldfed.errors import IntegrityError
 from foldfed.signing import canonical_json
 
 RECORD_FORMAT = "foldfed.step-record/1"
+# Where a hub keeps its records: <state dir>/records/step-<t:012d>.dsse.json.
+RECORDS_DIR = "records"
 _HEX_FIELDS = ("model_before", "model_after", "update_digest", "update_manifest")
 _TEXT_FIELDS = ("codec", "downlink_codec", "optimizer")
 
@@ -83,6 +87,13 @@ class StepRecord:
     def payload(self) -> bytes:
         """The bytes the hub signs."""
         return canonical_json(self.to_json())
+
+
+def record_file_bytes(envelope: Envelope) -> bytes:
+    """A record file's exact bytes: its envelope's JSON, indented, one newline. A verifier
+    requires them, so even bytes the signature does not cover (spacing, base64 padding
+    bits) cannot change unseen."""
+    return (json.dumps(envelope.to_json(), indent=1) + "\n").encode()
 
 
 def make_record(

@@ -1,4 +1,4 @@
-"""`foldfed verify STATE_DIR --keyring K`: check a hub's cycle offline (audit/verify.py).
+"""`foldfed verify STATE_DIR --keyring K`: check a hub's cycle offline (verifier/state.py).
 
 Prints one line per step (what was recomputed, what is held by signed digests only) and
 exits 0, or prints the first break and exits 1. Nothing heavy is imported at start-up.
@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from foldfed.audit.verify import verify_state
     from foldfed.keyfiles import read_keyring
+    from foldfed.verifier.state import verify_state
 
     keyring = read_keyring(Path(args.keyring))
     initial = None if args.initial_model is None else Path(args.initial_model)

@@ -39,10 +39,9 @@ from foldfed.aggregation import finalize_step, weight_total
 from foldfed.aggregation.dtypes import STORAGE, add_in_dtype
 from foldfed.aggregation.finalize import FinalizeResult
 from foldfed.aggregation.server_opt import ServerOptimizer
-from foldfed.aggregator.records import RECORDS_DIR, record_file_bytes
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.audit.chain import Break, check_chain, check_contribution, check_file, open_record
-from foldfed.audit.record import StepRecord
+from foldfed.audit.record import RECORDS_DIR, StepRecord, record_file_bytes
 from foldfed.codecs import codec_from_spec
 from foldfed.codedvector import shared_rule
 from foldfed.digests import digest_of, file_digest
