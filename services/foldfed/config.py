@@ -109,6 +109,8 @@ class UploaderSettings:
     # How often the outbox is looked at for new deltas and reports (FOLDFED_POLL_S, as the
     # trainer's); load tests lower it so polling does not blur step times.
     poll_s: float = 0.2
+    # This participant's Ed25519 key file: its manifests are signed with it (None: unsigned).
+    signing_key: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> UploaderSettings:
@@ -123,6 +125,7 @@ class UploaderSettings:
             reply_timeout_s=s.reply_timeout_s,
             receipt_timeout_s=s.receipt_timeout_s,
             poll_s=s.poll_s,
+            signing_key=s.signing_key,
         )
 
 
@@ -141,6 +144,9 @@ class IngestSettings:
     prefetch: int
     # Most chunks made durable together (group commit); 1 = one by one.
     batch: int = 1
+    # The members' public keys (a keyring file): every manifest must be signed by its
+    # sender's key. None: signatures are not checked.
+    member_keys: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IngestSettings:
@@ -157,6 +163,7 @@ class IngestSettings:
             require_sender_identity=s.require_sender_identity,
             prefetch=s.prefetch,
             batch=s.ingest_batch or s.prefetch,
+            member_keys=s.member_keys,
         )
 
 
@@ -194,6 +201,8 @@ class AggregatorSettings:
     downlink_codec: str = "fp32:v1"
     # Finalize and broadcast the update while deltas arrive (aggregation/progressive.py).
     progressive_finalize: bool = True
+    # The hub's Ed25519 key file: each step record is signed with it (None: unsigned).
+    signing_key: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AggregatorSettings:
@@ -206,6 +215,7 @@ class AggregatorSettings:
             update_chunk_size=s.chunk_size,
             downlink_codec=s.downlink_codec,
             progressive_finalize=s.progressive_finalize,
+            signing_key=s.signing_key,
         )
 
 

@@ -38,6 +38,9 @@ class Manifest:
     block_stats: bytes = b""
     # Hub manifests: the digest of the next step's shared ranges (a broadcast chunk).
     next_ranges_digest: bytes = b""
+    # The sender's Ed25519 signature over the manifest without it (foldfed.audit.signatures);
+    # b"" when unsigned.
+    signature: bytes = b""
 
     @property
     def coded(self) -> bool:

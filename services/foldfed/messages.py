@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message as ProtobufMessage
@@ -40,6 +41,7 @@ from foldfed.domain import (
 )
 from foldfed.errors import DecodeError
 from foldfed.format import TensorSpan
+from foldfed.signing import SIGNATURE_SIZE
 from foldfed.v1 import delta_pb2, events_pb2, step_pb2, transfer_pb2
 
 MANIFEST_FORMAT_VERSION = 1
@@ -108,6 +110,7 @@ def manifest_to_proto(m: Manifest) -> delta_pb2.DeltaManifest:
         shared_ranges_digest=m.shared_ranges_digest,
         block_stats=m.block_stats,
         next_ranges_digest=m.next_ranges_digest,
+        signature=m.signature,
     )
 
 
@@ -266,8 +269,20 @@ def manifest_from_proto(p: delta_pb2.DeltaManifest) -> Manifest:
         chunk_digests=tuple(_digest(d, "chunk digest") for d in p.chunk_digests),
         payload_digest=_digest(p.payload_digest, "payload_digest"),
         base_model_digest=_digest(p.base_model_digest, "base_model_digest", allow_empty=True),
+        signature=_signature(p.signature),
         **_coding_fields(p),
     )
+
+
+def _signature(raw: bytes) -> bytes:
+    if raw and len(raw) != SIGNATURE_SIZE:
+        raise DecodeError(f"manifest signature has {len(raw)} bytes, not {SIGNATURE_SIZE}")
+    return bytes(raw)
+
+
+def unsigned_bytes(m: Manifest) -> bytes:
+    """The canonical bytes of `m` with its signature empty: what its signature covers."""
+    return encode(replace(m, signature=b""))[1]
 
 
 def _coding_fields(p: delta_pb2.DeltaManifest) -> dict[str, object]:
@@ -443,4 +458,5 @@ __all__ = [
     "id_of",
     "manifest_id",
     "now_ms",
+    "unsigned_bytes",
 ]

@@ -14,6 +14,7 @@ Files under FOLDFED_STATE_DIR:
   updates/coded-<t:012d>.bin, .json    step t's coded update and its chunk sizes
   downlink.residual             the hub's error-feedback residual (lossy downlinks)
   optimizer/                    server optimizer state (FedAvgM, FedAdam)
+  records/step-<t:012d>.dsse.json  step t's signed record, kept for ever (aggregator/records.py)
 Chunks, models and updates are deleted after each release as FOLDFED_RETAIN_* says
 (aggregator/retention.py, docs/retention.md); manifests are kept for ever.
 
@@ -47,6 +48,7 @@ from foldfed.aggregation.layout import ModelLayout
 from foldfed.aggregation.progress import CanonicalVector, MemberCoverage, final_prefix
 from foldfed.aggregation.progressive import ProgressiveFinalize, ProgressiveResult, UpdateChunk
 from foldfed.aggregation.state import generations
+from foldfed.aggregator.records import StepRecorder
 from foldfed.aggregator.retention import HubRetention
 from foldfed.aggregator.sink import AggregationSink
 from foldfed.bus import Bus, Incoming, PublishWindow
@@ -75,7 +77,7 @@ from foldfed.domain import (
 from foldfed.errors import Reject
 from foldfed.faults import crash_point
 from foldfed.format import ChunkPlan
-from foldfed.ingest.ledger import IngestLedger
+from foldfed.ingest.ledger import IngestLedger, member_keys
 from foldfed.ingest.rules import Effects
 from foldfed.ingest.service import IngestService
 from foldfed.messages import encode, now_ms
@@ -110,6 +112,9 @@ class AggregatorService(IngestService):
         retain = load()
         policy = RetentionPolicy(retain.retain_steps, retain.retain_checkpoint_every)
         self.retention = HubRetention(self.state_dir, ledger, policy)
+        self.records = StepRecorder(
+            self.state_dir, settings.signing_key, settings.downlink_codec, self.optimizer
+        )
         self._progress: _Progress | None = None  # the open step's progressive finalize
         self._progress_seen = -1  # the sink's change counter when progress was last looked at
         self._progress_failed = -1  # a step whose progressive finalize failed: not again
@@ -195,6 +200,9 @@ class AggregatorService(IngestService):
         with tracing.span("finalize.compute", step=step):
             result = await asyncio.to_thread(self._finalize_files, step, request, weights)
         manifest, model_digest, weight_sum, first = result
+        counted = {p: weights[p] for p in request.participants}
+        await asyncio.to_thread(self.records.write, self.ledger, step, counted, weight_sum,
+                                self.update_path(step), manifest, model_digest)  # fmt: skip
         # Participants' downloads of the update are children of this span (chunk headers).
         with tracing.span(
             "broadcast",
@@ -584,8 +592,9 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
     ingest = settings.ingest
     sink = TracedSink(ingest.state_dir)
     ledger = IngestLedger(
-        ingest.state_dir, ingest.participants, ingest.first_step, ingest.max_payload_bytes, sink
-    )
+        ingest.state_dir, ingest.participants, ingest.first_step, ingest.max_payload_bytes, sink,
+        member_keys=member_keys(ingest.member_keys),
+    )  # fmt: skip
     bus = await Bus.connect(ingest.bus, name=SERVICE)
     try:
         await AggregatorService(settings, bus, ledger, sink).run(stop)

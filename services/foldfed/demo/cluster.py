@@ -29,9 +29,12 @@ from urllib.parse import quote, urlparse
 
 from foldfed.credentials import new_password
 from foldfed.errors import FoldfedError
+from foldfed.keyfiles import write_keyring, write_private_key
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 from foldfed.runtime import SHUTDOWN_BOUND_S
 from foldfed.settings import env_for
+from foldfed.signing import Keyring, SigningKey
+from foldfed.topology import HUB_ID
 
 FOLDFED = [sys.executable, "-m", "foldfed.cli"]
 # The process that holds the federation's process group open: it ignores the stop signals
@@ -141,8 +144,35 @@ class LocalFederation:
     def spool_of(self, participant: str) -> Path:
         return self.workdir / "participants" / participant / "spool"
 
+    @property
+    def keys_dir(self) -> Path:
+        return self.workdir / "keys"
+
+    @property
+    def keyring(self) -> Path:
+        """Every member's public key and the hub's: what the hub checks manifests with and
+        what `foldfed verify` checks the hub's state with."""
+        return self.keys_dir / "consortium.keyring"
+
+    def key_of(self, party: str) -> Path:
+        return self.keys_dir / f"{party}.key"
+
+    def provision_keys(self) -> None:
+        """An Ed25519 key per participant and one for the hub, and the keyring of their
+        public keys, beside the broker users (kept if there already: a restart signs with
+        the same keys)."""
+        if self.keyring.exists():
+            return
+        keys = [SigningKey.generate(p) for p in (*self.spec.participants, HUB_ID)]
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            write_private_key(self.key_of(key.name), key)
+        write_keyring(self.keyring, Keyring(tuple(k.verify_key() for k in keys), 1))
+
     def hub_env(self) -> dict[str, str]:
+        self.provision_keys()
         return {
+            **env_for(signing_key=self.key_of(HUB_ID), member_keys=self.keyring),
             **self.spec.common_env,
             **env_for(
                 amqp_url=self.admin_url,
@@ -154,7 +184,9 @@ class LocalFederation:
         }
 
     def participant_env(self, participant: str) -> dict[str, str]:
+        self.provision_keys()
         return {
+            **env_for(signing_key=self.key_of(participant)),
             **self.spec.common_env,
             **env_for(
                 amqp_url=self.url_for(participant),

@@ -24,6 +24,7 @@ part of it stays in the sum, and its sender may send another manifest for the st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,7 @@ from foldfed.ingest import rules
 from foldfed.ingest.checks import check_manifest
 from foldfed.ingest.rules import Effects, OpenStep, Verdict
 from foldfed.ingest.store import IngestStore
+from foldfed.keyfiles import read_keyring
 from foldfed.messages import (
     Chunk,
     DeliveryReceipt,
@@ -45,7 +47,9 @@ from foldfed.messages import (
     decode,
     encode,
     now_ms,
+    unsigned_bytes,
 )
+from foldfed.signing import VerifyKey
 
 # Manifests never change once stored, and every chunk needs its manifest: keep this many
 # decoded ones at hand.
@@ -115,9 +119,12 @@ class IngestLedger:
         first_step: int,
         max_payload_bytes: int,
         sink: DeltaSink | None = None,
+        member_keys: Mapping[str, VerifyKey] | None = None,
     ) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.sink: DeltaSink = sink or _NoSink()
+        # Every member's public key by participant id; None: signatures are not checked.
+        self.member_keys = member_keys
         self._manifests: dict[tuple[int, str], Manifest] = {}
         self.store = ChunkStore(state_dir / "store")
         self.participants = frozenset(participants)
@@ -201,6 +208,8 @@ class IngestLedger:
         new_id = digest_of(serialized)
         open_step = self._check_sender(m.step, m.participant, delivered=new_id)
         check_manifest(m, self.max_payload_bytes)
+        if self.member_keys is not None:
+            rules.check_signature(m, unsigned_bytes(m), self.member_keys)
         verdict = rules.manifest_verdict(
             m,
             new_id,
@@ -362,3 +371,10 @@ class IngestLedger:
         if not self.facts.mark_complete(step, participant, now_ms()):
             return Effects(duplicate=True)
         return Effects(receipts=[self.receipt(step, participant)])
+
+
+def member_keys(keyring_file: Path | None) -> dict[str, VerifyKey] | None:
+    """The members' public keys by name from a keyring file (None: no file, no checks)."""
+    if keyring_file is None:
+        return None
+    return {key.name: key for key in read_keyring(keyring_file).keys}

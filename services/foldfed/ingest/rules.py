@@ -18,6 +18,8 @@ What the hub accepts, in one place:
 - a manifest's weight must be the one the cycle agreed for its sender, as the release
   announced it (docs/format.md, "Agreed weights"); a release that announces none (a step
   opened by hand) fixes none;
+- with the members' keyring configured, a manifest must carry its sender's Ed25519
+  signature (docs/format.md, "Signed manifests");
 - one manifest per (step, participant): the same bytes again are a duplicate, other bytes
   a conflict (a replay or a forgery). It must be computed against the released model and
   be in canonical encoding, because a manifest's id is the hash of its bytes;
@@ -40,8 +42,10 @@ early: it trains from the release, which the barrier publishes to the hub's queu
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from foldfed.audit.signatures import manifest_signature_problem
 from foldfed.codedvector import REFERENCE_CODING, CycleCoding
 from foldfed.digests import short
 from foldfed.domain import (
@@ -54,6 +58,7 @@ from foldfed.domain import (
 )
 from foldfed.errors import Reject
 from foldfed.ingest.checks import check_body_size, check_chunk_body
+from foldfed.signing import VerifyKey
 
 
 @dataclass
@@ -195,6 +200,17 @@ def check_weight(m: Manifest, open_step: OpenStep) -> None:
             f"manifest weight {m.weight!r} differs from the weight the cycle agreed for "
             f"{m.participant!r}: {agreed!r}"
         )
+
+
+def check_signature(m: Manifest, unsigned: bytes, keys: Mapping[str, VerifyKey]) -> None:
+    """Reject a manifest its sender did not sign with the key the hub's keyring holds for
+    it. `unsigned`: its canonical bytes without the signature (what the signature covers).
+
+    The AMQP identity says which connection sent it; the signature makes the contribution
+    provable afterwards, to anyone with the keyring (`foldfed verify`)."""
+    problem = manifest_signature_problem(m.participant, unsigned, m.signature, keys)
+    if problem:
+        raise Reject(problem)
 
 
 def check_chunk(c: Chunk, manifest: Manifest | None, actual_digest: bytes) -> None:

@@ -31,7 +31,7 @@ from foldfed.config import IngestSettings
 from foldfed.errors import FoldfedError, Reject
 from foldfed.faults import crash_point
 from foldfed.ingest.batching import Outcome, groups, settlement
-from foldfed.ingest.ledger import ChunkBatch, IngestLedger, StagedDelivery
+from foldfed.ingest.ledger import ChunkBatch, IngestLedger, StagedDelivery, member_keys
 from foldfed.ingest.rules import Effects
 from foldfed.messages import (
     Chunk,
@@ -309,7 +309,11 @@ class IngestService:
 
 async def run_ingest(settings: IngestSettings, stop: asyncio.Event) -> None:
     ledger = IngestLedger(
-        settings.state_dir, settings.participants, settings.first_step, settings.max_payload_bytes
+        settings.state_dir,
+        settings.participants,
+        settings.first_step,
+        settings.max_payload_bytes,
+        member_keys=member_keys(settings.member_keys),
     )
     bus = await Bus.connect(settings.bus, name=SERVICE)
     try:

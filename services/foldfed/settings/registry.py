@@ -403,6 +403,18 @@ class Settings(BaseSettings):
         "check that a message's AMQP user_id is the participant it claims to come from;"
         " off only for brokers that cannot stamp it",
     )  # fmt: skip
+    signing_key: Path | None = _var(
+        "FOLDFED_SIGNING_KEY", None, "uploader aggregator",
+        "this party's Ed25519 private key file (`foldfed keys generate`): a participant signs"
+        " its manifests with it, the hub its step records (docs/threat-model.md)",
+        shown="none: unsigned",
+    )  # fmt: skip
+    member_keys: Path | None = _var(
+        "FOLDFED_MEMBER_KEYS", None, "ingest aggregator",
+        "the consortium keyring (`foldfed keys keyring`) with each member's public key under"
+        " its participant id; when set, the hub rejects a manifest its sender did not sign",
+        shown="none: signatures not checked",
+    )  # fmt: skip
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = _var(
         "FOLDFED_SERVER_OPTIMIZER", "fedavg", "aggregator",
         "server optimizer: the mean delta, with server momentum, or Adam",

@@ -11,19 +11,21 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import structlog
 from tqdm import tqdm
 
 from foldfed import topology, tracing
+from foldfed.audit.signatures import sign_manifest
 from foldfed.bus import Bus, PublishWindow
 from foldfed.codedvector import chunk_bounds
 from foldfed.config import UploaderSettings
 from foldfed.domain import manifest_of
 from foldfed.errors import FoldfedError
 from foldfed.faults import crash_point
+from foldfed.keyfiles import read_private_key
 from foldfed.messages import (
     AnyMessage,
     Chunk,
@@ -35,8 +37,10 @@ from foldfed.messages import (
     decode,
     encode,
     manifest_id,
+    unsigned_bytes,
 )
 from foldfed.payloadfile import plan_chunks, read_chunk, read_range
+from foldfed.signing import SigningKey
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.journal import UploadJournal
 from foldfed.uploader.link import Link
@@ -89,6 +93,17 @@ class Uploader:
         self.bus = bus
         self.inbox = inbox
         self._link = Link.uplink(settings.rate_limit_bps, settings.chunk_size)
+        key_file = settings.signing_key
+        self._key: SigningKey | None = None if key_file is None else read_private_key(key_file)
+
+    def _signed(self, manifest: Manifest, serialized: bytes) -> tuple[Manifest, bytes]:
+        """The manifest signed with our key, and its bytes (as given without a key). The
+        journal keeps the unsigned bytes: Ed25519 is deterministic, so a resumed upload
+        signs them to the same manifest id (foldfed.audit.signatures)."""
+        if self._key is None or manifest.signature:
+            return manifest, serialized
+        signed = replace(manifest, signature=sign_manifest(self._key, unsigned_bytes(manifest)))
+        return signed, encode(signed)[1]
 
     async def upload(
         self,
@@ -140,6 +155,7 @@ class Uploader:
                 resumed = journal.load_manifest(delta_path) == serialized
                 if not resumed:
                     journal.start(delta_path, serialized)
+            manifest, serialized = self._signed(manifest, serialized)
             mid = manifest_id(serialized)
             log.info(
                 "upload start",
