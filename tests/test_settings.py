@@ -162,17 +162,14 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "retain_checkpoint_every": 50,
         # Added with progressive finalize (docs/format.md 9.8): on; the bytes are the same.
         "progressive_finalize": True,
-<<<<<<< HEAD
         # Added with gated cycles (issue 15): off, so the settings start cycles as before.
         "gated_cycles": False,
         "consortium_keyring": None,
         "gate_window_s": 3600.0,
         "gate_min_members": 2,
-=======
         # Added with signed manifests and records (issue 14): no keys, nothing signed.
         "signing_key": None,
         "member_keys": None,
->>>>>>> wip-signed
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before

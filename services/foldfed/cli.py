@@ -27,11 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.of3.data.commands",
     "foldfed.governance.commands",
     "foldfed.gate.commands",
-<<<<<<< HEAD
     "foldfed.barrier.commands",
-=======
     "foldfed.verifier.commands",
->>>>>>> wip-signed
 )
 
 
