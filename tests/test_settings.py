@@ -162,6 +162,8 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "retain_checkpoint_every": 50,
         # Added with progressive finalize (docs/format.md 9.8): on; the bytes are the same.
         "progressive_finalize": True,
+        # Added with the local cluster (docs/rabbitmq.md): classic queues, as before.
+        "queue_type": "classic",
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before
