@@ -191,13 +191,12 @@ def run_on_cluster(
         common_env={
             "FOLDFED_SEED": "7",
             "FOLDFED_RETAIN_STEPS": "0",
-            # Many small chunks, sent slowly enough that the kill lands mid-upload.
-            "FOLDFED_CHUNK_SIZE": str(16 << 10),
             **QUORUM,
         },
-        participant_env={
-            PARTICIPANTS[0]: {"FOLDFED_RATE_LIMIT_BPS": str(256 << 10)},
-        },
+        # The small model's delta (~20 KB) is one chunk: this member sends it slowly, so
+        # that the kill lands between its manifest and its chunk, while the others' step-2
+        # transfers run too.
+        participant_env={PARTICIPANTS[0]: {"FOLDFED_RATE_LIMIT_BPS": "8192"}},
     )
     federation = LocalFederation(spec, broker=cluster.cluster.node(1), passwords=cluster.passwords)
     federation.start_broker()
