@@ -54,21 +54,33 @@ class ClusterHandle:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]:
+    """Started and stopped through the CLI, as a user would."""
     ensure_rabbitmq_installed()
-    local = LocalCluster(tmp_path_factory.mktemp("cluster"), NODES)
-    try:
-        local.start(timeout=240)
-    except BrokerError as exc:
+    folder = tmp_path_factory.mktemp("cluster")
+    started = subprocess.run(
+        [*FOLDFED, "broker", "start", "--nodes", str(NODES), "--dir", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    local = LocalCluster(folder, NODES)
+    if started.returncode != 0:
         with contextlib.suppress(BrokerError):
             local.kill()
-        pytest.skip(f"{NODES} RabbitMQ nodes could not start on this machine: {exc}")
+        pytest.skip(f"{NODES} RabbitMQ nodes could not start here: {started.stderr[-3000:]}")
+    assert started.stdout.split() == local.amqp_urls
     passwords = {p: new_password() for p in PARTICIPANTS}
     for participant, password in passwords.items():
         local.node(1).add_participant(participant, password)
     try:
         yield ClusterHandle(local, passwords)
     finally:
-        local.stop()
+        stopped = subprocess.run(
+            [*FOLDFED, "broker", "stop", "--dir", str(folder)], timeout=300, check=False
+        )
+        assert stopped.returncode == 0
+        assert not any(node.status().running for node in local.nodes())
 
 
 def test_three_nodes_form_one_cluster(cluster: ClusterHandle) -> None:
