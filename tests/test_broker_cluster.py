@@ -109,18 +109,24 @@ def test_cli_status_reports_every_node(cluster: ClusterHandle) -> None:
     assert len(status["members"]) == NODES
 
 
-async def _declare_and_publish(url: str, queue: str, bodies: list[bytes]) -> float:
-    """Declare a quorum queue through `url`'s node (its leader lands there), publish
-    `bodies` with confirms, and return the seconds from declaration to the last confirm.
-    The connection is left open: the node is about to be killed under it."""
-    connection = await aio_pika.connect(url)
-    channel = await connection.channel(publisher_confirms=True)
-    declared = time.monotonic()
-    await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
-    for body in bodies:
-        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await channel.default_exchange.publish(message, routing_key=queue)
-    return time.monotonic() - declared
+async def _declare_publish_and_kill(
+    cluster: ClusterHandle, queue: str, bodies: list[bytes]
+) -> float:
+    """Declare a quorum queue through node 3 (its leader lands there), publish `bodies` with
+    confirms, SIGKILL node 3 at once; return the seconds from declaration to the kill."""
+    connection = await aio_pika.connect(cluster.url(KILLED))
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        declared = time.monotonic()
+        await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        for body in bodies:
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await channel.default_exchange.publish(message, routing_key=queue)
+        await asyncio.to_thread(cluster.cluster.kill_node, KILLED)
+        return time.monotonic() - declared
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), 5)
 
 
 async def _drain(url: str, queue: str, timeout: float) -> list[bytes]:
@@ -156,9 +162,7 @@ def test_quorum_queue_keeps_confirmed_messages_when_its_leader_dies_after_declar
     queue = "foldfed.probe.leader-death"
     # Small ones and one of our chunk size (4 MiB): large messages replicate too.
     bodies = [f"m{i}".encode() * 100 for i in range(200)] + [b"\x01" * (4 << 20)]
-    elapsed = asyncio.run(_declare_and_publish(cluster.url(KILLED), queue, bodies))
-    cluster.cluster.kill_node(KILLED)
-    killed_after = elapsed  # + the few ms of the kill itself
+    killed_after = asyncio.run(_declare_publish_and_kill(cluster, queue, bodies))
     try:
         got = asyncio.run(_drain(cluster.url(1), queue, timeout=60))
     finally:
