@@ -170,6 +170,8 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         # Added with signed manifests and records (issue 14): no keys, nothing signed.
         "signing_key": None,
         "member_keys": None,
+        # Added with the local cluster (docs/rabbitmq.md): classic queues, as before.
+        "queue_type": "classic",
     }
     assert set(before) == set(FIELDS)
     assert {k: getattr(s, k) for k in before} == before

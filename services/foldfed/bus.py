@@ -566,17 +566,23 @@ class Bus:
     async def declare_hub_topology(self, participants: Sequence[str]) -> None:
         """Declare every exchange, queue and binding. Idempotent: run at each hub start.
 
-        Classic durable queues, not quorum: on RabbitMQ 3.10 a quorum queue declared
-        moments before a broker crash can lose confirmed messages (docs/amqp_client.md §2).
+        Classic durable queues by default; quorum queues (replicated over a cluster) with
+        FOLDFED_QUEUE_TYPE=quorum (`topology.queue_arguments`; the traps of quorum queues on
+        RabbitMQ 3.10 are in docs/rabbitmq.md, "A local cluster").
         """
+        queue_type = self.settings.queue_type
         ch = await self._connection.channel()
         try:
             dead = await ch.declare_exchange(
                 topology.DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
             )
-            dlq = await ch.declare_queue(topology.DEAD_QUEUE, durable=True)
+            dlq = await ch.declare_queue(
+                topology.DEAD_QUEUE,
+                durable=True,
+                arguments=topology.queue_arguments(queue_type, dead_letter=False) or None,
+            )
             await dlq.bind(dead)
-            dead_letter_args = {"x-dead-letter-exchange": topology.DEAD_EXCHANGE}
+            dead_letter_args = topology.queue_arguments(queue_type)
             hub = await ch.declare_exchange(
                 topology.HUB_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
             )

@@ -13,8 +13,12 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from foldfed.errors import FoldfedError
+
+if TYPE_CHECKING:
+    from foldfed.localbroker import BrokerStatus
 
 # Feature packages that add their own subcommands: each names a module with
 # `register(sub)`, which must import nothing heavy (torch, openfold3) at module level, so
@@ -34,10 +38,13 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
+    from foldfed.localbroker.cluster import is_cluster_dir
     from foldfed.settings import load
 
     # Resolved here, not when the parser is built: a bad environment fails this command.
     folder = Path(args.dir) if args.dir else load().broker_dir
+    if args.nodes > 1 or is_cluster_dir(folder):
+        return _cmd_cluster(args, folder)
     broker = LocalBroker(folder, port=args.port)
     if args.action == "start":
         ensure_rabbitmq_installed()
@@ -48,19 +55,42 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print("stopped")
     else:
         status = broker.status()
-        print(
-            json.dumps(
-                {
-                    "running": status.running,
-                    "pid": status.pid,
-                    "port": status.port,
-                    "amqp_url": status.amqp_url,
-                    "data_dir": str(status.data_dir),
-                }
-            )
-        )
+        print(json.dumps(_node_status(status)))
         return 0 if status.running else 3
     return 0
+
+
+def _node_status(status: BrokerStatus) -> dict[str, object]:
+    return {
+        "running": status.running,
+        "pid": status.pid,
+        "port": status.port,
+        "amqp_url": status.amqp_url,
+        "data_dir": str(status.data_dir),
+    }
+
+
+def _cmd_cluster(args: argparse.Namespace, folder: Path) -> int:
+    """`broker start --nodes N` and the stop/status of a folder that holds a cluster:
+    start prints every node's admin URL, node 1 first, one per line."""
+    from foldfed.localbroker.cluster import LocalCluster
+
+    if args.port is not None:
+        raise SystemExit("--port applies to one node; a cluster picks free ports")
+    if args.action == "start":
+        cluster = LocalCluster(folder, args.nodes) if args.nodes > 1 else None
+        cluster = cluster or LocalCluster.open(folder)
+        print("\n".join(cluster.start()))
+        return 0
+    cluster = LocalCluster.open(folder)
+    if args.action == "stop":
+        cluster.stop()
+        print("stopped")
+        return 0
+    status = cluster.status()
+    nodes = [_node_status(node) for node in status.nodes]
+    print(json.dumps({"running": status.running, "members": status.members, "nodes": nodes}))
+    return 0 if status.running else 3
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -171,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", default=None, help="data folder (default: $FOLDFED_BROKER_DIR or var/broker)"
     )
     broker.add_argument("--port", type=int, default=None, help="AMQP port (default: free)")
+    broker.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="start: a local cluster of this many nodes (stop/status find it in --dir)",
+    )
     broker.set_defaults(func=cmd_broker)
 
     demo = sub.add_parser("demo", help="a whole federated run on this machine")

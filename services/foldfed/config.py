@@ -81,6 +81,8 @@ class BusSettings:
     publish_timeout_s: float
     # Unconfirmed publishes allowed at once (bounds the sender's memory).
     inflight_window: int
+    # The hub's queues: "classic" (one node) or "quorum" (replicated; topology.QUEUE_TYPES).
+    queue_type: str = "classic"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> BusSettings:
@@ -92,6 +94,7 @@ class BusSettings:
             amqp_url=required(s.amqp_url, "amqp_url"),
             publish_timeout_s=s.publish_timeout_s,
             inflight_window=s.inflight_window,
+            queue_type=s.queue_type,
         )
 
 

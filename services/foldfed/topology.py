@@ -47,6 +47,24 @@ HUB_ID = "hub"
 DEAD_EXCHANGE = "foldfed.dead"
 DEAD_QUEUE = "foldfed.dead-letter"
 
+# The hub's queue types (FOLDFED_QUEUE_TYPE): classic queues live on one node; quorum queues
+# are replicated over a cluster's nodes (docs/rabbitmq.md, "A local cluster").
+QUEUE_TYPES = ("classic", "quorum")
+
+
+def queue_arguments(queue_type: str, *, dead_letter: bool = True) -> dict[str, str]:
+    """The declare arguments of a hub queue. Classic gives exactly the arguments foldfed has
+    always declared (RabbitMQ refuses a redeclare whose arguments differ), so a queue's type
+    can only change on an empty broker. `dead_letter`: rejected messages go to DEAD_EXCHANGE
+    (every hub queue but the dead-letter queue itself)."""
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"queue type {queue_type!r}: expected one of {QUEUE_TYPES}")
+    arguments = {"x-dead-letter-exchange": DEAD_EXCHANGE} if dead_letter else {}
+    if queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    return arguments
+
+
 # Header names the hub sets on a dead-lettered message.
 REASON_HEADER = "x-foldfed-reason"
 ORIGINAL_TYPE_HEADER = "x-foldfed-original-type"

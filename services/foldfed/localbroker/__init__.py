@@ -30,6 +30,7 @@ The package, one concept per module:
     nodeconfig   how our node is configured: rabbitmq.conf and the environment of every process
     users        broker users through rabbitmqctl, with secrets that cannot be read as options
     lifecycle    `LocalBroker`: start, stop, kill, status and rabbitmqctl of one node
+    cluster      `LocalCluster`: N nodes sharing one epmd, joined into one cluster
 
 Linux only (reads /proc). Works as root: the Debian wrappers in /usr/sbin would `su rabbitmq`,
 so we run the real scripts under /usr/lib/rabbitmq/bin, which do not care who runs them.

@@ -58,8 +58,11 @@ def load_ports(data_dir: Path) -> Ports | None:
         return None
 
 
-def prepare_ports(data_dir: Path, requested_port: int | None) -> Ports:
-    """Ports and node name for this start: the stored ones, or fresh free ones; written back."""
+def prepare_ports(
+    data_dir: Path, requested_port: int | None, shared_epmd_port: int | None = None
+) -> Ports:
+    """Ports and node name for this start: the stored ones, or fresh free ones; written back.
+    `shared_epmd_port`: the epmd of the cluster this node belongs to, used instead of ours."""
     state = load_ports(data_dir)
     if state is None:
         port, dist_port, epmd_port = free_ports(3)
@@ -70,6 +73,8 @@ def prepare_ports(data_dir: Path, requested_port: int | None) -> Ports:
         state = Ports(port, dist_port, epmd_port, f"foldfed-{port}@localhost")
     elif requested_port is not None:
         state = replace(state, port=requested_port)
+    if shared_epmd_port is not None:
+        state = replace(state, epmd_port=shared_epmd_port)
     if len({state.port, state.dist_port, state.epmd_port}) != 3:
         # An explicit port that clashes with our stored helper ports: move the helpers.
         dist_port, epmd_port = [p for p in free_ports(3) if p != state.port][:2]

@@ -9,6 +9,10 @@ its own epmd on a free port (ERL_EPMD_PORT, bound to 127.0.0.1), and stop()/kill
 rabbitmqctl gets the same ERL_EPMD_PORT. Beware: rabbitmqctl, when it finds no epmd on that
 port, starts a *daemonised* one that would leak; that is why `rabbitmqctl()` refuses to run
 when our broker is down.
+
+A node of a local cluster (`cluster`) shares the cluster's one epmd instead: Erlang nodes
+find each other through the epmd of their host, so nodes registered with different epmds
+could never join. Such a node is given `epmd_port` and neither starts nor stops an epmd.
 """
 
 from __future__ import annotations
@@ -69,11 +73,23 @@ class LocalBroker:
     from async code call start/stop via `asyncio.to_thread` if the loop must keep running.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        epmd_port: int | None = None,
+        cluster_node: bool = False,
+    ) -> None:
+        """`epmd_port`: an epmd that someone else runs (a cluster's); None: our own.
+        `cluster_node`: configure the node for quorum queues with large messages
+        (`nodeconfig.render_config`)."""
         # Absolute: every path goes into env vars read by processes with another cwd.
         # Resolved, so that two spellings of one directory mark the same processes.
         self._dir = Path(data_dir).expanduser().resolve()
         self._requested_port = port
+        self._shared_epmd = epmd_port
+        self._cluster_node = cluster_node
         self._procs = BrokerProcesses(self._dir)
 
     def _path(self, name: str) -> Path:
@@ -135,8 +151,10 @@ class LocalBroker:
                 return self.amqp_url
             # A previous owner may have died half-way (an epmd or a launcher left over).
             self._procs.kill_all()
-            state = prepare_ports(self._dir, self._requested_port)
+            state = prepare_ports(self._dir, self._requested_port, self._shared_epmd)
             for key, value in asdict(state).items():
+                if key == "epmd_port" and self._shared_epmd is not None:
+                    continue  # the cluster's epmd: in use by design
                 if key.endswith("port") and not port_free(value):
                     raise BrokerError(
                         f"{key} {value} on {HOST} is in use; the broker in {self._dir} "
@@ -150,7 +168,8 @@ class LocalBroker:
             self._path("conf.d").mkdir(exist_ok=True)
             write_text(self._path("rabbitmq-env.conf"), "# empty: shadows /etc/rabbitmq\n")
             write_text(self._path("enabled_plugins"), "[].\n")
-            write_private(self._path("rabbitmq.conf"), render_config(state.port, password))
+            config = render_config(state.port, password, cluster_node=self._cluster_node)
+            write_private(self._path("rabbitmq.conf"), config)
             env = node_env(self._dir, state)
             try:
                 self._boot(bin_dir, epmd, env, state, deadline)
@@ -188,12 +207,16 @@ class LocalBroker:
         with out.open("a") as fh:
             fh.write(f"\n=== foldfed.localbroker start {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
 
-        # 1. Our epmd, and wait until it accepts: the node registers with it while booting.
+        # 1. Our epmd (or the cluster's), and wait until it accepts: the node registers with
+        #    it while booting.
         epmd_port = state.epmd_port
-        epmd_pid = self._procs.spawn([epmd, "-port", str(epmd_port), "-address", HOST], env, out)
-        write_text(self._path("epmd.pid"), f"{epmd_pid}\n")
+        epmd_pid = None
+        if self._shared_epmd is None:
+            argv = [epmd, "-port", str(epmd_port), "-address", HOST]
+            epmd_pid = self._procs.spawn(argv, env, out)
+            write_text(self._path("epmd.pid"), f"{epmd_pid}\n")
         while not can_connect(epmd_port, 0.5):
-            if not self._procs.live(epmd_pid):
+            if epmd_pid is not None and not self._procs.live(epmd_pid):
                 raise BrokerError(f"epmd on port {epmd_port} exited at once")
             if time.monotonic() > deadline:
                 raise BrokerError(f"epmd on port {epmd_port} did not come up")
@@ -268,9 +291,14 @@ class LocalBroker:
         if not args:
             raise BrokerError("rabbitmqctl needs a command")
         state = load_ports(self._dir)
-        if state is None or self._procs.beam_pid() is None or not self._procs.epmd_alive():
+        if state is None or self._procs.beam_pid() is None or not self._epmd_alive(state):
             raise BrokerError(f"broker in {self._dir} is not running")
         return self._ctl(node_env(self._dir, state), state, list(args), timeout, stdin)
+
+    def _epmd_alive(self, state: Ports) -> bool:
+        if self._shared_epmd is None:
+            return self._procs.epmd_alive()
+        return can_connect(state.epmd_port, 0.5)
 
     def add_participant(self, name: str, password: str) -> None:
         """A participant's broker user with exactly its least-privilege permissions and

@@ -31,6 +31,16 @@ DISK_FREE_LIMIT_ENV = variable("broker_disk_free_limit")
 # keeps every message far below it.
 MAX_MESSAGE_SIZE = 134_217_728
 
+# Quorum queues keep their messages in a Raft log (Ra). RabbitMQ 3.10 cuts that log into
+# segment files of a fixed number of entries (default 4096): with our 4 MiB chunks one
+# segment could reach 16 GiB, and it is deleted only once every entry in it is consumed.
+# 32 entries bound a segment to 128 MiB of chunks (docs/rabbitmq.md, "A local cluster").
+RAFT_SEGMENT_MAX_ENTRIES = 32
+# The Raft write-ahead log is rolled over (and its entries flushed to segments, leaving
+# memory) at this size; the default 512 MiB per node is a lot of memory for three nodes on a
+# laptop, and 64 MiB still holds 16 chunks.
+RAFT_WAL_MAX_SIZE_BYTES = 64 << 20
+
 # Every process we start carries MARK_ENV=<data_dir>; see `lifecycle` for why.
 MARK_ENV = variable("localbroker_dir")
 
@@ -42,7 +52,7 @@ def disk_free_limit() -> str:
     return load().broker_disk_free_limit
 
 
-def render_config(port: int, password: str) -> str:
+def render_config(port: int, password: str, *, cluster_node: bool = False) -> str:
     """rabbitmq.conf, rewritten on every start. `password` is the admin's, hex (no quoting).
 
     default_user/default_pass take effect only when the database is created; a restart keeps
@@ -50,7 +60,15 @@ def render_config(port: int, password: str) -> str:
     loopback_users = none: no user is restricted to loopback connections; harmless since the
     only listener is on 127.0.0.1, and it keeps working when a test reaches the broker through
     a forwarded port.
+
+    `cluster_node`: a node of a local cluster, whose replicated (quorum) queues carry our
+    chunks: the Raft log is sized for 4 MiB messages (RAFT_* above). A single node's config
+    stays as it always was.
     """
+    raft = [
+        f"raft.segment_max_entries = {RAFT_SEGMENT_MAX_ENTRIES}",
+        f"raft.wal_max_size_bytes = {RAFT_WAL_MAX_SIZE_BYTES}",
+    ]
     return "\n".join(
         [
             "# Written by foldfed.localbroker on every start: edits are overwritten.",
@@ -66,6 +84,7 @@ def render_config(port: int, password: str) -> str:
             f"disk_free_limit.absolute = {disk_free_limit()}",
             "vm_memory_high_watermark.relative = 0.4",
             f"max_message_size = {MAX_MESSAGE_SIZE}",
+            *(raft if cluster_node else []),
             "",
         ]
     )

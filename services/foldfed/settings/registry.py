@@ -167,6 +167,7 @@ ChunkSize = Annotated[
 # its list from these (`typing.get_args`).
 LocalOptimizer = Literal["adamw", "sgd"]
 Of3Eval = Literal["heldout", "global", "both", "none"]
+QueueType = Literal["classic", "quorum"]
 
 
 def _codec_spec(spec: str) -> str:
@@ -366,6 +367,13 @@ class Settings(BaseSettings):
     inflight_window: int = _var(
         "FOLDFED_INFLIGHT_WINDOW", 8, "all", "unconfirmed publishes at once", ge=1
     )
+    # Classic: one node, today's queues. Quorum: replicated over a cluster's nodes
+    # (docs/rabbitmq.md, "A local cluster"); a queue's type is fixed when it is declared.
+    queue_type: QueueType = _var(
+        "FOLDFED_QUEUE_TYPE", "classic", "hub",
+        "type of the hub's queues: `classic` (one node) or `quorum` (replicated over a"
+        " RabbitMQ cluster); change it only on an empty broker",
+    )  # fmt: skip
     publish_timeout_s: float = _var(
         "FOLDFED_PUBLISH_TIMEOUT_S", 30.0, "all", "no confirm within this ⇒ \"broker blocked\"",
         ge=0.1,
