@@ -2,7 +2,9 @@
 are built (or reused when their inputs are unchanged: deploy/podman/images.py), a 2-step
 federation runs from compose.yaml in containers (deploy/podman/up.py gates start-up by the
 health checks), every party's final model is read from the containers' volumes, the
-trainer container has no network, and the images pass their hygiene checks.
+trainer container has no network, names resolve without DNS (up.py: fixed addresses and
+/etc/hosts, since aardvark-dns 1.4 loses queries whenever a container starts or stops),
+and the images pass their hygiene checks.
 
 Prerequisites: `make containers-prereqs` (podman, runc, debootstrap; `make test` runs it).
 Each run is its own compose project (unique name, free host ports), removed afterwards with
@@ -203,20 +205,34 @@ def assert_healthy(container: str) -> None:
             return
         time.sleep(HEALTH_INTERVAL_S)
     # Still failing: say why, with the service's own /readyz answer, and where a new
-    # connection to the broker stops (name lookup, TCP, or AMQP): a CI run once saw
-    # "broker did not answer within 5 s" here while the federation had finished.
+    # connection to the broker stops (name lookup, TCP, or AMQP). Before up.py took DNS
+    # out of the project's network, CI runs saw "broker did not answer within 5 s" here:
+    # aardvark-dns lost the lookup (deploy/README.md, "Containers").
     why = podman("exec", container, "foldfed", "health", check=False)
     where = podman("exec", container, "python3", "-c", BROKER_PATH_PROBE, check=False)
-    dns = subprocess.run(["pgrep", "-a", "aardvark-dns"], capture_output=True, text=True)
     pytest.fail(
         f"{container} stayed unhealthy after {HEALTH_RETRIES} probes: {why}\n"
-        f"new connection to the broker, step by step: {where}\n"
-        f"host's aardvark-dns: {dns.stdout.strip() or 'not running'}"
+        f"new connection to the broker, step by step: {where}"
     )
 
 
-# Times each step of a new connection from inside a container: the resolver, TCP, and the
-# broker's AMQP greeting (it answers a protocol header with its connection.start).
+def test_names_resolve_without_dns(federation: Federation) -> None:
+    """The project's network has no DNS server; the broker's name is in each networked
+    container's /etc/hosts, at the broker's fixed address."""
+    network = f"{federation.project}_default"
+    assert podman("network", "inspect", "--format", "{{.DNSEnabled}}", network) == "false"
+    broker = federation.container("rabbitmq")
+    address = podman(
+        "inspect", "--format", f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}',
+        broker,
+    )  # fmt: skip
+    for service in ["aggregator", "company-a-uploader", "company-b-uploader"]:
+        hosts = podman("exec", federation.container(service), "cat", "/etc/hosts")
+        assert f"{address}\trabbitmq" in hosts.splitlines(), (service, address, hosts)
+
+
+# Times each step of a new connection from inside a container: the name lookup (/etc/hosts),
+# TCP, and the broker's AMQP greeting (it answers a protocol header with connection.start).
 BROKER_PATH_PROBE = """
 import socket, time
 t = time.monotonic()

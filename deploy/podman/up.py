@@ -14,6 +14,17 @@ and before each one waits for what its `depends_on` says, the way compose would:
                                     `podman healthcheck run` until it passes, within
                                     start_period + retries * interval
 
+Names are not looked up in DNS. Debian's aardvark-dns 1.4, podman's DNS server, tears
+down and reopens its sockets each time any container on the machine starts or stops
+(containers/aardvark-dns#389): a query in flight is lost, and the lookup takes 10 s (the
+resolver's 5 s timeout, once for each nameserver), twice the 5 s of a service's /readyz
+broker check. So this script makes the project's network itself, before podman-compose
+would, with DNS off (`podman network create --disable-dns`), gives every networked
+service of the profile a fixed address in its subnet (`--ip`, kept across restarts), and
+writes them all into each container's /etc/hosts (`--add-host SERVICE:IP`); both are
+passed to podman-compose's `podman create` (`--podman-run-args`). Docker's own DNS is
+not affected: compose.yaml does not change.
+
 Services listed with --without are not started and count as satisfied (jaeger and
 prometheus, whose images no registry can provide here: the services tolerate a missing
 OTLP collector). On podman >= 4.6 with systemd, `podman-compose --profile all up -d`
@@ -25,8 +36,11 @@ gates start-up itself and this script is not needed.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -41,6 +55,9 @@ CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
 POLL_S = 2.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The first address given to a service in the project's subnet; below it: the gateway
+# (.1) and addresses podman would hand out to a container started by other means.
+FIRST_HOST = 10
 
 
 class StartError(RuntimeError):
@@ -86,6 +103,36 @@ def start_order(services: dict[str, Any], wanted: list[str], without: set[str]) 
     return order
 
 
+def networked_services(services: dict[str, Any], profile: str) -> list[str]:
+    """The services of `profile` on the project's network (no `network_mode`), by name:
+    the same list on every call, so each keeps its address whatever is started."""
+    return sorted(
+        name
+        for name, service in services.items()
+        if "network_mode" not in service
+        and (not service.get("profiles") or profile in service["profiles"])
+    )
+
+
+def fixed_addresses(subnet: str, names: list[str]) -> dict[str, str]:
+    """One address per name in `subnet`, from its FIRST_HOST-th address on, in order."""
+    network = ipaddress.ip_network(subnet)
+    if FIRST_HOST + len(names) >= network.num_addresses - 1:
+        raise StartError(f"{len(names)} services do not fit in {subnet}")
+    return {n: str(network.network_address + FIRST_HOST + i) for i, n in enumerate(names)}
+
+
+def create_args(service: str, addresses: dict[str, str], without: set[str]) -> list[str]:
+    """`podman create` options of a service on the project's network: its own address and
+    a hosts entry for every other service that runs (not `without`: a name of a service
+    that never starts stays unknown, as it would in DNS)."""
+    args = ["--ip", addresses[service]]
+    for name, address in sorted(addresses.items()):
+        if name != service and name not in without:
+            args += ["--add-host", f"{name}:{address}"]
+    return args
+
+
 class Project:
     """One podman-compose project: its containers are found by compose's labels."""
 
@@ -105,11 +152,38 @@ class Project:
             "-f", str(self.compose), "-p", self.name, "--profile", self.profile, *args,
         ]  # fmt: skip
 
-    def up(self, service: str) -> None:
+    @property
+    def network(self) -> str:
+        """podman-compose's name of the project's default network."""
+        return f"{self.name}_default"
+
+    def ensure_network(self) -> str:
+        """The project's network, made without DNS unless it exists; returns its subnet."""
+        exists = subprocess.run(["podman", "network", "exists", self.network], env=self.env)
+        if exists.returncode != 0:
+            # podman-compose's labels, so the project's clean-up finds it as its own.
+            labels = ["--label", f"io.podman.compose.project={self.name}"]
+            labels += ["--label", f"com.docker.compose.project={self.name}"]
+            create = ["podman", "network", "create", "--disable-dns", *labels, self.network]
+            subprocess.run(create, env=self.env, capture_output=True, check=True)
+        inspect = "{{.DNSEnabled}} {{json .Subnets}}"
+        found = subprocess.run(
+            ["podman", "network", "inspect", "--format", inspect, self.network],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split(" ", 1)
+        if found[0] == "true":
+            raise StartError(f"{self.network} exists with DNS on: remove it (podman network rm)")
+        return str(json.loads(found[1])[0]["subnet"])
+
+    def up(self, service: str, create_args: list[str] | None = None) -> None:
         # podman 4.3 logs that it cannot add systemd health timers: expected, and why the
         # health checks are run from here; its output is shown only on failure.
+        extra = [f"--podman-run-args={shlex.join(create_args)}"] if create_args else []
         done = subprocess.run(
-            self.compose_cmd("up", "-d", "--no-deps", "--no-build", service),
+            [*self.compose_cmd(*extra), "up", "-d", "--no-deps", "--no-build", service],
             env=self.env,
             capture_output=True,
             text=True,
@@ -183,6 +257,8 @@ def up(project: Project, wanted: list[str], without: set[str], timeout_s: float)
     """Start `wanted` (and their dependencies) gated as compose would; returns the order."""
     services = yaml.safe_load(project.compose.read_text())["services"]
     order = start_order(services, wanted, without)
+    subnet = project.ensure_network()
+    addresses = fixed_addresses(subnet, networked_services(services, project.profile))
     started: set[str] = set()
     for name in order:
         for dep, rule in services[name].get("depends_on", {}).items():
@@ -194,7 +270,8 @@ def up(project: Project, wanted: list[str], without: set[str], timeout_s: float)
                 project.wait_healthy(dep, services[dep]["healthcheck"])
         if name not in started:
             print(f"starting {name}", flush=True)
-            project.up(name)
+            networked = name in addresses
+            project.up(name, create_args(name, addresses, without) if networked else None)
             started.add(name)
     return order
 
