@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.foldfed-installed
 STAMP_OF3 := $(VENV)/.foldfed-of3
 STAMP_DEV := $(VENV)/.foldfed-dev
 
-.PHONY: fuzz test-containers test-kube setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
+.PHONY: fuzz test-long test-containers test-kube setup chromium chromium-for-tests containers-prereqs image demo demo-of3 of3-sample loadtest test lint proto settings-doc broker-start broker-stop clean bench
 
 setup: $(STAMP)
 	@$(PY) -c "from foldfed.localbroker import ensure_rabbitmq_installed as e; e()"
@@ -77,7 +77,7 @@ test: setup $(STAMP_DEV) $(STAMP_OF3) chromium-for-tests containers-prereqs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/pytest -q -m 'not containers'
+	$(VENV)/bin/pytest -q -m 'not containers and not long'
 	$(VENV)/bin/pytest -q -m containers tests/test_containers.py
 
 lint: setup $(STAMP_DEV)
@@ -119,6 +119,11 @@ clean:
 
 # The container images and a compose federation in podman (tests/test_containers.py), the
 # last step of `make test`, alone.
+# The long scenarios make test leaves out (pytest marker `long`): the federation on a 3-node
+# cluster and a node killed mid-upload, the hostile member's full run against live services.
+test-long: setup $(STAMP_DEV)
+	$(VENV)/bin/pytest -q -m long
+
 test-containers: setup $(STAMP_DEV) containers-prereqs
 	$(VENV)/bin/pytest -q -m containers tests/test_containers.py
 

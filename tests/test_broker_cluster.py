@@ -5,6 +5,9 @@ as quorum queues: the cluster forms, a whole federation on it gives the exact Fe
 The node killed is never the one the clients use (the bus takes one URL): node 3, where the
 hub's queue leaders are placed by declaring the topology through it (quorum leaders go to
 the declaring client's node), so the kill forces a leader election under load.
+
+The two federations are long scenarios (marker `long`, `make test-long`); `make test` runs
+the cluster's forming, its status and the quorum leader's death after declaration.
 """
 
 from __future__ import annotations
@@ -267,6 +270,7 @@ def _assert_exact(federation: LocalFederation, record: RunRecord) -> None:
     assert not record.mismatches
 
 
+@pytest.mark.long
 def test_federation_on_quorum_queues_gives_the_exact_model(
     cluster: ClusterHandle, tmp_path: Path
 ) -> None:
@@ -274,6 +278,7 @@ def test_federation_on_quorum_queues_gives_the_exact_model(
     _assert_exact(federation, record)
 
 
+@pytest.mark.long
 def test_sigkill_of_a_node_mid_upload_loses_nothing(cluster: ClusterHandle, tmp_path: Path) -> None:
     try:
         federation, record, seen = run_on_cluster(cluster, tmp_path, kill_mid_upload=True)

@@ -36,7 +36,9 @@ any hostile message. The test asserts:
 Exact replays are not hostile messages here: the same manifest again is acked as a
 duplicate (a restarted uploader asks for its receipt again; docs/format.md section 9).
 
-`make test` sends about 700 messages; `make fuzz` (FOLDFED_FUZZ_SCALE=20) about 13,500.
+The federation runs are long scenarios (marker `long`: two whole federations, 4-5 min here):
+`make test-long` sends about 700 messages, `make fuzz` (FOLDFED_FUZZ_SCALE=20) about 13,500;
+`make test` runs the broker-permission tests below and the decoders' fuzzing (test_fuzz_*).
 What may reach a participant's queue is the hub's alone (broker permissions): the last
 tests show the broker refuses a participant's publish towards another's queue.
 """
@@ -97,7 +99,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 A, B, C = PARTICIPANTS
 HONEST = (A, B)  # trainer + uploader services
 STEPS = 2
-# Hostile messages of each kind per step (19 kinds, 2 steps): about 700 in `make test`,
+# Hostile messages of each kind per step (19 kinds, 2 steps): about 700 in `make test-long`,
 # FOLDFED_FUZZ_SCALE (20 in `make fuzz`) times as many: over 10,000.
 PER_KIND = 24
 MODEL_KEY = topology.MODEL_REPORT_KEY
@@ -701,6 +703,7 @@ def hostile(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory) -> R
     return run(broker, tmp_path_factory.mktemp("hostile"), per_kind=PER_KIND)
 
 
+@pytest.mark.long
 def test_no_service_dies_and_the_model_is_the_undisturbed_runs(
     undisturbed: RunResult, hostile: RunResult
 ) -> None:
@@ -713,6 +716,7 @@ def test_no_service_dies_and_the_model_is_the_undisturbed_runs(
         assert "Traceback" not in hostile.logs[name], hostile.logs[name][-4000:]
 
 
+@pytest.mark.long
 def test_every_hostile_message_is_refused_with_a_reason_of_its_kind(hostile: RunResult) -> None:
     # Ten kinds have far more distinct messages than are drawn of them.
     assert len(hostile.sent) >= STEPS * 10 * PER_KIND * SCALE, len(hostile.sent)
@@ -751,6 +755,7 @@ def test_every_hostile_message_is_refused_with_a_reason_of_its_kind(hostile: Run
     )
 
 
+@pytest.mark.long
 def test_every_refusal_is_counted_by_the_service_that_refused_it(hostile: RunResult) -> None:
     by_place = Counter(m.key for m in hostile.sent)
     ingest = by_place[topology.INGEST_ROUTING_KEY]
