@@ -15,7 +15,8 @@ Files under FOLDFED_STATE_DIR:
   downlink.residual             the hub's error-feedback residual (lossy downlinks)
   optimizer/                    server optimizer state (FedAvgM, FedAdam)
 Chunks, models and updates are deleted after each release as FOLDFED_RETAIN_* says
-(aggregator/retention.py, docs/retention.md); manifests are kept for ever.
+(aggregator/retention.py, docs/retention.md); manifests are kept for ever. Temporaries a
+killed finalize left are deleted at start-up (aggregator/temporaries.py).
 
 Codecs (docs/format.md, "Coded payloads"): deltas are decoded chunk by chunk into the sum
 with the codec and shared ranges of their step (aggregator/sink.py); finalize makes the
@@ -49,6 +50,7 @@ from foldfed.aggregation.progressive import ProgressiveFinalize, ProgressiveResu
 from foldfed.aggregation.state import generations
 from foldfed.aggregator.retention import HubRetention
 from foldfed.aggregator.sink import AggregationSink
+from foldfed.aggregator.temporaries import remove_temporaries
 from foldfed.bus import Bus, Incoming, PublishWindow
 from foldfed.codecs import SharedRanges, codec_from_spec
 from foldfed.codedvector import (
@@ -127,6 +129,8 @@ class AggregatorService(IngestService):
     # ---------------------------------------------------------------- start-up
 
     async def run(self, stop: asyncio.Event) -> None:
+        # Before anything writes: what a killed finalize left is garbage (temporaries.py).
+        await asyncio.to_thread(remove_temporaries, self.state_dir)
         await asyncio.to_thread(self._rebuild)
         await asyncio.to_thread(self.retention.collect)  # finishes one a crash cut short
         await super().run(stop)
