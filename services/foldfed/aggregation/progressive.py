@@ -220,6 +220,8 @@ class ProgressiveFinalize:
                 out.append(self._code_next())
         elif prefix > self._done:
             out += self._cut(self._write(self._done, prefix, None))
+            if self._done == self.elements:  # the last, partial chunk: nothing more comes
+                out += self._emit(self._cutter.rest())
         if self._done > before:
             self._sync()
         return out
