@@ -35,7 +35,8 @@ Where it goes (wall clock, this machine's; hub file times are the kernel's coars
   model pass  FinalizeRequest seen -> θ_{t+1} committed (its ctime; the rename after fsync):
               the aggregator's dequeue and finalize_step, the whole-model pass
   hash+store  -> last update chunk in the hub's chunk store (ctime): hashing the update
-              (plan_chunks), hashing θ_{t+1} (file_digest), storing each chunk (fsync)
+              (plan_chunks), hashing θ_{t+1} (file_digest), storing each chunk (fsync);
+              0 with --progressive on, whose chunks are stored before the commit
   broadcast   -> StepFinalized seen: the update's chunks published to every participant's
               queue (persistent, confirmed), then StepFinalized
   ->release   StepFinalized seen -> release Event seen: the barrier consumes StepFinalized,
@@ -550,6 +551,11 @@ def step_row(
 
     def ms(a: float, b: float) -> float:
         return (b - a) * 1000
+
+    # A progressive finalize stores (and broadcasts) the update's chunks before the
+    # commit: nothing is left to hash or store after it, and the broadcast column starts
+    # at the commit.
+    stored = max(stored, committed)
 
     return StepRow(
         step=obs.step,

@@ -184,6 +184,9 @@ def test_progressive_finalize_writes_finalize_steps_bytes(
             assert done.payload_size == plan.payload_size
         if schedule == "many":
             assert early, "a final prefix hands out chunks before the end"
+        if schedule == "all-then-finish":
+            # Every element final before FinalizeRequest: nothing left for it to send.
+            assert rest == [], [c.index for c in rest]
         acc.close()
     # Everything on disk: update and model files, optimizer state, coded files, residual.
     assert ours.files() == ref.files()

@@ -67,3 +67,47 @@ def test_damaged_files_are_rejected(tmp_path: Path, damage, reason: str) -> None
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(StoreError, match=reason):
         ResidualStore(path).load()
+
+
+def test_a_residual_written_in_pieces_is_the_one_save_writes(tmp_path: Path) -> None:
+    whole, pieces = ResidualStore(tmp_path / "whole"), ResidualStore(tmp_path / "pieces")
+    residual = sample(5, n=1001)
+    whole.save(residual)
+    writer = pieces.writer(residual.cycle, residual.step, residual.values.size)
+    for begin in range(0, 1001, 97):
+        writer.write(residual.values[begin : begin + 97])
+    assert not pieces.path.exists()  # nothing replaces the stored residual before commit
+    writer.commit()
+    assert pieces.path.read_bytes() == whole.path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces", "whole"]
+
+
+def test_an_uncommitted_writer_leaves_the_old_residual(tmp_path: Path) -> None:
+    store = ResidualStore(tmp_path / "r")
+    store.save(sample(3))
+    writer = store.writer(2, 4, 1000)
+    writer.write(sample(4).values[:500])
+    with pytest.raises(ValueError, match="500 of 1000"):
+        writer.commit()
+    writer.discard()
+    got = store.load()
+    assert got is not None and got.step == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_a_reader_checks_the_whole_file_then_reads_slices(tmp_path: Path) -> None:
+    store = ResidualStore(tmp_path / "r")
+    assert store.open() is None
+    residual = sample(6, n=3000)
+    store.save(residual)
+    with store.open() as reader:  # type: ignore[union-attr]
+        assert (reader.cycle, reader.step, reader.elements) == (2, 6, 3000)
+        assert reader.read(1000, 1234).tobytes() == residual.values[1000:1234].tobytes()
+        assert reader.read(0, 0).size == 0
+        with pytest.raises(ValueError):
+            reader.read(2999, 3001)
+    data = bytearray(store.path.read_bytes())
+    data[-40] ^= 1  # a value's byte: only the digest over the whole file sees it
+    store.path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="digest mismatch"):
+        store.open()

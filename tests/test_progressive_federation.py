@@ -7,19 +7,30 @@ with the recommended coded uplink and coded downlink.
 - A SIGKILL of the aggregator right after it broadcast chunks early (crash point
   `aggregator:mid-progress`), then a restart: the same final digest, every party agrees.
 - With an update norm bound the step finalizes the old way (no progressive finalize).
+- With a multi-chunk model (the `sim` family, 6 MiB deltas in 1 MiB chunks) and one member
+  uploading at 1 MiB/s, the hub broadcasts update chunks before that member's last chunk
+  is delivered, at every step, and the run still ends on the exact weighted mean.
 
 Unit tests of the bytes themselves: tests/test_aggregation_progressive.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+
 import pytest
 from test_codec_federation import CODED
-from test_federation import STEPS, final_digests, run_federation
+from test_federation import STEPS, direct_fedavg, final_digests, run_federation
+from test_shutdown_bounded import MIB, _final_digests, _until_final
 
-from foldfed.demo.cluster import LocalFederation
+from foldfed.demo.cluster import FederationSpec, LocalFederation
+from foldfed.settings import env_for, load
+from foldfed.trainer.backends.sim import SimSettings
+from foldfed.trainer.families import load_family
 
-from conftest import PARTICIPANTS, BrokerHandle
+from conftest import PARTICIPANTS, BrokerHandle, reset_topology
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -80,3 +91,57 @@ def test_a_step_with_an_update_bound_finalizes_the_old_way(
     federation, record = run_federation(broker, tmp_path_factory.mktemp("bound"), env=env)
     agreed(record)
     assert STARTED not in hub_log(federation)
+
+
+def early_before_last_delivery(log: str, slow: str) -> list[int]:
+    """The steps whose hub log (JSON lines, in order: one process) shows update chunks
+    broadcast early after the step opened and before `slow`'s delivery."""
+    steps, early = [], False
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "step open":
+            early = False
+        elif record.get("event") == EARLY:
+            early = True
+        elif record.get("event") == "delivered" and record.get("participant") == slow and early:
+            steps.append(record["step"])
+    return steps
+
+
+def sim_federation(broker: BrokerHandle, workdir: Path, slow: str) -> LocalFederation:
+    """The `sim` family: deltas of 6 MiB in 1 MiB chunks (the update: 7 chunks, its
+    header first), no compute, `slow`'s uploader at 1 MiB/s; θ_0 written, nothing started."""
+    asyncio.run(reset_topology(broker.admin_url))
+    no_compute = {step: 0.0 for step in range(1, STEPS + 2)}
+    sim = SimSettings(weight=100.0, elements=6 * MIB // 4, compute_s=no_compute)
+    env = env_for(seed=7, tracing=False, reply_timeout_s=10.0, retain_steps=0, chunk_size=MIB)
+    spec = FederationSpec(
+        participants=PARTICIPANTS,
+        steps=STEPS,
+        workdir=workdir,
+        common_env={**env, **sim.env()},  # retention off: direct_fedavg reads every delta
+        participant_env={slow: env_for(rate_limit_bps=MIB)},
+        monitor_port=0,
+    )
+    federation = LocalFederation(spec, broker=broker.broker, passwords=broker.passwords)
+    federation.start_broker()
+    load_family("sim").write_initial_model(federation.initial_model, load(sim.env()), 7)
+    return federation
+
+
+def test_update_chunks_go_out_before_the_slowest_members_last_chunk(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    slow = PARTICIPANTS[1]
+    federation = sim_federation(broker, tmp_path, slow)
+    try:
+        federation.start_all()
+        _until_final(federation, 240)
+    finally:
+        federation.stop()
+    log = hub_log(federation)
+    assert early_before_last_delivery(log, slow) == list(range(1, STEPS + 1)), log[-4000:]
+    assert _final_digests(federation) == {direct_fedavg(federation).hex()}

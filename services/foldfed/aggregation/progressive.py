@@ -19,10 +19,11 @@ schedules):
 
 Commit points are finalize_step's: nothing of a progressive run is durable before
 `finish()`. The files are written under temporary names (fileio.AtomicFile), the optimizer
-state into a temporary generation (state.py), the coded chunks and the residual are kept
-in memory until `finish()` writes them in the order `DownlinkCoder.code` does (the
-residual last: the commit point of "step t is coded"), then the update and the model are
-renamed into place and the optimizer state committed. A crash mid-way leaves step t - 1's
+state into a temporary generation (state.py), the coded chunks and the residual to
+temporary files as each chunk is coded (downlink.DownlinkSession: memory O(chunk));
+`finish()` commits them in the order `DownlinkCoder.code` does (the residual last: the
+commit point of "step t is coded"), then the update and the model are renamed into place
+and the optimizer state committed. A crash mid-way leaves step t - 1's
 state: the next attempt starts from zero and writes the same bytes (the sums of the ranges
 finished before the crash are final, and every step is deterministic), so chunks already
 broadcast are the ones the final update manifest names.
@@ -159,10 +160,10 @@ class ProgressiveFinalize:
         self._state = OptimizerState(state_dir, optimizer, layout.elements, step)
         self._job = _Finalizer(accumulator, weight_sum, optimizer, self._state, slice_elements)
         self._files: list[AtomicFile] = []
+        self._coding: DownlinkSession | None = None
         self._base_fd = -1
         try:
             self._open(layout, base_model_path, base_header, out_update_path, out_model_path)
-            self._coding: DownlinkSession | None = None
             header = canonical_header(layout)
             self.tensors = parse_layout(header)
             if downlink is not None:
@@ -219,6 +220,8 @@ class ProgressiveFinalize:
                 out.append(self._code_next())
         elif prefix > self._done:
             out += self._cut(self._write(self._done, prefix, None))
+            if self._done == self.elements:  # the last, partial chunk: nothing more comes
+                out += self._emit(self._cutter.rest())
         if self._done > before:
             self._sync()
         return out
@@ -259,6 +262,8 @@ class ProgressiveFinalize:
     def discard(self) -> None:
         """Forget the run: temporary files deleted, optimizer state as it was."""
         self._state.discard()
+        if self._coding is not None:
+            self._coding.discard()
         for f in self._files:
             f.__exit__(None, None, None)
         self._files.clear()
@@ -346,6 +351,8 @@ class ProgressiveFinalize:
     def _sync(self) -> None:
         for f in self._files:
             f.sync_written()
+        if self._coding is not None:
+            self._coding.sync_written()
 
     def _close_base(self) -> None:
         if self._base_fd >= 0:
