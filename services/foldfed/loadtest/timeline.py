@@ -183,3 +183,17 @@ def straggler_real_idle(
             )
         out.append(max(0.0, scale * idle - (scale - 1) * skew))
     return out
+
+
+def links_added_s(
+    linked: Iterable[MeasuredStep], free: Iterable[MeasuredStep], steps: Iterable[int]
+) -> dict[int, float]:
+    """Per step (run seconds), what the links added to it: its wall time with the links
+    emulated minus the same step's wall time on unlimited links, in a run with the same
+    seeds (same compute draws, same bytes). The services' own time (hand-offs, ingest,
+    finalize, the codecs' CPU) is in both and cancels; what remains is the transfers' share
+    of the step, overlaps and queueing behind transfers included. Only `steps` that both
+    runs released are paired."""
+    off = {m.step: m.wall_s for m in free}
+    wanted = set(steps)
+    return {m.step: m.wall_s - off[m.step] for m in linked if m.step in wanted and m.step in off}
