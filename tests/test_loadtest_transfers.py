@@ -154,7 +154,9 @@ def test_measured_comm_is_wall_minus_the_slowest_compute_over_downloading_steps(
     assert f.measured_wall_s == pytest.approx(320 + burst)
     assert f.wall_minus_compute_s == pytest.approx(320 + burst - 120)
     # Without a links-off twin nothing says what the links added.
-    assert math.isnan(f.measured_comm_s) and math.isnan(f.services_run_s)
+    assert math.isnan(f.links_s) and math.isnan(f.services_run_s)
+    # ... nor, without the uploaders' busy times, how long the links were busy.
+    assert math.isnan(f.measured_comm_s)
     assert f.site_comm_s["site-a"] == pytest.approx(260 + burst - 100)
     assert f.site_comm_s["site-b"] == pytest.approx(310 + burst - 120)
     assert f.projected_wall_s == f.measured_wall_s
@@ -175,14 +177,15 @@ def test_the_links_share_is_wall_with_links_minus_wall_without_step_by_step() ->
     r = _paired([20.0, 30.0, 34.0], [13.0, 12.0, 14.0])
     f = codec_figures(r)
     burst = MIB / RATE * 10
-    assert f.measured_comm_s == pytest.approx((18 + 20) / 2 * 10 + burst)
+    assert f.links_s == pytest.approx((18 + 20) / 2 * 10 + burst)
+    assert f.links_ci_s == pytest.approx(1.96 * math.sqrt(2) / math.sqrt(2) * 10)
     assert f.links_off_wall_s == pytest.approx(130)
     # The services' own time: wall without links minus the slowest compute (12 run s),
     # in run seconds; x S beside it.
     assert f.services_run_s == pytest.approx(1.0)
     assert f.services_s == pytest.approx(10.0)
     # Wall minus compute holds the services' time too: it is the larger figure.
-    assert f.wall_minus_compute_s == pytest.approx(f.measured_comm_s + f.services_s)
+    assert f.wall_minus_compute_s == pytest.approx(f.links_s + f.services_s)
 
 
 def test_links_added_pairs_the_same_steps_only() -> None:
@@ -192,27 +195,47 @@ def test_links_added_pairs_the_same_steps_only() -> None:
     assert links_added_s(on, off, []) == {}
 
 
+def _busy(r: RunResult, up: float, down: float) -> RunResult:
+    """`r` with every site's links busy `up` and `down` run seconds in every step."""
+    for m in r.steps:
+        for name, obs in m.participants.items():
+            m.participants[name] = replace(obs, upload_link_s=up, download_s=down)
+    return r
+
+
+def test_the_judged_bound_is_the_slowest_upload_plus_the_slowest_download() -> None:
+    r = _run([20.0, 30.0], {"site-a": [15, 25], "site-b": [19, 29]})
+    a, b = (r.steps[0].participants[n] for n in ("site-a", "site-b"))
+    r.steps[0].participants.update(
+        {"site-a": replace(a, upload_link_s=4.0, download_s=1.0),
+         "site-b": replace(b, upload_link_s=2.0, download_s=3.0)}
+    )  # fmt: skip
+    burst = MIB / RATE * 10
+    # Step 2 reports nothing and is left out; step 1: (4 + 3) x S, plus the burst.
+    assert codec_figures(r).measured_comm_s == pytest.approx(70 + burst)
+
+
 def test_the_check_judges_the_measured_figure() -> None:
-    fits = _paired([20.0, 20.0], [13.0, 13.0])  # the links add 70 s <= 120 s compute
-    slow = _paired([20.0, 40.0], [13.0, 13.0])  # 270 s
+    fits = _busy(_paired([20.0, 20.0], [13.0, 13.0]), 3.0, 2.0)  # 50 s + burst <= 120 s
+    slow = _busy(_paired([20.0, 40.0], [13.0, 13.0]), 9.0, 4.0)  # 130 s + burst
     for runs, ok in (([slow, fits], True), ([slow], False)):
         combined = RunResult(fits.scenario, Path("."), 0.0, [], [], 0.0, "", {}, {})
         combined.codec_runs = runs
         check = comm_check(combined)
         assert check.ok is ok, check.detail
-        assert check.needs_full_run  # a smoke run's S inflates the services' share
-        assert "links add" in check.detail
+        assert check.needs_full_run
+        assert "links busy" in check.detail and "links add" in check.detail
     nothing = _run([20.0], {"site-a": [15], "site-b": [19]})
     assert math.isnan(codec_figures(nothing).measured_comm_s)
-    # Without a links-off twin the check cannot pass.
+    # Nothing measured: the check cannot pass.
     combined = RunResult(fits.scenario, Path("."), 0.0, [], [], 0.0, "", {}, {})
-    combined.codec_runs = [_run([20.0, 20.0], {"site-a": [15, 15], "site-b": [19, 19]})]
+    combined.codec_runs = [_paired([20.0, 20.0], [13.0, 13.0])]
     assert not comm_check(combined).ok
 
 
 def test_the_check_judges_the_named_codec_only() -> None:
-    fits = _paired([20.0, 20.0], [13.0, 13.0])
-    slow = _paired([20.0, 40.0], [13.0, 13.0])
+    fits = _busy(_paired([20.0, 20.0], [13.0, 13.0]), 3.0, 2.0)
+    slow = _busy(_paired([20.0, 40.0], [13.0, 13.0]), 9.0, 4.0)
     combined = RunResult(fits.scenario, Path("."), 0.0, [], [], 0.0, "", {}, {})
     combined.codec_runs = [fits, slow]
     named = replace(fits.scenario.expect, comm_within_compute=True, comm_codec="fp32:v1")
@@ -233,3 +256,17 @@ def test_a_scenario_without_links_keeps_everything_but_the_bandwidth() -> None:
 def test_comm_codec_must_name_a_compared_codec() -> None:
     with pytest.raises(ScenarioError, match="comm_codec"):
         _scenario(codecs=["fp32:v1"], expect={"comm_within_compute": True, "comm_codec": "x"})
+
+
+def test_links_busy_time_comes_from_the_uploaders_token_buckets() -> None:
+    r = _run([20.0, 30.0, 34.0], {"site-a": [15, 25, 27], "site-b": [19, 29, 33]})
+    for m, (up, down) in zip(r.steps, [(3.0, 2.0), (5.0, 2.0), (0.0, 0.0)], strict=True):
+        m.participants["site-a"] = replace(
+            m.participants["site-a"], upload_link_s=up, download_s=down
+        )
+    f = codec_figures(r)
+    burst = MIB / RATE * 10
+    # Steps that report nothing are left out; x S, the burst added to the uplink.
+    assert f.link_up_s["site-a"] == pytest.approx(40 + burst)
+    assert f.link_down_s["site-a"] == pytest.approx(20)
+    assert f.link_up_s["site-b"] == 0.0

@@ -397,6 +397,8 @@ class Run:
                     upload_s=ps.upload_s,
                     wait_s=ps.wait_s,
                     bytes_sent=ps.bytes_sent,
+                    upload_link_s=ps.upload_link_s,
+                    download_s=ps.download_s,
                 )
         steps = measure(history, metrics)
         plans = plan_run(self.s)

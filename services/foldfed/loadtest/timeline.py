@@ -31,6 +31,10 @@ class ParticipantObs:
     upload_s: float = 0.0
     wait_s: float = 0.0
     bytes_sent: float = 0.0
+    # Seconds the emulated links held the step's bytes: its delta up, the update it made
+    # down (the uploader's token buckets; 0 on unlimited links).
+    upload_link_s: float = 0.0
+    download_s: float = 0.0
 
 
 @dataclass(frozen=True)
