@@ -125,10 +125,11 @@ class Expect:
     goodput_min: float = 0.95
     # Compare the final model digest with an undisturbed run of the same seeds.
     same_digest_as_undisturbed: bool = False
-    # With codecs: the communication time per step, measured as the time the links add to
-    # a step (wall with the links emulated minus wall with unlimited links, same seeds),
-    # is within the compute time, at real size and link speed: for `comm_codec` (a
-    # codec's label), or for some compared codec when that is empty.
+    # With codecs: the communication time per step, measured from the emulated links (the
+    # slowest upload plus the slowest download, an upper bound of what they add to a
+    # step), is within the compute time, at real size and link speed: for `comm_codec` (a
+    # codec's label), or for some compared codec when that is empty. Each codec also runs
+    # on unlimited links, for the wall(on) - wall(off) figure shown beside it.
     comm_within_compute: bool = False
     comm_codec: str = ""
 

@@ -269,10 +269,14 @@ class CodecFigures:
     real seconds (run seconds x S) unless named `_run_s`:
     - wall: release to release with both directions of every link emulated, plus the
       uploader's one chunk of burst (an emulation artifact: a real link carries it too);
-    - links: the time the links add to a step, wall(links on) - wall(links off), paired
-      step by step with a run of the same seeds on unlimited links (plus the burst). The
-      services' own time is in both runs and cancels: this is the communication time per
-      step, whether downloads follow the uploads or overlap them;
+    - links bound (judged, `measured_comm_s`): the slowest upload plus the slowest
+      download as the emulated links' token buckets held them, plus the burst: an upper
+      bound of what the links add to a step, immune to the machine's CPU load;
+    - links: what the links added to the wall time, wall(links on) - wall(links off),
+      paired step by step with a run of the same seeds on unlimited links (plus the
+      burst), with its 95 % interval. The services' own time is in both runs and cancels
+      when the machine is the same for both; on shared cores its noise can exceed a
+      small link share, hence the bound is what the check judges;
     - services: wall(links off) - the slowest site's compute: the services' own time
       (hand-offs, ingest, finalize, release, the codecs' CPU), shown in run seconds too,
       as it was spent here; x S it is an upper bound, since per-step fixed costs do not
