@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from foldfed.loadtest.comm import codec_figures
 from foldfed.loadtest.commands import SMOKE, scenario_paths
 from foldfed.loadtest.report import write_index, write_report
 from foldfed.loadtest.runner import SharedBroker, run_scenario
 from foldfed.loadtest.scenario import load_scenario
 from foldfed.loadtest.timeline import idle_totals
-from foldfed.loadtest.verdicts import codec_figures, monitor_idle
+from foldfed.loadtest.verdicts import monitor_idle
 
 from conftest import BrokerHandle
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from foldfed.loadtest.comm import codec_figures
 from foldfed.loadtest.predict import (
     Link,
     arrivals,
@@ -23,7 +24,7 @@ from foldfed.loadtest.predict import (
 )
 from foldfed.loadtest.scenario import MIB, ScenarioError, parse_scenario
 from foldfed.loadtest.timeline import MeasuredStep, ParticipantObs, links_added_s
-from foldfed.loadtest.verdicts import RunResult, codec_figures, comm_check
+from foldfed.loadtest.verdicts import RunResult, comm_check
 
 RATE = 10e6 / 8  # 10 Mb/s
 FULL = 1_473_175_152  # OpenFold3-full fp32 delta, bytes

@@ -9,14 +9,13 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from foldfed.loadtest.comm import PROJECTED_STEPS, codec_figures
 from foldfed.loadtest.predict import totals
 from foldfed.loadtest.scenario import MIB, Compute, Scenario
 from foldfed.loadtest.timeline import idle_totals, path_skew
 from foldfed.loadtest.verdicts import (
-    PROJECTED_STEPS,
     Check,
     RunResult,
-    codec_figures,
     lead_over,
     monitor_idle,
     straggler_ci,
