@@ -10,20 +10,33 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from foldfed.loadtest.predict import (
     Link,
+    StepPlan,
     burst_real_seconds,
     chunk_sizes,
     download_seconds,
     transfer_step,
 )
-from foldfed.loadtest.scenario import MIB
+from foldfed.loadtest.scenario import MIB, Scenario
 from foldfed.loadtest.timeline import MeasuredStep, ParticipantObs, links_added_s
 
-if TYPE_CHECKING:
-    from foldfed.loadtest.verdicts import RunResult
+
+class CodecRun(Protocol):
+    """What these figures read of a run (verdicts.RunResult has it; no import of it here,
+    so that the verdicts may use the figures)."""
+
+    @property
+    def scenario(self) -> Scenario: ...
+    @property
+    def steps(self) -> list[MeasuredStep]: ...
+    @property
+    def plans(self) -> list[StepPlan]: ...
+    @property
+    def links_off(self) -> CodecRun | None: ...
+
 
 # The horizon the issue projects a run to.
 PROJECTED_STEPS = 500
@@ -113,13 +126,13 @@ class CodecFigures:
         return self.measured_wall_s
 
 
-def downloading_steps(r: RunResult) -> list[MeasuredStep]:
+def downloading_steps(r: CodecRun) -> list[MeasuredStep]:
     """The measured steps that began with a download (their plan has one)."""
     planned = {p.step for p in r.plans if p.download_s}
     return [m for m in r.steps if m.step in planned]
 
 
-def step_compute_s(r: RunResult, m: MeasuredStep) -> dict[str, float]:
+def step_compute_s(r: CodecRun, m: MeasuredStep) -> dict[str, float]:
     """Each site's compute in step `m`, real seconds: as its trainer reported it, else as
     drawn for it."""
     plan = next((p for p in r.plans if p.step == m.step), None)
@@ -133,7 +146,7 @@ def step_compute_s(r: RunResult, m: MeasuredStep) -> dict[str, float]:
     return out
 
 
-def codec_figures(r: RunResult) -> CodecFigures:
+def codec_figures(r: CodecRun) -> CodecFigures:
     s = r.scenario
     S = s.time_scale
     sent = [o.bytes_sent for m in r.steps for o in m.participants.values() if o.bytes_sent]
@@ -185,7 +198,7 @@ def codec_figures(r: RunResult) -> CodecFigures:
 
 
 def _busy(
-    r: RunResult, seconds: Callable[[ParticipantObs], float], extra: float
+    r: CodecRun, seconds: Callable[[ParticipantObs], float], extra: float
 ) -> dict[str, float]:
     """Per site, the mean over steps of a link's busy time (run seconds, as the uploader
     reported it) x S, plus `extra` real seconds; steps that report none are left out."""
@@ -197,7 +210,7 @@ def _busy(
     return out
 
 
-def _links_bound(r: RunResult, burst: float) -> float:
+def _links_bound(r: CodecRun, burst: float) -> float:
     """Mean over the steps whose sites all reported their links' busy time of (the
     slowest uplink's + the slowest downlink's) x S, plus the burst (nan: none reported).
 
@@ -216,9 +229,7 @@ def _links_bound(r: RunResult, burst: float) -> float:
     return statistics.fmean(values) * S + burst if values else float("nan")
 
 
-def _links_off_figures(
-    r: RunResult, measured: list[MeasuredStep], burst: float
-) -> dict[str, float]:
+def _links_off_figures(r: CodecRun, measured: list[MeasuredStep], burst: float) -> dict[str, float]:
     """The links' share of each step and the services' own time, from the run's twin on
     unlimited links (none: nan)."""
     off = r.links_off
