@@ -271,3 +271,17 @@ def test_links_busy_time_comes_from_the_uploaders_token_buckets() -> None:
     assert f.link_up_s["site-a"] == pytest.approx(40 + burst)
     assert f.link_down_s["site-a"] == pytest.approx(20)
     assert f.link_up_s["site-b"] == 0.0
+
+
+def test_the_observer_keeps_each_step_s_link_times() -> None:
+    from foldfed.demo.observer import RunRecord
+    from foldfed.domain import Event
+
+    record = RunRecord(("site-a",), 2)
+    up = {"upload_s": 3.0, "upload_link_s": 2.5, "bytes_sent": 10.0}
+    record.record(Event("upload_finished", "uploader", "site-a", 1, "", up, 0), 0.0)
+    # Release 2 reports the download of update 1: step 1's, like the wait.
+    down = {"wait_s": 1.0, "download_s": 1.5}
+    record.record(Event("release_received", "uploader", "site-a", 2, "", down, 0), 0.0)
+    entry = record.by_step[1].participants["site-a"]
+    assert (entry.upload_link_s, entry.download_s, entry.wait_s) == (2.5, 1.5, 1.0)
