@@ -200,7 +200,7 @@ def _busy(r: RunResult, up: float, down: float) -> RunResult:
     """`r` with every site's links busy `up` and `down` run seconds in every step."""
     for m in r.steps:
         for name, obs in m.participants.items():
-            m.participants[name] = replace(obs, upload_link_s=up, download_s=down)
+            m.participants[name] = replace(obs, upload_link_s=up, download_s=down, bytes_sent=1.0)
     return r
 
 
@@ -208,12 +208,20 @@ def test_the_judged_bound_is_the_slowest_upload_plus_the_slowest_download() -> N
     r = _run([20.0, 30.0], {"site-a": [15, 25], "site-b": [19, 29]})
     a, b = (r.steps[0].participants[n] for n in ("site-a", "site-b"))
     r.steps[0].participants.update(
-        {"site-a": replace(a, upload_link_s=4.0, download_s=1.0),
-         "site-b": replace(b, upload_link_s=2.0, download_s=3.0)}
+        {"site-a": replace(a, upload_link_s=4.0, download_s=1.0, bytes_sent=1.0),
+         "site-b": replace(b, upload_link_s=2.0, download_s=3.0, bytes_sent=1.0)}
     )  # fmt: skip
     burst = MIB / RATE * 10
     # Step 2 reports nothing and is left out; step 1: (4 + 3) x S, plus the burst.
     assert codec_figures(r).measured_comm_s == pytest.approx(70 + burst)
+    # An upload within the token bucket's burst waits nothing: it still counts (the burst
+    # added back is its time on a real link); a download that was not reported does not.
+    r.steps[0].participants["site-a"] = replace(
+        r.steps[0].participants["site-a"], upload_link_s=0.0
+    )
+    assert codec_figures(r).measured_comm_s == pytest.approx(50 + burst)
+    r.steps[0].participants["site-b"] = replace(r.steps[0].participants["site-b"], download_s=0.0)
+    assert math.isnan(codec_figures(r).measured_comm_s)
 
 
 def test_the_check_judges_the_measured_figure() -> None:
@@ -263,7 +271,7 @@ def test_links_busy_time_comes_from_the_uploaders_token_buckets() -> None:
     r = _run([20.0, 30.0, 34.0], {"site-a": [15, 25, 27], "site-b": [19, 29, 33]})
     for m, (up, down) in zip(r.steps, [(3.0, 2.0), (5.0, 2.0), (0.0, 0.0)], strict=True):
         m.participants["site-a"] = replace(
-            m.participants["site-a"], upload_link_s=up, download_s=down
+            m.participants["site-a"], upload_link_s=up, download_s=down, bytes_sent=1.0
         )
     f = codec_figures(r)
     burst = MIB / RATE * 10

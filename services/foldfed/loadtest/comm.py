@@ -197,22 +197,31 @@ def codec_figures(r: CodecRun) -> CodecFigures:
     )
 
 
+def _reported(r: CodecRun, m: MeasuredStep, name: str) -> bool:
+    """Whether `name`'s uploader reported step `m`'s link times: its upload finished (an
+    upload within the token bucket's burst waits 0 s), and on a limited link the update's
+    download (the final release reports the last one)."""
+    o = m.participants.get(name)
+    if o is None or o.bytes_sent <= 0:
+        return False
+    return o.download_s > 0 or r.scenario.participant(name).bandwidth_bps <= 0
+
+
 def _busy(
     r: CodecRun, seconds: Callable[[ParticipantObs], float], extra: float
 ) -> dict[str, float]:
-    """Per site, the mean over steps of a link's busy time (run seconds, as the uploader
-    reported it) x S, plus `extra` real seconds; steps that report none are left out."""
+    """Per site, the mean over the steps it reported (`_reported`) of a link's busy time
+    (run seconds, as the uploader measured it) x S, plus `extra` real seconds (0: none)."""
     out: dict[str, float] = {}
     for name in r.scenario.names:
-        values = [seconds(m.participants[name]) for m in r.steps if name in m.participants]
-        values = [v for v in values if v > 0]
+        values = [seconds(m.participants[name]) for m in r.steps if _reported(r, m, name)]
         out[name] = statistics.fmean(values) * r.scenario.time_scale + extra if values else 0.0
     return out
 
 
 def _links_bound(r: CodecRun, burst: float) -> float:
-    """Mean over the steps whose sites all reported their links' busy time of (the
-    slowest uplink's + the slowest downlink's) x S, plus the burst (nan: none reported).
+    """Mean over the steps whose sites all reported their links' busy time (`_reported`)
+    of (the slowest uplink's + the slowest downlink's) x S, plus the burst (nan: none).
 
     An upper bound of what the links add to a step: a step's critical path crosses the
     uplinks while deltas travel (in parallel: at most the longest upload) and the
@@ -224,7 +233,7 @@ def _links_bound(r: CodecRun, burst: float) -> float:
     values = []
     for m in r.steps:
         obs = list(m.participants.values())
-        if obs and all(o.upload_link_s > 0 and o.download_s > 0 for o in obs):
+        if obs and all(_reported(r, m, name) for name in m.participants):
             values.append(max(o.upload_link_s for o in obs) + max(o.download_s for o in obs))
     return statistics.fmean(values) * S + burst if values else float("nan")
 
