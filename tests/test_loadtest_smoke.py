@@ -8,10 +8,12 @@ of the prediction over 100 and 500 steps) need the full runs: `foldfed loadtest 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
+from foldfed.loadtest.comm import codec_figures
 from foldfed.loadtest.commands import SMOKE, scenario_paths
 from foldfed.loadtest.report import write_index, write_report
 from foldfed.loadtest.runner import SharedBroker, run_scenario
@@ -66,6 +68,15 @@ def test_every_scenario_holds_its_invariants_in_a_short_run(
             if s.expect.same_digest_as_undisturbed:
                 assert result.reference_digest == result.final_digest
                 assert any("SIGKILL" in n or "broker was stopped" in n for n in result.notes)
+            if s.expect.comm_within_compute:
+                # Each codec also ran on unlimited links: the baseline of the links' share.
+                assert result.codec_runs
+                for run in result.codec_runs:
+                    assert run.links_off is not None
+                    assert len(run.links_off.steps) == len(run.steps)
+                    assert run.links_off.final_digest  # it ran to the end
+                    # The uploaders reported their links' busy time, up and down.
+                    assert math.isfinite(codec_figures(run).measured_comm_s)
             for late in s.late_joiners:
                 cycle1 = [m for m in result.steps if m.cycle == 1]
                 cycle2 = [m for m in result.steps if m.cycle == 2]

@@ -33,6 +33,10 @@ class ParticipantStep:
     upload_s: float = 0.0
     wait_s: float = 0.0
     bytes_sent: float = 0.0
+    # Seconds the emulated links held this step's bytes: the delta's upload, and the
+    # download of the update it made (load tests; 0 on unlimited links).
+    upload_link_s: float = 0.0
+    download_s: float = 0.0
     delivered_at: float | None = None
     train_loss: float | None = None
 
@@ -101,10 +105,14 @@ class RunRecord:
             entry.compute_s = m.get("compute_s", 0.0)
             entry.upload_s = m.get("upload_s", 0.0)
             entry.bytes_sent = m.get("bytes_sent", 0.0)
+            entry.upload_link_s = m.get("upload_link_s", 0.0)
             entry.train_loss = m.get("train_loss")
         elif event.kind == "release_received" and event.step > 1:
             # The wait ended with release t+1: it belongs to step t.
-            self.step(event.step - 1).of(event.participant).wait_s = m.get("wait_s", 0.0)
+            entry = self.step(event.step - 1).of(event.participant)
+            entry.wait_s = m.get("wait_s", 0.0)
+            # Release t+1 reports the download of update t, made from step t's deltas.
+            entry.download_s = m.get("download_s", 0.0)
         elif event.kind == "step_released":
             self.step(event.step).opened_at = now
         elif event.kind == "model_mismatch":

@@ -397,6 +397,8 @@ class Run:
                     upload_s=ps.upload_s,
                     wait_s=ps.wait_s,
                     bytes_sent=ps.bytes_sent,
+                    upload_link_s=ps.upload_link_s,
+                    download_s=ps.download_s,
                 )
         steps = measure(history, metrics)
         plans = plan_run(self.s)
@@ -489,7 +491,8 @@ def run_scenario(
     signals: StopOnSignals | None = None,
 ) -> RunResult:
     """The scenario; with several codecs, one run per codec (same seeds), the last one's
-    result carrying them all (`codec_runs`). `signals`: the command's, so that a stop
+    result carrying them all (`codec_runs`); with `expect.comm_within_compute`, each
+    codec's run again on unlimited links (`links_off`). `signals`: the command's, so that a stop
     signal stops the processes of every run too."""
     scenario = size_codecs(scenario)
     if len(scenario.codecs) < 2:
@@ -498,7 +501,14 @@ def run_scenario(
     for i, pair in enumerate(scenario.codecs):
         say(f"{scenario.name}: codec {pair.label}")
         one = scenario.with_codec(i)
-        runs.append(_run_one(one, workdir / f"codec{i}", shared, say, signals))
+        run = _run_one(one, workdir / f"codec{i}", shared, say, signals)
+        if scenario.expect.comm_within_compute:
+            # The same seeds on unlimited links: the baseline the links' share is
+            # measured against (verdicts.codec_figures).
+            say(f"{scenario.name}: codec {pair.label}, links off")
+            free = one.without_links()
+            run.links_off = _run_one(free, workdir / f"codec{i}-nolinks", shared, say, signals)
+        runs.append(run)
     combined = replace(runs[-1], scenario=scenario, workdir=workdir, codec_runs=runs)
     combined.checks = check_codec_runs(combined)
     return combined

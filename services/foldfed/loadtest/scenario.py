@@ -125,10 +125,13 @@ class Expect:
     goodput_min: float = 0.95
     # Compare the final model digest with an undisturbed run of the same seeds.
     same_digest_as_undisturbed: bool = False
-    # With codecs: some compared codec keeps the communication time per step (measured:
-    # wall time minus the slowest site's compute, downloads emulated) within the compute
-    # time, at real size and link speed.
+    # With codecs: the communication time per step, measured from the emulated links (the
+    # slowest upload plus the slowest download, an upper bound of what they add to a
+    # step), is within the compute time, at real size and link speed: for `comm_codec` (a
+    # codec's label), or for some compared codec when that is empty. Each codec also runs
+    # on unlimited links, for the wall(on) - wall(off) figure shown beside it.
     comm_within_compute: bool = False
+    comm_codec: str = ""
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,13 @@ class Scenario:
             smoke_run=True,
             time_scale=self.smoke_time_scale or self.time_scale,
         )
+
+    def without_links(self) -> Scenario:
+        """The same run on unlimited links (same seeds, codecs and budget): what a step
+        takes when only compute and the services' own time remain. Its wall time, paired
+        step by step with the linked run's, gives the time the links add."""
+        free = tuple(replace(p, bandwidth_mbps=0.0) for p in self.participants)
+        return replace(self, name=f"{self.name}-nolinks", participants=free)
 
     def undisturbed(self) -> Scenario:
         """The same participants and seeds without faults (the digest reference)."""
@@ -413,6 +423,7 @@ _EXPECT_KEYS = (
     "goodput_min",
     "same_digest_as_undisturbed",
     "comm_within_compute",
+    "comm_codec",
 )
 
 
@@ -435,6 +446,7 @@ def _expect(raw: Any, names: tuple[str, ...]) -> Expect:
         goodput_min=_num(raw, "goodput_min", "expect", 0.95, exclusive=True, maximum=1.0),
         same_digest_as_undisturbed=same,
         comm_within_compute=comm,
+        comm_codec=_str(raw, "comm_codec", "expect", ""),
     )
 
 
@@ -529,6 +541,11 @@ def parse_scenario(raw: Any) -> Scenario:
     if scenario.expect.comm_within_compute and min(steps, scenario.smoke_steps) < 2:
         # A cycle's first step downloads nothing: only the later ones measure a download.
         raise ScenarioError("expect.comm_within_compute: needs steps and smoke_steps >= 2")
+    labels = [c.label for c in scenario.codecs]
+    if scenario.expect.comm_codec and scenario.expect.comm_codec not in labels:
+        raise ScenarioError(
+            f"expect.comm_codec: {scenario.expect.comm_codec!r} is not a codec's name {labels}"
+        )
     return scenario
 
 

@@ -31,6 +31,10 @@ class ParticipantObs:
     upload_s: float = 0.0
     wait_s: float = 0.0
     bytes_sent: float = 0.0
+    # Seconds the emulated links held the step's bytes: its delta up, the update it made
+    # down (the uploader's token buckets; 0 on unlimited links).
+    upload_link_s: float = 0.0
+    download_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -183,3 +187,17 @@ def straggler_real_idle(
             )
         out.append(max(0.0, scale * idle - (scale - 1) * skew))
     return out
+
+
+def links_added_s(
+    linked: Iterable[MeasuredStep], free: Iterable[MeasuredStep], steps: Iterable[int]
+) -> dict[int, float]:
+    """Per step (run seconds), what the links added to it: its wall time with the links
+    emulated minus the same step's wall time on unlimited links, in a run with the same
+    seeds (same compute draws, same bytes). The services' own time (hand-offs, ingest,
+    finalize, the codecs' CPU) is in both and cancels; what remains is the transfers' share
+    of the step, overlaps and queueing behind transfers included. Only `steps` that both
+    runs released are paired."""
+    off = {m.step: m.wall_s for m in free}
+    wanted = set(steps)
+    return {m.step: m.wall_s - off[m.step] for m in linked if m.step in wanted and m.step in off}

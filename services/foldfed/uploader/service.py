@@ -137,6 +137,8 @@ class UploaderService:
             self._state = "waiting"
             metrics = {
                 "upload_s": report.seconds,
+                # The emulated uplink's share of it (load tests; 0 on an unlimited link).
+                "upload_link_s": report.link_s,
                 "bytes_sent": float(report.bytes_sent),
                 "chunks_sent": float(report.chunks_sent),
                 "chunks_total": float(report.chunks_total),

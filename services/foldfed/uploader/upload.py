@@ -70,6 +70,9 @@ class UploadReport:
     resumed: bool
     seconds: float
     retries: int = 0
+    # Seconds the emulated uplink (token bucket) held the chunks back: the link's busy
+    # time beyond its burst (0 on an unlimited link). A metric for load tests.
+    link_s: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -85,6 +88,8 @@ class _Tally:
     skipped_journal: int = 0
     # Rounds run again (no receipt in time).
     retries: int = 0
+    # Seconds the uplink's token bucket held chunks back, over all rounds.
+    link_s: float = 0.0
 
 
 class Uploader:
@@ -191,6 +196,7 @@ class Uploader:
             resumed=resumed,
             seconds=round(time.monotonic() - started, 3),
             retries=tally.retries,
+            link_s=round(tally.link_s, 6),
         )
         log.info("upload done", **report.as_dict())
         return report
@@ -218,7 +224,7 @@ class Uploader:
         plan = plan_round(manifest, missing, confirmed, trust_journal=trust_journal)
         tally.skipped_hub += plan.held_by_hub
         tally.skipped_journal += plan.journaled
-        await self._send_chunks(manifest, delta_path, plan, journal)
+        tally.link_s += await self._send_chunks(manifest, delta_path, plan, journal)
         tally.sent += len(plan.send)
         tally.sent_bytes += plan.send_bytes
         return await self._await_receipt(receipt_future, manifest.step, mid)
@@ -308,9 +314,11 @@ class Uploader:
 
     async def _send_chunks(
         self, manifest: Manifest, delta_path: Path, plan: RoundPlan, journal: UploadJournal
-    ) -> None:
+    ) -> float:
         """Publish the plan's chunks with at most `inflight_window` unconfirmed at once;
-        journal each index as its confirm arrives. Memory: window x chunk size."""
+        journal each index as its confirm arrives. Memory: window x chunk size. Returns the
+        seconds the uplink held the chunks back (its token bucket's waits)."""
+        held = 0.0
         progress = tqdm(
             total=plan.send_bytes,
             unit="B",
@@ -331,7 +339,7 @@ class Uploader:
             async with PublishWindow(self.settings.bus.inflight_window) as window:
                 for index in plan.send:
                     body = await asyncio.to_thread(_read_chunk, delta_path, manifest, index)
-                    await self._link.carry(len(body))
+                    held += await self._link.carry(len(body))
                     chunk = Chunk(
                         manifest.step,
                         manifest.participant,
@@ -345,6 +353,7 @@ class Uploader:
                     await window.submit(publish, on_confirm=confirmed(index, len(body)))
         finally:
             progress.close()
+        return held
 
 
 def _read_chunk(path: Path, manifest: Manifest, index: int) -> bytes:
