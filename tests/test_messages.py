@@ -87,6 +87,10 @@ ALL_MESSAGES = {
         Event("delivered", "ingest", "org-a", 3, "ok", {"bytes": 1e9, "seconds": 0.25}, 17),
         "foldfed.v1.Event",
     ),
+    "event-rejected": (
+        Event("rejected", "ingest", "org-a", 0, "malformed Chunk", subject="9f1c2e"),
+        "foldfed.v1.Event",
+    ),
     "heartbeat": (Heartbeat("uploader", "org-a", 3, "uploading", 42), "foldfed.v1.Heartbeat"),
 }
 

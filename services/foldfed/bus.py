@@ -37,6 +37,9 @@ from foldfed.messages import AnyMessage, decode, encode
 from foldfed.rejections import RejectionCounts
 
 log = structlog.get_logger(__name__)
+# How many of its own message_ids a Bus remembers: more than one upload's chunks, manifest
+# and have-requests (1.5 GB in 4 MiB chunks is ~350), at ~100 B each.
+SENT_IDS_KEPT = 1 << 16
 T = TypeVar("T")
 
 # Errors after which the robust connection reconnects by itself: a publish is retried
@@ -243,6 +246,9 @@ class Bus:
         self.blocked_reason: str | None = None
         # Every message this process dead-lettered, per reason class: logged at close.
         self.rejections = RejectionCounts()
+        # The message_ids of this process's latest publishes (bounded): a refusal names the
+        # message it refused (Event.subject), so a sender can tell its own from another's.
+        self._sent: dict[str, None] = {}
         self._watch_alarms()
         connection.reconnect_callbacks.add(lambda *_: self._watch_alarms())
 
@@ -319,9 +325,10 @@ class Bus:
         headers: dict[str, Any] | None = None,
         persistent: bool = True,
         mandatory: bool = True,
-    ) -> None:
+    ) -> str:
+        """Publish `msg` (see publish_bytes); returns its AMQP message_id."""
         type_name, body = encode(msg)
-        await self.publish_bytes(
+        return await self.publish_bytes(
             exchange,
             routing_key,
             body,
@@ -342,8 +349,9 @@ class Bus:
         persistent: bool = True,
         mandatory: bool = True,
         attempts: int = 5,
-    ) -> None:
-        """Publish and wait for the broker's confirm.
+    ) -> str:
+        """Publish and wait for the broker's confirm; returns the message's AMQP message_id
+        (a fresh uuid: a refusal names it, so a sender can tell its own messages' refusals).
 
         A confirm that does not come within publish_timeout_s raises BrokerBlocked: a
         RabbitMQ memory or disk alarm blocks publishers without any error
@@ -351,6 +359,8 @@ class Bus:
         is back. `mandatory=False` is for events, which may have no listener yet;
         everything else must be routable.
         """
+        message_id = uuid.uuid4().hex
+        self._remember(message_id)
         message = aio_pika.Message(
             body,
             type=type_name,
@@ -359,7 +369,7 @@ class Bus:
             # RabbitMQ refuses a user_id that is not the connection's user, so the
             # receiver can trust it as the sender's identity.
             user_id=self.user,
-            message_id=uuid.uuid4().hex,
+            message_id=message_id,
             delivery_mode=(
                 aio_pika.DeliveryMode.PERSISTENT
                 if persistent
@@ -371,7 +381,7 @@ class Bus:
             try:
                 target = await self._exchange(exchange)
                 await target.publish(message, routing_key, timeout=timeout, mandatory=mandatory)
-                return
+                return message_id
             except TimeoutError:
                 cause = (
                     "memory or disk alarm? check `rabbitmqctl status`"
@@ -391,6 +401,16 @@ class Bus:
                     raise BrokerError(f"publish failed after {attempts} tries: {exc!r}") from exc
                 log.warning("publish interrupted, retrying", error=repr(exc), attempt=attempt)
                 await self._wait_ready(timeout)
+        raise BrokerError(f"publish of {type_name} to {exchange!r}: no attempt left")
+
+    def _remember(self, message_id: str) -> None:
+        self._sent[message_id] = None
+        if len(self._sent) > SENT_IDS_KEPT:
+            del self._sent[next(iter(self._sent))]  # dicts keep insertion order: the oldest
+
+    def sent(self, message_id: str) -> bool:
+        """Whether this process published `message_id` (among its last SENT_IDS_KEPT)."""
+        return message_id in self._sent
 
     async def _wait_ready(self, timeout: float) -> None:
         self._exchanges.clear()

@@ -166,6 +166,8 @@ class Event:
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     unix_ms: int = 0
+    # For "rejected": the refused message's AMQP message_id ("" if unknown).
+    subject: str = ""
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,7 @@ def _to_proto(msg: AnyMessage) -> ProtobufMessage:
                 detail=msg.detail,
                 metrics=msg.metrics,
                 unix_ms=msg.unix_ms,
+                subject=msg.subject,
             )
         case Heartbeat():
             return events_pb2.Heartbeat(
@@ -392,6 +393,7 @@ def _from_proto(p: ProtobufMessage) -> AnyMessage:
                 detail=p.detail,
                 metrics=dict(p.metrics),
                 unix_ms=p.unix_ms,
+                subject=p.subject,
             )
         case events_pb2.Heartbeat():
             return Heartbeat(

@@ -299,6 +299,7 @@ class IngestService:
             step=0,
             detail=reason,
             unix_ms=now_ms(),
+            subject=incoming.raw.message_id or "",
         )
         await self.bus.publish(topology.EVENTS_EXCHANGE, "ingest.rejected", event, mandatory=False)
         # Only the authenticated sender hears about it: a forged claim cannot spam a victim.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -297,9 +297,13 @@ class Uploader:
         return None
 
     def _raise_on_rejection(self, seen: int) -> None:
-        fresh: list[Event] = self.inbox.rejections[seen:]
-        if fresh:
-            raise UploadRejected(f"hub rejected our message: {fresh[0].detail}")
+        """Fail fast on a refusal of one of this process's messages. A refusal naming a
+        message another process sent under the same broker identity (a hand-run `foldfed
+        upload`, anyone holding the credentials) is not this upload's: logged by the inbox,
+        ignored here. One without a subject (a hub before Event.subject) counts as ours."""
+        ours = own_refusals(self.inbox.rejections[seen:], self.bus.sent)
+        if ours:
+            raise UploadRejected(f"hub rejected our message: {ours[0].detail}")
 
     async def _await_receipt(
         self, future: asyncio.Future[AnyMessage], step: int, mid: bytes
@@ -354,6 +358,13 @@ class Uploader:
         finally:
             progress.close()
         return held
+
+
+def own_refusals(events: Sequence[Event], sent: Callable[[str], bool]) -> list[Event]:
+    """The refusals in `events` of messages this process sent (`sent`: Bus.sent), and
+    those that name no message (a hub before Event.subject): the only ones that may end an
+    upload."""
+    return [e for e in events if not e.subject or sent(e.subject)]
 
 
 def _read_chunk(path: Path, manifest: Manifest, index: int) -> bytes:

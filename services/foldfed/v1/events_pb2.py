@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66oldfed/v1/events.proto\x12\nfoldfed.v1\"\xe2\x01\n\x05\x45vent\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.foldfed.v1.EventKind\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x13\n\x0bparticipant\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12/\n\x07metrics\x18\x06 \x03(\x0b\x32\x1e.foldfed.v1.Event.MetricsEntry\x12\x0f\n\x07unix_ms\x18\x07 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"_\n\tHeartbeat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07unix_ms\x18\x05 \x01(\x03*\xfc\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_REJECTED\x10\x01\x12\x1d\n\x19\x45VENT_KIND_UPLOAD_STARTED\x10\x02\x12\x1e\n\x1a\x45VENT_KIND_UPLOAD_FINISHED\x10\x03\x12\x18\n\x14\x45VENT_KIND_DELIVERED\x10\x04\x12\x1c\n\x18\x45VENT_KIND_STEP_RELEASED\x10\x05\x12\x1f\n\x1b\x45VENT_KIND_RELEASE_RECEIVED\x10\x06\x12\x1d\n\x19\x45VENT_KIND_MODEL_MISMATCH\x10\x07\x12\x19\n\x15\x45VENT_KIND_CYCLE_DONE\x10\x08\x12\x1d\n\x19\x45VENT_KIND_STEP_FINALIZED\x10\t\x12\x18\n\x14\x45VENT_KIND_STRAGGLER\x10\n\x12\x15\n\x11\x45VENT_KIND_SILENT\x10\x0b\x12\x18\n\x14\x45VENT_KIND_READINESS\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66oldfed/v1/events.proto\x12\nfoldfed.v1\"\xf3\x01\n\x05\x45vent\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.foldfed.v1.EventKind\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x13\n\x0bparticipant\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12/\n\x07metrics\x18\x06 \x03(\x0b\x32\x1e.foldfed.v1.Event.MetricsEntry\x12\x0f\n\x07unix_ms\x18\x07 \x01(\x03\x12\x0f\n\x07subject\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"_\n\tHeartbeat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07unix_ms\x18\x05 \x01(\x03*\xfc\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_REJECTED\x10\x01\x12\x1d\n\x19\x45VENT_KIND_UPLOAD_STARTED\x10\x02\x12\x1e\n\x1a\x45VENT_KIND_UPLOAD_FINISHED\x10\x03\x12\x18\n\x14\x45VENT_KIND_DELIVERED\x10\x04\x12\x1c\n\x18\x45VENT_KIND_STEP_RELEASED\x10\x05\x12\x1f\n\x1b\x45VENT_KIND_RELEASE_RECEIVED\x10\x06\x12\x1d\n\x19\x45VENT_KIND_MODEL_MISMATCH\x10\x07\x12\x19\n\x15\x45VENT_KIND_CYCLE_DONE\x10\x08\x12\x1d\n\x19\x45VENT_KIND_STEP_FINALIZED\x10\t\x12\x18\n\x14\x45VENT_KIND_STRAGGLER\x10\n\x12\x15\n\x11\x45VENT_KIND_SILENT\x10\x0b\x12\x18\n\x14\x45VENT_KIND_READINESS\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT_METRICSENTRY']._loaded_options = None
   _globals['_EVENT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTKIND']._serialized_start=366
-  _globals['_EVENTKIND']._serialized_end=746
+  _globals['_EVENTKIND']._serialized_start=383
+  _globals['_EVENTKIND']._serialized_end=763
   _globals['_EVENT']._serialized_start=40
-  _globals['_EVENT']._serialized_end=266
-  _globals['_EVENT_METRICSENTRY']._serialized_start=220
-  _globals['_EVENT_METRICSENTRY']._serialized_end=266
-  _globals['_HEARTBEAT']._serialized_start=268
-  _globals['_HEARTBEAT']._serialized_end=363
+  _globals['_EVENT']._serialized_end=283
+  _globals['_EVENT_METRICSENTRY']._serialized_start=237
+  _globals['_EVENT_METRICSENTRY']._serialized_end=283
+  _globals['_HEARTBEAT']._serialized_start=285
+  _globals['_HEARTBEAT']._serialized_end=380
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ EVENT_KIND_SILENT: EventKind
 EVENT_KIND_READINESS: EventKind
 
 class Event(_message.Message):
-    __slots__ = ("kind", "service", "participant", "step", "detail", "metrics", "unix_ms")
+    __slots__ = ("kind", "service", "participant", "step", "detail", "metrics", "unix_ms", "subject")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Event(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     kind: EventKind
     service: str
     participant: str
@@ -59,7 +60,8 @@ class Event(_message.Message):
     detail: str
     metrics: _containers.ScalarMap[str, float]
     unix_ms: int
-    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., service: _Optional[str] = ..., participant: _Optional[str] = ..., step: _Optional[int] = ..., detail: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., unix_ms: _Optional[int] = ...) -> None: ...
+    subject: str
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., service: _Optional[str] = ..., participant: _Optional[str] = ..., step: _Optional[int] = ..., detail: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., unix_ms: _Optional[int] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("service", "participant", "step", "state", "unix_ms")
