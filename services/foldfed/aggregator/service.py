@@ -422,7 +422,11 @@ class AggregatorService(IngestService):
             return
         computed = time.monotonic()
         try:
-            await self._publish_update_chunks(step, chunks)
+            # Under the ingest of the chunk that made them final (in the step's trace): the
+            # participants' downloads of these chunks hang under it, the rest under
+            # "broadcast" (docs/tracing.md).
+            with tracing.child_span("broadcast.early", step=step, chunks=len(chunks)):
+                await self._publish_update_chunks(step, chunks)
         except Exception as exc:
             progress.broadcasting = False
             log.warning("early broadcast stopped", step=step, error=repr(exc))
