@@ -6,8 +6,9 @@ The node killed is never the one the clients use (the bus takes one URL): node 3
 hub's queue leaders are placed by declaring the topology through it (quorum leaders go to
 the declaring client's node), so the kill forces a leader election under load.
 
-The two federations are long scenarios (marker `long`, `make test-long`); `make test` runs
-the cluster's forming, its status and the quorum leader's death after declaration.
+All of it is a long scenario (marker `long`, `make test-long`): three nodes take one to two
+minutes to form here. `make test` keeps the cluster's configuration tests
+(test_broker_cluster_config.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from foldfed.localbroker.cluster import LocalCluster, is_cluster_dir, node_name,
 
 from conftest import FOLDFED, PARTICIPANTS, reset_topology
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+# Long scenarios (make test-long): three nodes take 1-2 minutes to form here.
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.long]
 
 NODES = 3
 KILLED = 3  # the node that dies; the clients use node 1

@@ -356,6 +356,14 @@ def test_goodput_against_what_the_token_bucket_allowed() -> None:
     assert g.link_share == pytest.approx(1.0)
 
 
+def test_goodput_counts_the_chunk_pipeline_where_the_uploader_reports_it() -> None:
+    # The receipt waited 3 s behind the update's chunks on the participant's queue: not
+    # the uplink's time. Without the pipeline's figure (an older uploader): the whole upload.
+    uploads = [ParticipantObs(upload_s=7.0, upload_send_s=4.0, bytes_sent=6 * MIB)] * 2
+    g = goodput([*uploads, ParticipantObs(upload_s=4.0, bytes_sent=6 * MIB)], 1.25 * MIB, MIB)
+    assert g.seconds == 12.0 and g.link_share == pytest.approx(1.0)
+
+
 def test_replace_keeps_validation_meaningful() -> None:
     s = parse_scenario(minimal())
     assert replace(s, steps=3).with_steps(7).steps == 7

@@ -37,6 +37,8 @@ class ParticipantStep:
     # download of the update it made (load tests; 0 on unlimited links).
     upload_link_s: float = 0.0
     download_s: float = 0.0
+    # The upload's chunk pipeline alone (first publish to last confirm).
+    upload_send_s: float = 0.0
     delivered_at: float | None = None
     train_loss: float | None = None
 
@@ -106,6 +108,7 @@ class RunRecord:
             entry.upload_s = m.get("upload_s", 0.0)
             entry.bytes_sent = m.get("bytes_sent", 0.0)
             entry.upload_link_s = m.get("upload_link_s", 0.0)
+            entry.upload_send_s = m.get("upload_send_s", 0.0)
             entry.train_loss = m.get("train_loss")
         elif event.kind == "release_received" and event.step > 1:
             # The wait ended with release t+1: it belongs to step t.

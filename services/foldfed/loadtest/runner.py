@@ -399,6 +399,7 @@ class Run:
                     bytes_sent=ps.bytes_sent,
                     upload_link_s=ps.upload_link_s,
                     download_s=ps.download_s,
+                    upload_send_s=ps.upload_send_s,
                 )
         steps = measure(history, metrics)
         plans = plan_run(self.s)

@@ -139,6 +139,8 @@ class UploaderService:
                 "upload_s": report.seconds,
                 # The emulated uplink's share of it (load tests; 0 on an unlimited link).
                 "upload_link_s": report.link_s,
+                # Its chunk pipeline alone: first publish to last confirm.
+                "upload_send_s": report.send_s,
                 "bytes_sent": float(report.bytes_sent),
                 "chunks_sent": float(report.chunks_sent),
                 "chunks_total": float(report.chunks_total),

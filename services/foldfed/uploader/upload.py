@@ -73,6 +73,10 @@ class UploadReport:
     # Seconds the emulated uplink (token bucket) held the chunks back: the link's busy
     # time beyond its burst (0 on an unlimited link). A metric for load tests.
     link_s: float = 0.0
+    # Seconds from the first chunk published to the last one confirmed (all rounds): the
+    # chunk pipeline alone, without the manifest, have and receipt round trips, whose
+    # replies may queue behind the update's chunks on the participant's own queue.
+    send_s: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -90,6 +94,8 @@ class _Tally:
     retries: int = 0
     # Seconds the uplink's token bucket held chunks back, over all rounds.
     link_s: float = 0.0
+    # Seconds from each round's first chunk publish to its last confirm, over all rounds.
+    send_s: float = 0.0
 
 
 class Uploader:
@@ -197,6 +203,7 @@ class Uploader:
             seconds=round(time.monotonic() - started, 3),
             retries=tally.retries,
             link_s=round(tally.link_s, 6),
+            send_s=round(tally.send_s, 6),
         )
         log.info("upload done", **report.as_dict())
         return report
@@ -224,7 +231,9 @@ class Uploader:
         plan = plan_round(manifest, missing, confirmed, trust_journal=trust_journal)
         tally.skipped_hub += plan.held_by_hub
         tally.skipped_journal += plan.journaled
+        sending = time.monotonic()
         tally.link_s += await self._send_chunks(manifest, delta_path, plan, journal)
+        tally.send_s += time.monotonic() - sending
         tally.sent += len(plan.send)
         tally.sent_bytes += plan.send_bytes
         return await self._await_receipt(receipt_future, manifest.step, mid)
