@@ -3,6 +3,9 @@
 Resumable: the manifest and every broker-confirmed chunk index are journaled locally, and
 the hub's have-reply is authoritative, so a restarted uploader sends only chunks that
 neither the hub holds nor the broker confirmed.
+
+Over 400 lines, one concept: one delta's delivery protocol (its rounds, the chunk pipeline,
+the waits for replies and receipts, and which refusals end it).
 """
 
 from __future__ import annotations
