@@ -157,8 +157,10 @@ class IngestSettings:
     # The members' public keys (a keyring file): every manifest must be signed by its
     # sender's key. None: signatures are not checked.
     member_keys: Path | None = None
-    # Secure aggregation: every delta must be masked (and none may be, when off).
+    # Secure aggregation: every delta must be masked (and none may be, when off), on a
+    # ring of ring_bits.
     secure_aggregation: bool = False
+    ring_bits: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IngestSettings:
@@ -177,6 +179,7 @@ class IngestSettings:
             batch=s.ingest_batch or s.prefetch,
             member_keys=s.member_keys,
             secure_aggregation=s.secure_aggregation,
+            ring_bits=s.secagg_ring_bits,
         )
 
 

@@ -431,10 +431,11 @@ class Settings(BaseSettings):
         " FOLDFED_SIGNING_KEY and FOLDFED_MEMBER_KEYS at every member; the same value at the"
         " hub and every member; docs/format.md, \"Masked payloads\")",
     )  # fmt: skip
-    secagg_ring_bits: Literal[32, 64] = _var(
-        "FOLDFED_SECAGG_RING_BITS", 32, "uploader",
-        "width of the secure-aggregation ring: 32 (4 bytes per element, the size of fp32)"
-        " holds |sum of w*x| < 128 per element; 64 holds anything the grid does",
+    secagg_ring_bits: int = _var(
+        "FOLDFED_SECAGG_RING_BITS", 32, "uploader ingest aggregator",
+        "width of the secure-aggregation ring, 32 or 64: 32 (4 bytes per element, the size"
+        " of fp32) holds |sum of w*x| < 128 per element; 64 holds anything the grid does",
+        ge=32, le=64, multiple_of=32,
     )  # fmt: skip
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = _var(
         "FOLDFED_SERVER_OPTIMIZER", "fedavg", "aggregator",
