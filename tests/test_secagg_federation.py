@@ -15,7 +15,11 @@ from test_federation import STEPS, direct_fedavg, final_digests, run_federation
 
 from foldfed.deltafile import load_delta
 from foldfed.demo.cluster import LocalFederation
+from foldfed.domain import Manifest
+from foldfed.keyfiles import read_keyring
+from foldfed.messages import decode
 from foldfed.spool import Spool
+from foldfed.verifier.state import verify_state
 
 from conftest import PARTICIPANTS, BrokerHandle
 
@@ -40,7 +44,7 @@ def _windows(federation: LocalFederation, participant: str, step: int) -> list[b
     record = _sent_delta(federation, participant, step)
     assert record is not None
     out = []
-    for name, value in sorted(load_delta(record.path).items()):
+    for _name, value in sorted(load_delta(record.path).items()):
         x = value.numpy().reshape(-1).astype(np.float32)
         q = np.rint(x.astype(np.float64) * record.weight * 2**24).astype(np.int64)
         for values, size in ((x, 4), (q, 8)):
@@ -128,26 +132,34 @@ def masked(broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory):
             broker,
             tmp_path_factory.mktemp("masked"),
             env=SECURE,
-            participant_env={SLOW: {"FOLDFED_UPLOADER_EXTRA_DELAY_S": "4"}},
+            participant_env={SLOW: {"FOLDFED_UPLOADER_EXTRA_DELAY_S": "3"}},
         )
     watch.stop.set()
     watch.thread.join()
     return federation, record, watch.dump
 
 
-def test_masked_run_ends_on_the_plaintext_runs_model(plain, masked) -> None:
-    _, plain_record = plain
+def test_masked_run_ends_on_exact_fedavg_and_all_agree(masked) -> None:
+    """Bit-identical to the plaintext run: test_federation shows a plaintext run ends on
+    direct_fedavg's digest too (the long test below runs both side by side)."""
     federation, record, _ = masked
     digests = final_digests(record)
     assert set(digests) == set(PARTICIPANTS)
     assert not record.mismatches
-    assert digests == final_digests(plain_record)
     assert set(digests.values()) == {direct_fedavg(federation)}
     assert set(digests.values()) == {record.expected_models[STEPS + 1]}
 
 
+@pytest.mark.long
+def test_masked_run_ends_on_the_plaintext_runs_model(plain, masked) -> None:
+    _, plain_record = plain
+    _, record, _ = masked
+    assert final_digests(record) == final_digests(plain_record)
+
+
+@pytest.mark.long
 def test_the_search_finds_deltas_in_a_plaintext_hubs_store(plain) -> None:
-    """The detector works: a plaintext hub stores every delta's fp32 bytes as they are."""
+    """The detector works on a hub: a plaintext hub stores every delta's bytes as they are."""
     federation, _ = plain
     windows = _windows(federation, PARTICIPANTS[0], 1)
     assert _found_in_files(_files(federation.hub_dir / "store" / "chunks"), windows)
@@ -155,6 +167,10 @@ def test_the_search_finds_deltas_in_a_plaintext_hubs_store(plain) -> None:
 
 def test_no_unmasked_delta_in_the_hubs_store_logs_or_memory(masked) -> None:
     federation, _, dump = masked
+    # The detector works: the windows are in the member's own delta file.
+    own = _sent_delta(federation, PARTICIPANTS[0], 1)
+    assert own is not None
+    assert _found_in_files([own.path], _windows(federation, PARTICIPANTS[0], 1))
     hub_files = _files(federation.hub_dir)
     hub_logs = [p for p in _files(federation.logs) if re.match(r"(aggregator|barrier)", p.name)]
     assert hub_files and hub_logs
@@ -169,3 +185,34 @@ def test_no_unmasked_delta_in_the_hubs_store_logs_or_memory(masked) -> None:
         assert not [w for w in windows if w in dump], participant
     # The dump is real: it holds the hub's own manifests, e.g. the member names.
     assert PARTICIPANTS[0].encode() in dump
+
+
+def test_verify_checks_a_masked_run_against_the_sum_of_its_masked_chunks(masked) -> None:
+    federation, _, _ = masked
+    keyring = read_keyring(federation.keyring)
+    outcome = verify_state(federation.hub_dir, keyring, federation.initial_model)
+    assert outcome.ok, outcome.broken
+    assert len(outcome.steps) == STEPS
+    for line in outcome.steps:
+        assert "U_t recomputed from the signed contributions (masked: their sum on the ring)" in (
+            line
+        )
+    manifest = federation.hub_dir / "store" / "manifests" / f"{2:012d}" / f"{SLOW}.manifest"
+    m = decode("foldfed.v1.DeltaManifest", manifest.read_bytes())
+    assert isinstance(m, Manifest) and m.masked
+    digest = m.chunk_digests[0].hex()
+    chunk = federation.hub_dir / "store" / "chunks" / digest[:2] / digest
+    for path, named in ((chunk, f"step 2: chunk 0 of {SLOW!r}"),
+                        (manifest, f"step 2: manifest of {SLOW!r}")):  # fmt: skip
+        original, mode = path.read_bytes(), path.stat().st_mode
+        path.chmod(0o644)
+        try:
+            changed = bytearray(original)
+            changed[len(changed) // 2] ^= 0x01
+            path.write_bytes(bytes(changed))
+            outcome = verify_state(federation.hub_dir, keyring, federation.initial_model)
+            assert outcome.broken.startswith(named), outcome.broken
+        finally:
+            path.write_bytes(original)
+            path.chmod(mode)
+    assert verify_state(federation.hub_dir, keyring, federation.initial_model).ok

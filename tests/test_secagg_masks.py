@@ -3,6 +3,8 @@ they are seekable and deterministic; a masked vector alone looks nothing like it
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -80,7 +82,7 @@ def test_masks_cancel_exactly_over_any_chunking(
     bounds = sorted({0, size, *(c for c in cuts if c < size)})
     total = np.zeros(size, dtype=np.int64)
     for name in names:  # each member cuts its vector its own way: masks are by element
-        for begin, end in zip(bounds, bounds[1:], strict=False):
+        for begin, end in itertools.pairwise(bounds):
             mask = member_mask(name, keys[name], begin, end, bits)
             words = mask_contribution(qs[name][begin:end], mask, bits, members)
             wire = words_from_bytes(words.tobytes(), bits)

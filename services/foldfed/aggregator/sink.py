@@ -179,7 +179,8 @@ class AggregationSink:
         Integer addition, so the sum is bit-identical to one that never counted it."""
         layout, accumulator = self._ready()
         if m.masked:
-            accumulator.add_all([(offset, -q) for offset, q in masked_pieces(layout, m, index, body)])
+            pieces = masked_pieces(layout, m, index, body)
+            accumulator.add_all([(offset, -q) for offset, q in pieces])
             return
         if m.coded:
             values = self._decode(m, index, body)

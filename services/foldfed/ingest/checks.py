@@ -5,13 +5,13 @@ from __future__ import annotations
 from foldfed.codedvector import chunk_bounds
 from foldfed.domain import Manifest
 from foldfed.errors import CodecError, Reject
-from foldfed.secagg.masks import RING_BITS
 from foldfed.format import (
     DTYPE_SIZES,
     MAX_CHUNK_SIZE,
     chunk_count,
     validate_chunk_size,
 )
+from foldfed.secagg.masks import RING_BITS
 
 
 def check_manifest(m: Manifest, max_payload_bytes: int) -> None:

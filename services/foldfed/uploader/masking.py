@@ -137,4 +137,3 @@ def _quantized(path: Path, weight: float) -> tuple[tuple[TensorSpan, ...], np.nd
                                tensor=span.name)  # fmt: skip
         q[at.begin : at.end] = quantize(values, weight, tensor=span.name)
     return tensors, q
-

@@ -33,9 +33,9 @@ from foldfed.retention import RetentionPolicy
 from foldfed.settings import load
 from foldfed.spool import Spool
 from foldfed.uploader.coding import UplinkCoder, decode_update
-from foldfed.uploader.masking import MaskedUplink
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.link import Link
+from foldfed.uploader.masking import MaskedUplink
 from foldfed.uploader.retention import SpoolRetention
 from foldfed.uploader.upload import Uploader
 
