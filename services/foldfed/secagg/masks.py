@@ -97,24 +97,38 @@ def _named(name: str) -> bytes:
     return struct.pack(">H", len(raw)) + raw  # length-prefixed: ("ab","c") != ("a","bc")
 
 
-def pair_mask(key: bytes, begin: int, end: int, bits: int) -> np.ndarray:
-    """Words [begin, end) of the pair's mask stream, as unsigned k-bit integers."""
+def pair_mask(
+    key: bytes, begin: int, end: int, bits: int, scratch: np.ndarray | None = None
+) -> np.ndarray:
+    """Words [begin, end) of the pair's mask stream, as unsigned k-bit integers.
+
+    `scratch`: a uint8 buffer to write into (`scratch_size` bytes at least), reused across
+    calls so that a member's N - 1 streams fault in their pages once; the result is then a
+    view of it, valid until the next call with the same buffer."""
     dtype = word_dtype(bits)
     if not 0 <= begin <= end:
         raise ValueError(f"bad element range [{begin}, {end})")
-    first_byte = begin * dtype.itemsize
-    block, skip = divmod(first_byte, _AES_BLOCK)
+    block, skip = divmod(begin * dtype.itemsize, _AES_BLOCK)
     size = skip + (end - begin) * dtype.itemsize
+    out = np.empty(scratch_size(begin, end, bits), dtype=np.uint8) if scratch is None else scratch
+    if out.dtype != np.uint8 or out.size < scratch_size(begin, end, bits):
+        raise ValueError("scratch must be a uint8 buffer of scratch_size bytes at least")
     counter = block.to_bytes(_AES_BLOCK, "big")
     encryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
     # CTR over zeros is the key stream. Fed from one shared zero buffer piece by piece:
     # a fresh zero input as large as the output would cost more than the AES itself.
-    out = np.empty(size + _AES_BLOCK - 1, dtype=np.uint8)  # update_into wants the slack
     view = memoryview(out)
     for at in range(0, size, _PIECE):
         piece = min(_PIECE, size - at)
         encryptor.update_into(_ZEROS[:piece], view[at : at + piece + _AES_BLOCK - 1])
     return out[skip : skip + (end - begin) * dtype.itemsize].view(dtype)
+
+
+def scratch_size(begin: int, end: int, bits: int) -> int:
+    """Bytes `pair_mask` needs for words [begin, end): the words, the offset of the first
+    one in its AES block, and the slack `update_into` asks for."""
+    itemsize = word_dtype(bits).itemsize
+    return (begin * itemsize) % _AES_BLOCK + (end - begin) * itemsize + _AES_BLOCK - 1
 
 
 def member_mask(
@@ -125,10 +139,11 @@ def member_mask(
     `pair_keys` maps every other member j to K_{member,j} (pair_key with the pair in order).
     """
     total = np.zeros(end - begin, dtype=word_dtype(bits))
+    scratch = np.empty(scratch_size(begin, end, bits), dtype=np.uint8)
     for other in sorted(pair_keys):
         if other == member:
             raise ValueError(f"member {member!r} has no pair with itself")
-        mask = pair_mask(pair_keys[other], begin, end, bits)
+        mask = pair_mask(pair_keys[other], begin, end, bits, scratch)
         if other > member:
             np.add(total, mask, out=total)  # unsigned: wraps mod 2**bits
         else:
