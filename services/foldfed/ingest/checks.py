@@ -61,8 +61,8 @@ def _check_masked(m: Manifest) -> None:
         at = t.end
     if m.payload_size != at * (m.ring_bits // 8):
         raise Reject(
-            f"payload_size {m.payload_size}: {at} elements of {m.ring_bits} bits need "
-            f"{at * (m.ring_bits // 8)} bytes"
+            f"masked payload of {m.payload_size} bytes: {at} elements of {m.ring_bits} bits "
+            f"need {at * (m.ring_bits // 8)}"
         )
 
 
