@@ -434,7 +434,8 @@ class Settings(BaseSettings):
     secagg_ring_bits: int = _var(
         "FOLDFED_SECAGG_RING_BITS", 32, "uploader ingest aggregator",
         "width of the secure-aggregation ring, 32 or 64: 32 (4 bytes per element, the size"
-        " of fp32) holds |sum of w*x| < 128 per element; 64 holds anything the grid does",
+        " of fp32) holds a sum of w*x up to 128 in magnitude per element; 64 holds anything the"
+        " grid does",
         ge=32, le=64, multiple_of=32,
     )  # fmt: skip
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = _var(
