@@ -216,3 +216,25 @@ def test_verify_checks_a_masked_run_against_the_sum_of_its_masked_chunks(masked)
             path.write_bytes(original)
             path.chmod(mode)
     assert verify_state(federation.hub_dir, keyring, federation.initial_model).ok
+
+
+@pytest.mark.long
+@pytest.mark.parametrize(
+    "crash",
+    [
+        (f"{PARTICIPANTS[1]}-uploader", "uploader:after-first-chunk@2"),
+        ("aggregator", "aggregator:after-delivery@2"),
+    ],
+    ids=["uploader-mid-upload", "aggregator-mid-step"],
+)
+def test_a_sigkilled_member_or_hub_changes_nothing_under_masking(
+    broker: BrokerHandle, tmp_path: Path, masked, crash: tuple[str, str]
+) -> None:
+    """A restarted member regenerates the same masked bytes (its manifest id is unchanged,
+    else the hub would refuse it as conflicting); a restarted aggregator rebuilds the
+    masked sum from its store. Either way the model is the undisturbed masked run's."""
+    _, baseline, _ = masked
+    federation, record = run_federation(broker, tmp_path, crash=crash, env=SECURE)
+    assert federation.restarted == {crash[0]}, "the crash point was never reached"
+    assert final_digests(record) == final_digests(baseline)
+    assert not record.mismatches
