@@ -116,7 +116,12 @@ def test_a_member_masks_deterministically_and_its_payload_hides_its_delta(world)
     tmp, _, deltas = world
     first = _uplink(tmp, "org-b").prepare(deltas["org-b"])
     payload = first.payload.read_bytes()
-    again = _uplink(tmp, "org-b").prepare(deltas["org-b"])  # a restart: same bytes, same id
+    stamp = first.payload.stat().st_mtime_ns
+    reused = _uplink(tmp, "org-b").prepare(deltas["org-b"])  # a restart after the commit
+    assert reused.serialized == first.serialized and reused.payload.stat().st_mtime_ns == stamp
+    # A crash before the commit (the manifest file): made again, to the same bytes and id.
+    (first.payload.parent / f"delta-{STEP:012d}.manifest").unlink()
+    again = _uplink(tmp, "org-b").prepare(deltas["org-b"])
     assert again.serialized == first.serialized and again.payload.read_bytes() == payload
     raw = deltas["org-b"].path.read_bytes()
     assert raw[-4096:-4064] not in payload
