@@ -37,6 +37,7 @@ def test_every_bench_is_listed() -> None:
         "federation_payoff",
         "of3_step",
         "release_latency",
+        "secagg",
         "tracing_overhead",
         "transfer",
     ]

@@ -300,6 +300,9 @@ FIELD_CHANGES: dict[str, dict[str, object]] = {
     "next_ranges_digest": {"next_ranges_digest": digest_of(b"next ranges")},
     # The id names the signed manifest: a signature is part of the bytes it hashes.
     "signature": {"signature": b"\x01" * 64},
+    # The masked-ring fields (secure aggregation; docs/format.md 9.10).
+    "ring_bits": {"ring_bits": 32},
+    "attested_norm": {"attested_norm": 1.5},
 }
 
 

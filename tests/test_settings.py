@@ -157,6 +157,8 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         # Added with update bounds (issue 14): no bound, no clip.
         "update_norm_bound": 0.0,
         "update_clip": False,
+        "secure_aggregation": False,
+        "secagg_ring_bits": 32,
         # Added with retention (docs/retention.md): disk bounded by the policy, not steps.
         "retain_steps": 1,
         "retain_checkpoint_every": 50,

@@ -159,6 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             model=args.model,
             sample_dir=Path(args.sample_dir),
             codec=args.codec,
+            secure_aggregation=args.secure_aggregation,
         )
     )
 
@@ -227,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--sample-dir", default="var/of3-sample", help="the OpenFold3 sample (made if missing)"
+    )
+    demo.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="pairwise-masked secure aggregation: the hub sees only masked deltas and their"
+        " sum (uplink: the masked fixed-point grid; docs/threat-model.md)",
     )
     demo.set_defaults(func=cmd_demo)
 

@@ -114,6 +114,10 @@ class UploaderSettings:
     poll_s: float = 0.2
     # This participant's Ed25519 key file: its manifests are signed with it (None: unsigned).
     signing_key: Path | None = None
+    # Secure aggregation (foldfed.secagg): mask keys come from signing_key and member_keys.
+    secure_aggregation: bool = False
+    member_keys: Path | None = None
+    ring_bits: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> UploaderSettings:
@@ -129,6 +133,9 @@ class UploaderSettings:
             receipt_timeout_s=s.receipt_timeout_s,
             poll_s=s.poll_s,
             signing_key=s.signing_key,
+            secure_aggregation=s.secure_aggregation,
+            member_keys=s.member_keys,
+            ring_bits=s.secagg_ring_bits,
         )
 
 
@@ -150,6 +157,10 @@ class IngestSettings:
     # The members' public keys (a keyring file): every manifest must be signed by its
     # sender's key. None: signatures are not checked.
     member_keys: Path | None = None
+    # Secure aggregation: every delta must be masked (and none may be, when off), on a
+    # ring of ring_bits.
+    secure_aggregation: bool = False
+    ring_bits: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IngestSettings:
@@ -167,6 +178,8 @@ class IngestSettings:
             prefetch=s.prefetch,
             batch=s.ingest_batch or s.prefetch,
             member_keys=s.member_keys,
+            secure_aggregation=s.secure_aggregation,
+            ring_bits=s.secagg_ring_bits,
         )
 
 

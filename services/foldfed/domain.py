@@ -13,6 +13,8 @@ from foldfed.format import ChunkPlan, TensorSpan
 CODEC_SAFETENSORS = "safetensors"
 # A flat float32 vector coded chunk by chunk (foldfed.codedvector, docs/format.md).
 CODEC_CODED_VECTOR = "coded-vector"
+# Secure aggregation: fixed-point words plus pairwise masks on a ring (foldfed.secagg).
+CODEC_MASKED_RING = "masked-ring"
 # The cycle codec whose payload is the safetensors file: the exact reference.
 REFERENCE_CODEC = "fp32:v1"
 
@@ -41,10 +43,17 @@ class Manifest:
     # The sender's Ed25519 signature over the manifest without it (foldfed.audit.signatures);
     # b"" when unsigned.
     signature: bytes = b""
+    # CODEC_MASKED_RING only (docs/format.md, "Masked payloads"); 0 otherwise.
+    ring_bits: int = 0
+    attested_norm: float = 0.0
 
     @property
     def coded(self) -> bool:
         return self.codec == CODEC_CODED_VECTOR
+
+    @property
+    def masked(self) -> bool:
+        return self.codec == CODEC_MASKED_RING
 
 
 def manifest_of(

@@ -23,6 +23,7 @@ from google.protobuf.message import Message as ProtobufMessage
 from foldfed.digests import DIGEST_SIZE, digest_of
 from foldfed.domain import (
     CODEC_CODED_VECTOR,
+    CODEC_MASKED_RING,
     CODEC_SAFETENSORS,
     REFERENCE_CODEC,
     AnyMessage,
@@ -48,6 +49,7 @@ MANIFEST_FORMAT_VERSION = 1
 _CODECS = {
     delta_pb2.CODEC_SAFETENSORS: CODEC_SAFETENSORS,
     delta_pb2.CODEC_CODED_VECTOR: CODEC_CODED_VECTOR,
+    delta_pb2.CODEC_MASKED_RING: CODEC_MASKED_RING,
 }
 _CODEC_NUMBERS = {name: number for number, name in _CODECS.items()}
 
@@ -111,6 +113,8 @@ def manifest_to_proto(m: Manifest) -> delta_pb2.DeltaManifest:
         block_stats=m.block_stats,
         next_ranges_digest=m.next_ranges_digest,
         signature=m.signature,
+        ring_bits=m.ring_bits,
+        attested_norm=m.attested_norm,
     )
 
 
@@ -272,7 +276,20 @@ def manifest_from_proto(p: delta_pb2.DeltaManifest) -> Manifest:
         base_model_digest=_digest(p.base_model_digest, "base_model_digest", allow_empty=True),
         signature=_signature(p.signature),
         **_coding_fields(p),
+        **_masking_fields(p),
     )
+
+
+def _masking_fields(p: delta_pb2.DeltaManifest) -> dict[str, object]:
+    """The masked-ring fields: required for CODEC_MASKED_RING, absent otherwise."""
+    masked = p.codec == delta_pb2.CODEC_MASKED_RING
+    if not masked and (p.ring_bits or p.attested_norm):
+        raise DecodeError("ring_bits and attested_norm need a masked payload")
+    if masked and p.ring_bits not in (32, 64):
+        raise DecodeError(f"a masked manifest's ring_bits must be 32 or 64, not {p.ring_bits}")
+    if masked and not (math.isfinite(p.attested_norm) and p.attested_norm >= 0):
+        raise DecodeError(f"attested_norm {p.attested_norm} must be finite and >= 0")
+    return {"ring_bits": p.ring_bits, "attested_norm": p.attested_norm}
 
 
 def _signature(raw: bytes) -> bytes:

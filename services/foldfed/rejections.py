@@ -40,6 +40,9 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("non-canonical", ("not in canonical form",)),
     ("weight", ("agreed no weight", "differs from the weight the cycle agreed")),
     ("over-bound", ("over the bound",)),
+    # Secure aggregation (docs/format.md 9.10): masked payloads where none may be, or none
+    # where they must be, another ring or cycle, an attested norm above the bound.
+    ("masking", ("masked", "masks ", "secure aggregation", "ring_bits", "attested")),
     ("oversized", ("oversized", "payload_size")),
     ("digest-mismatch", ("digest mismatch", "is not the manifest's")),
     ("chunk-mismatch", ("out of range: manifest has", "the manifest says", "its range needs")),

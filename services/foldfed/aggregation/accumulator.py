@@ -20,6 +20,11 @@ a read-modify-write half done, so its content after a crash means nothing. Openi
 Accumulator therefore starts from zeros, and the aggregator rebuilds the sum by re-adding
 every applied chunk from its content-addressed store — integer sums make the rebuilt total
 identical to the lost one. That is also why no add pays for an fsync.
+
+Masked sums (secure aggregation, foldfed.secagg): with `ring_bits` set, the pieces are
+masked words that wrap by design. Their int64 sum is kept mod 2**64 (np.add wraps, no
+overflow check: there is no overflow to detect), and `read` returns each sum reduced mod
+2**ring_bits as a signed number: the masks cancel there, leaving the plaintext Q.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 
 from foldfed.aggregation.fileio import pread_into, pwrite_from
 from foldfed.errors import StoreError
+from foldfed.secagg.masks import check_ring_bits, ring_reduce
 
 _ITEM = np.dtype("<i8")
 # Elements per block of the exact overflow check: two 512 KiB operands, in a core's L2.
@@ -47,6 +53,7 @@ class Accumulator:
             raise ValueError(f"elements must be non-negative, got {elements}")
         self._path = path
         self._elements = elements
+        self._ring_bits: int | None = None  # set: a masked sum (module docstring)
         self._scratch = np.empty(0, dtype=_ITEM)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -62,6 +69,17 @@ class Accumulator:
     @property
     def elements(self) -> int:
         return self._elements
+
+    @property
+    def ring_bits(self) -> int | None:
+        return self._ring_bits
+
+    @ring_bits.setter
+    def ring_bits(self, bits: int | None) -> None:
+        """Make this a masked sum on a ring of `bits` (None: the plain, checked sum)."""
+        if bits is not None:
+            check_ring_bits(bits)
+        self._ring_bits = bits
 
     def reset(self) -> None:
         """Back to all zeros, disk space reserved up front."""
@@ -81,7 +99,7 @@ class Accumulator:
         self._check_range(element_offset, count)
         out = np.empty(count, dtype=_ITEM)
         pread_into(self._fd, out, element_offset * _ITEM.itemsize)
-        return out
+        return out if self._ring_bits is None else ring_reduce(out, self._ring_bits)
 
     def add(self, element_offset: int, q: np.ndarray) -> None:
         """Add the int64 quanta `q` to the sums from `element_offset` on."""
@@ -105,7 +123,9 @@ class Accumulator:
             used += q.size
             pread_into(self._fd, current, element_offset * _ITEM.itemsize)
             peak = max(int(q.max()), -int(q.min())) if q.size else 0
-            if self._magnitude_bound + peak < 1 << 63:
+            if self._ring_bits is not None:
+                np.add(current, q, out=current)  # masked words: wraps mod 2**64 by design
+            elif self._magnitude_bound + peak < 1 << 63:
                 np.add(current, q, out=current)  # cannot overflow: see _magnitude_bound
             else:
                 _add_checked(current, q, element_offset)

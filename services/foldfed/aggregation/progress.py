@@ -71,6 +71,8 @@ class MemberCoverage:
         """The coverage of `m`'s chunks (a checked manifest of the model's tensors)."""
         if m.coded:
             return cls(_coded_chunks(m, canonical))
+        if m.masked:
+            return cls(_masked_chunks(m, canonical))
         return cls(_plain_chunks(m, canonical))
 
     def covered_prefix(self, counted: Collection[int]) -> int:
@@ -143,6 +145,21 @@ def _coded_chunks(m: Manifest, canonical: CanonicalVector) -> tuple[tuple[Interv
         pieces = []
         for tensor in m.tensors:  # begin/end: element offsets in the member's vector
             lo, hi = max(tensor.begin, span.begin), min(tensor.end, span.end)
+            if lo < hi:
+                pieces.append(canonical.interval(tensor.name, lo - tensor.begin, hi - lo))
+        out.append(_merged(pieces))
+    return tuple(out)
+
+
+def _masked_chunks(m: Manifest, canonical: CanonicalVector) -> tuple[tuple[Interval, ...], ...]:
+    """A masked payload's chunks: whole ring words, tensors at element offsets."""
+    size = m.ring_bits // 8
+    out = []
+    for index in range(chunk_count(m.payload_size, m.chunk_size)):
+        begin, end = chunk_range(m.payload_size, m.chunk_size, index)
+        pieces = []
+        for tensor in m.tensors:
+            lo, hi = max(tensor.begin, begin // size), min(tensor.end, end // size)
             if lo < hi:
                 pieces.append(canonical.interval(tensor.name, lo - tensor.begin, hi - lo))
         out.append(_merged(pieces))

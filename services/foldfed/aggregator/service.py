@@ -582,8 +582,8 @@ class TracedSink(AggregationSink):
     """The running sum, with an "aggregate" span per chunk added (under its ingest span);
     keeps which chunks of the open step are counted, for a progressive finalize."""
 
-    def __init__(self, state_dir: Path) -> None:
-        super().__init__(state_dir)
+    def __init__(self, state_dir: Path, ring_bits: int | None = None) -> None:
+        super().__init__(state_dir, ring_bits)
         self.counted: dict[str, set[int]] = {}  # participant -> counted chunk indices
         self.applied = 0  # chunks applied since start (a change counter)
         self.withdrew = False  # a delta of the open step was taken out of the sum
@@ -608,10 +608,11 @@ class TracedSink(AggregationSink):
 
 async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> None:
     ingest = settings.ingest
-    sink = TracedSink(ingest.state_dir)
+    sink = TracedSink(ingest.state_dir, ingest.ring_bits if ingest.secure_aggregation else None)
     ledger = IngestLedger(
         ingest.state_dir, ingest.participants, ingest.first_step, ingest.max_payload_bytes, sink,
         member_keys=member_keys(ingest.member_keys),
+        secure_aggregation=ingest.secure_aggregation, ring_bits=ingest.ring_bits,
     )  # fmt: skip
     bus = await Bus.connect(ingest.bus, name=SERVICE)
     try:

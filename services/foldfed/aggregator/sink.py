@@ -21,6 +21,16 @@ also measures each chunk's decoded values and keeps a per-delta tally of sums of
 OverBound before it is stored. The delta's chunks counted until then are taken out of the
 sum again by the ledger (`retract`): integer sums, so the sum is bit-identical to one that
 never saw them.
+
+Secure aggregation (docs/format.md, "Masked payloads"; foldfed.secagg): with `ring_bits`
+set, every delta is a masked-ring payload and the sum is a masked sum (the accumulator's
+ring mode): a chunk's words are added as they are, wrapping, and only the total, reduced
+on the ring, means anything. No per-contribution range, finiteness or norm check is
+possible on masked words: what is checked is size, shape, digest, signature and sender (as
+for every payload), and the norm the member attests in its signed manifest against the
+step's bound (`check_manifest`). A member that never delivers leaves the masks of its pairs
+in the sum: the step cannot finish, and the barrier waits for it, as for any missing
+member (synchronous steps; no dropout recovery).
 """
 
 from __future__ import annotations
@@ -41,14 +51,17 @@ from foldfed.codecs import Codec, SharedRanges, codec_from_spec
 from foldfed.codedvector import chunk_plan, context_of, shared_rule
 from foldfed.domain import Manifest
 from foldfed.errors import CodecError, Reject
+from foldfed.format import chunk_range
 from foldfed.payloadfile import read_layout
+from foldfed.secagg.masks import words_from_bytes, words_to_sum_terms
 
 Pieces = list[tuple[int, np.ndarray]]
 
 
 class AggregationSink:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, ring_bits: int | None = None) -> None:
         self.state_dir = state_dir
+        self.ring_bits = ring_bits  # secure aggregation: the masked sum's ring
         self.step: int | None = None  # the step whose deltas the sum holds
         self.layout: ModelLayout | None = None
         self.accumulator: Accumulator | None = None
@@ -74,6 +87,7 @@ class AggregationSink:
         self.layout = ModelLayout.from_spans(read_layout(base_model))
         self.accumulator = Accumulator(self.state_dir / "accumulator.i64", self.layout.elements)
         self.accumulator.reset()
+        self.accumulator.ring_bits = self.ring_bits
 
     def close(self) -> None:
         if self.accumulator is not None:
@@ -91,6 +105,13 @@ class AggregationSink:
     def check_manifest(self, m: Manifest) -> None:
         layout, _ = self._ready()
         layout.check_compatible(m.tensors)  # AggregationError is a Reject
+        if m.masked:
+            check_masked_layout(layout, m)
+            if self.bound > 0 and not m.attested_norm <= self.bound:
+                raise Reject(
+                    f"attested norm {m.attested_norm:.6g} is above the step's update bound "
+                    f"{self.bound:.6g}"
+                )
 
     def validate(self, m: Manifest, index: int, body: bytes) -> Pieces:
         layout, _ = self._ready()
@@ -100,6 +121,8 @@ class AggregationSink:
             raise RuntimeError(f"the running sum is step {self.step}'s, not step {m.step}'s")
         if m.coded:
             return self._validate_coded(layout, m, index, body)
+        if m.masked:
+            return masked_pieces(layout, m, index, body)
         pieces = quantize_chunk(
             layout, m.tensors, index, m.chunk_size, m.payload_size, body, m.weight
         )
@@ -155,6 +178,10 @@ class AggregationSink:
         """Take a counted chunk of a rejected delta out of the sum: its pieces negated.
         Integer addition, so the sum is bit-identical to one that never counted it."""
         layout, accumulator = self._ready()
+        if m.masked:
+            pieces = masked_pieces(layout, m, index, body)
+            accumulator.add_all([(offset, -q) for offset, q in pieces])
+            return
         if m.coded:
             values = self._decode(m, index, body)
             pieces = quantize_vector_chunk(
@@ -165,3 +192,30 @@ class AggregationSink:
                 layout, m.tensors, index, m.chunk_size, m.payload_size, body, m.weight
             )
         accumulator.add_all([(offset, -q) for offset, q in pieces])
+
+
+def check_masked_layout(layout: ModelLayout, m: Manifest) -> None:
+    """Reject a masked manifest whose vector is not the model's layout: a member's mask at
+    element e must meet the others' at e, so every member masks in the same order."""
+    for span in m.tensors:
+        if layout.slot(span.name).offset != span.begin:
+            raise Reject(f"masked tensor {span.name!r} is not at its place in the model's order")
+
+
+def masked_pieces(layout: ModelLayout, m: Manifest, index: int, body: bytes) -> Pieces:
+    """A masked chunk's words as (element_offset, int64 terms) pieces of the model's tensors
+    (no value checks: they are masked; see the module docstring)."""
+    begin, end = chunk_range(m.payload_size, m.chunk_size, index)
+    if len(body) != end - begin:
+        raise Reject(f"chunk {index} has {len(body)} bytes, its range needs {end - begin}")
+    size = m.ring_bits // 8
+    first = begin // size  # chunk sizes are multiples of 8: words never straddle chunks
+    terms = words_to_sum_terms(words_from_bytes(body, m.ring_bits), m.ring_bits)
+    last = first + terms.size
+    out = []
+    for span in m.tensors:
+        lo, hi = max(span.begin, first), min(span.end, last)
+        if lo < hi:
+            slot = layout.slot(span.name)
+            out.append((slot.offset + lo - span.begin, terms[lo - first : hi - first]))
+    return out

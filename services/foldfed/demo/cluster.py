@@ -186,7 +186,8 @@ class LocalFederation:
     def participant_env(self, participant: str) -> dict[str, str]:
         self.provision_keys()
         return {
-            **env_for(signing_key=self.key_of(participant)),
+            # The keyring too: under secure aggregation the pairwise mask keys come from it.
+            **env_for(signing_key=self.key_of(participant), member_keys=self.keyring),
             **self.spec.common_env,
             **env_for(
                 amqp_url=self.url_for(participant),

@@ -44,6 +44,10 @@ class DemoOptions:
     sample_dir: Path = Path("var/of3-sample")
     # A pair of demo.report.CODECS: the uplink and downlink codec specs.
     codec: str = "rot2+zstd"
+    # Pairwise-masked secure aggregation (foldfed.secagg): the hub sees only masked deltas.
+    # The uplink is then the masked fixed-point grid (uplink codecs do not compose with
+    # the masks); the downlink keeps `codec`'s.
+    secure_aggregation: bool = False
 
 
 def participant_names(n: int) -> tuple[str, ...]:
@@ -58,6 +62,7 @@ def run_demo(options: DemoOptions) -> int:
         **env_for(seed=options.seed, model=options.model),
         **family.demo_env(names, options.sample_dir),
         **codec_env(options.codec),
+        **(secure_env() if options.secure_aggregation else {}),
     }
     spec = FederationSpec(
         participants=names,
@@ -70,6 +75,7 @@ def run_demo(options: DemoOptions) -> int:
     print(
         f"foldfed demo: {options.participants} participants, {options.steps} global steps, "
         f"model {options.model}, codec {options.codec}"
+        + (", secure aggregation (masked fp32 uplink)" if options.secure_aggregation else "")
     )
     print(f"  working folder {workdir} (logs in {federation.logs})")
     record = RunRecord(spec.participants, spec.steps)
@@ -95,6 +101,11 @@ def run_demo(options: DemoOptions) -> int:
     print(f"\npictures: {curve}  {timeline}")
     print(f"traces: foldfed trace STEP --dir {federation.trace_dir}  (one trace per step)")
     return 0 if not record.mismatches else 1
+
+
+def secure_env() -> dict[str, str]:
+    """Every process's variables for secure aggregation: masks on, the exact uplink."""
+    return {**env_for(secure_aggregation=True), "FOLDFED_CODEC": "fp32:v1"}
 
 
 async def _watch(federation: LocalFederation, record: RunRecord, timeout_s: float) -> None:

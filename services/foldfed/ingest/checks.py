@@ -11,6 +11,7 @@ from foldfed.format import (
     chunk_count,
     validate_chunk_size,
 )
+from foldfed.secagg.masks import RING_BITS
 
 
 def check_manifest(m: Manifest, max_payload_bytes: int) -> None:
@@ -24,12 +25,59 @@ def check_manifest(m: Manifest, max_payload_bytes: int) -> None:
     if m.coded:
         return  # its vector and chunk plan are checked against the cycle's codec (codedvector)
     expected = chunk_count(m.payload_size, m.chunk_size)
+    if m.masked:
+        _check_chunk_count(m, expected)
+        _check_masked(m)
+        return
+    _check_chunk_count(m, expected)
+    _check_tensors(m)
+
+
+def _check_chunk_count(m: Manifest, expected: int) -> None:
     if len(m.chunk_digests) != expected:
         raise Reject(
             f"manifest lists {len(m.chunk_digests)} chunk digests; "
             f"{m.payload_size} bytes in chunks of {m.chunk_size} need {expected}"
         )
-    _check_tensors(m)
+
+
+def _check_masked(m: Manifest) -> None:
+    """A masked payload: one ring word per element, tensors back to back from element 0."""
+    if m.ring_bits not in RING_BITS:
+        raise Reject(f"ring_bits {m.ring_bits} is not one of {RING_BITS}")
+    if not m.tensors:
+        raise Reject("manifest lists no tensors")
+    names: set[str] = set()
+    at = 0
+    for t in m.tensors:
+        if t.name in names:
+            raise Reject(f"tensor {t.name!r} listed twice")
+        names.add(t.name)
+        elements = 1
+        for dim in t.shape:
+            elements *= dim
+        if t.begin != at or t.end - t.begin != elements:
+            raise Reject(f"tensor {t.name!r}: element range does not follow on {list(t.shape)}")
+        at = t.end
+    if m.payload_size != at * (m.ring_bits // 8):
+        raise Reject(
+            f"masked payload of {m.payload_size} bytes: {at} elements of {m.ring_bits} bits "
+            f"need {at * (m.ring_bits // 8)}"
+        )
+
+
+def check_masking(m: Manifest, *, secure: bool, ring_bits: int, cycle: int) -> None:
+    """Raise Reject unless `m` is masked exactly when the hub runs secure aggregation, on
+    the hub's ring and for the step's cycle (the masks are keyed by it: another cycle's
+    would not cancel)."""
+    if secure and not m.masked:
+        raise Reject("the hub runs secure aggregation: deltas must be masked (masked-ring)")
+    if not secure and m.masked:
+        raise Reject("a masked delta, but the hub does not run secure aggregation")
+    if m.masked and m.ring_bits != ring_bits:
+        raise Reject(f"manifest masks on a {m.ring_bits}-bit ring; the hub's is {ring_bits}")
+    if m.masked and m.cycle != cycle:
+        raise Reject(f"manifest masks for cycle {m.cycle}; the step's cycle is {cycle}")
 
 
 def _check_tensors(m: Manifest) -> None:

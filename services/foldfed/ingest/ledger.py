@@ -34,7 +34,7 @@ from foldfed.chunkstore import ChunkStore, StagedChunk
 from foldfed.codedvector import CycleCoding, check_coding
 from foldfed.digests import digest_of
 from foldfed.ingest import rules
-from foldfed.ingest.checks import check_manifest
+from foldfed.ingest.checks import check_manifest, check_masking
 from foldfed.ingest.rules import Effects, OpenStep, Verdict
 from foldfed.ingest.store import IngestStore
 from foldfed.keyfiles import read_keyring
@@ -49,6 +49,7 @@ from foldfed.messages import (
     now_ms,
     unsigned_bytes,
 )
+from foldfed.secagg.masks import DEFAULT_RING_BITS
 from foldfed.signing import VerifyKey
 
 # Manifests never change once stored, and every chunk needs its manifest: keep this many
@@ -120,11 +121,17 @@ class IngestLedger:
         max_payload_bytes: int,
         sink: DeltaSink | None = None,
         member_keys: Mapping[str, VerifyKey] | None = None,
+        *,
+        secure_aggregation: bool = False,
+        ring_bits: int = DEFAULT_RING_BITS,
     ) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.sink: DeltaSink = sink or _NoSink()
         # Every member's public key by participant id; None: signatures are not checked.
         self.member_keys = member_keys
+        # Secure aggregation: every delta masked on this ring (ingest.checks.check_masking).
+        self.secure_aggregation = secure_aggregation
+        self.ring_bits = ring_bits
         self._manifests: dict[tuple[int, str], Manifest] = {}
         self.store = ChunkStore(state_dir / "store")
         self.participants = frozenset(participants)
@@ -221,6 +228,8 @@ class IngestLedger:
             return Effects(duplicate=True)
         rules.check_weight(m, open_step)
         check_coding(m, open_step.coding)
+        check_masking(m, secure=self.secure_aggregation, ring_bits=self.ring_bits,
+                      cycle=open_step.coding.cycle)  # fmt: skip
         self.sink.check_manifest(m)
         held = [i for i, d in enumerate(m.chunk_digests) if self._holds(m.participant, d)]
         try:

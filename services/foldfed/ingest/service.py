@@ -315,6 +315,8 @@ async def run_ingest(settings: IngestSettings, stop: asyncio.Event) -> None:
         settings.first_step,
         settings.max_payload_bytes,
         member_keys=member_keys(settings.member_keys),
+        secure_aggregation=settings.secure_aggregation,
+        ring_bits=settings.ring_bits,
     )
     bus = await Bus.connect(settings.bus, name=SERVICE)
     try:

@@ -418,10 +418,25 @@ class Settings(BaseSettings):
         shown="none: unsigned",
     )  # fmt: skip
     member_keys: Path | None = _var(
-        "FOLDFED_MEMBER_KEYS", None, "ingest aggregator",
+        "FOLDFED_MEMBER_KEYS", None, "uploader ingest aggregator",
         "the consortium keyring (`foldfed keys keyring`) with each member's public key under"
-        " its participant id; when set, the hub rejects a manifest its sender did not sign",
+        " its participant id; when set, the hub rejects a manifest its sender did not sign;"
+        " under secure aggregation a participant derives its pairwise mask keys from it",
         shown="none: signatures not checked",
+    )  # fmt: skip
+    secure_aggregation: Switch = _var(
+        "FOLDFED_SECURE_AGGREGATION", False, "uploader ingest aggregator",
+        "pairwise-masked secure aggregation: members send their fixed-point contribution"
+        " plus pairwise masks, the hub sees only masked vectors and their sum (needs"
+        " FOLDFED_SIGNING_KEY and FOLDFED_MEMBER_KEYS at every member; the same value at the"
+        " hub and every member; docs/format.md, \"Masked payloads\")",
+    )  # fmt: skip
+    secagg_ring_bits: int = _var(
+        "FOLDFED_SECAGG_RING_BITS", 32, "uploader ingest aggregator",
+        "width of the secure-aggregation ring, 32 or 64: 32 (4 bytes per element, the size"
+        " of fp32) holds a sum of w*x up to 128 in magnitude per element; 64 holds anything the"
+        " grid does",
+        ge=32, le=64, multiple_of=32,
     )  # fmt: skip
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = _var(
         "FOLDFED_SERVER_OPTIMIZER", "fedavg", "aggregator",

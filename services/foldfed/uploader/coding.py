@@ -129,6 +129,7 @@ class UplinkCoder:
             "codec": release.codec,
             "cycle": release.cycle,
             "norm_bound": release.update_norm_bound,
+            "participants": list(release.participants),  # the step's members (secagg masks)
             "ranges_digest": update.next_ranges_digest.hex() if update else "",
             "seed": release.codec_seed,
             "step": release.step,
@@ -156,6 +157,14 @@ class UplinkCoder:
         except FileNotFoundError:
             return 0.0
         return float(raw.get("norm_bound", 0.0))
+
+    def members_for(self, step: int) -> tuple[str, ...]:
+        """Release `step`'s members (() for a release not seen, or from before secagg)."""
+        try:
+            raw = json.loads(self._coding(step).read_bytes())
+        except FileNotFoundError:
+            return ()
+        return tuple(raw.get("participants", ()))
 
     # ---------------------------------------------------------------- the link
 

@@ -48,6 +48,7 @@ class SpoolRetention:
         for step in spent:
             freed += self.spool.discard_sent_delta(step)
             freed += remove_file(self.coder.folder / f"delta-{step:012d}.coded")
+            freed += remove_file(self.coder.folder / f"delta-{step:012d}.masked")  # secagg
             journal = self.spool.root / "uploads" / f"step-{step:012d}"
             if journal.is_dir():
                 UploadJournal(self.spool.root, step).retire()

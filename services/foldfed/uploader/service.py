@@ -35,6 +35,7 @@ from foldfed.spool import Spool
 from foldfed.uploader.coding import UplinkCoder, decode_update
 from foldfed.uploader.inbox import Inbox
 from foldfed.uploader.link import Link
+from foldfed.uploader.masking import MaskedUplink
 from foldfed.uploader.retention import SpoolRetention
 from foldfed.uploader.upload import Uploader
 
@@ -58,6 +59,13 @@ class UploaderService:
             self.downloads,
             clip=load().update_clip,
         )
+        # Secure aggregation: deltas travel masked (uploader/masking.py), never in clear.
+        self.masker = (
+            MaskedUplink(self.coder, settings.signing_key, settings.member_keys,
+                         settings.ring_bits)
+            if settings.secure_aggregation
+            else None
+        )  # fmt: skip
         # When the latest receipt arrived: the wait at the barrier runs from then until
         # the next release.
         self._delivered_at: float | None = None
@@ -118,7 +126,12 @@ class UploaderService:
             started = {"bytes_total": float(delta.size), **_finite(delta.metrics)}
             await self._event("upload_started", delta.step, started)
             with tracing.span("code", parent=delta.trace, step=delta.step):
-                coded = await asyncio.to_thread(self.coder.prepare, delta, self._upload_budget_s)
+                if self.masker is not None:
+                    coded = await asyncio.to_thread(self.masker.prepare, delta)
+                else:
+                    coded = await asyncio.to_thread(
+                        self.coder.prepare, delta, self._upload_budget_s
+                    )
             if coded is None:  # fp32: the delta file, or its clipped copy (update bound)
                 payload = await asyncio.to_thread(self.coder.bounded_payload, delta)
             else:

@@ -12,9 +12,11 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_UNSPECIFIED: _ClassVar[Codec]
     CODEC_SAFETENSORS: _ClassVar[Codec]
     CODEC_CODED_VECTOR: _ClassVar[Codec]
+    CODEC_MASKED_RING: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 CODEC_SAFETENSORS: Codec
 CODEC_CODED_VECTOR: Codec
+CODEC_MASKED_RING: Codec
 
 class TensorLayout(_message.Message):
     __slots__ = ("name", "dtype", "shape", "begin", "end")
@@ -31,7 +33,7 @@ class TensorLayout(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class DeltaManifest(_message.Message):
-    __slots__ = ("format_version", "step", "participant", "weight", "codec", "tensors", "chunk_size", "payload_size", "chunk_digests", "payload_digest", "base_model_digest", "codec_spec", "cycle", "codec_seed", "chunk_sizes", "shared_ranges_digest", "block_stats", "next_ranges_digest", "signature")
+    __slots__ = ("format_version", "step", "participant", "weight", "codec", "tensors", "chunk_size", "payload_size", "chunk_digests", "payload_digest", "base_model_digest", "codec_spec", "cycle", "codec_seed", "chunk_sizes", "shared_ranges_digest", "block_stats", "next_ranges_digest", "signature", "ring_bits", "attested_norm")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,8 @@ class DeltaManifest(_message.Message):
     BLOCK_STATS_FIELD_NUMBER: _ClassVar[int]
     NEXT_RANGES_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    ATTESTED_NORM_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     step: int
     participant: str
@@ -70,7 +74,9 @@ class DeltaManifest(_message.Message):
     block_stats: bytes
     next_ranges_digest: bytes
     signature: bytes
-    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., participant: _Optional[str] = ..., weight: _Optional[float] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., payload_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., payload_digest: _Optional[bytes] = ..., base_model_digest: _Optional[bytes] = ..., codec_spec: _Optional[str] = ..., cycle: _Optional[int] = ..., codec_seed: _Optional[int] = ..., chunk_sizes: _Optional[_Iterable[int]] = ..., shared_ranges_digest: _Optional[bytes] = ..., block_stats: _Optional[bytes] = ..., next_ranges_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    ring_bits: int
+    attested_norm: float
+    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., participant: _Optional[str] = ..., weight: _Optional[float] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., payload_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., payload_digest: _Optional[bytes] = ..., base_model_digest: _Optional[bytes] = ..., codec_spec: _Optional[str] = ..., cycle: _Optional[int] = ..., codec_seed: _Optional[int] = ..., chunk_sizes: _Optional[_Iterable[int]] = ..., shared_ranges_digest: _Optional[bytes] = ..., block_stats: _Optional[bytes] = ..., next_ranges_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., ring_bits: _Optional[int] = ..., attested_norm: _Optional[float] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("step", "participant", "index", "digest", "body")

@@ -21,6 +21,11 @@ chained through the signed records (a changed file can no longer be detected bec
 is gone, but no record can be changed without breaking the hub's signature, and no
 manifest without breaking its member's).
 
+Under secure aggregation (masked-ring contributions, foldfed.secagg) step 4 is the same
+with the masked chunks: the aggregator's sink sums them on the ring, where the pairwise
+masks cancel, so the stored masked contributions must sum to the exact Q behind U_t; the
+verifier, like the hub, never sees a member's plaintext.
+
 Not recomputed (said so per step): U_t of a server optimizer with state (FedAvgM,
 FedAdam), of a lossy downlink (error feedback), or of a codec with shared ranges; their
 U_t is held by its digest in the signed record.
@@ -214,13 +219,25 @@ def _check_aggregate(
     weight_sum = weight_total([record.weight_of()[p] for p in record.members])
     if weight_sum != record.weight_sum:
         raise Break(f"step {step}: the record's weight sum is not the sum of its weights")
+    ring_bits = _ring_of(step, manifests)
     with tempfile.TemporaryDirectory(prefix="foldfed-verify-") as tmp:
-        result = _recompute(Path(tmp), record, manifests, chunks, before, weight_sum)
+        result = _recompute(Path(tmp), record, manifests, chunks, before, weight_sum, ring_bits)
     if result.update_digest.hex() != record.update_digest:
         raise Break(f"step {step}: U_t is not the aggregate of the signed contributions")
     if result.model_digest.hex() != record.model_after:
         raise Break(f"step {step}: θ_(t+1) is not θ_t + the aggregate of the contributions")
+    if ring_bits is not None:
+        return "U_t recomputed from the signed contributions (masked: their sum on the ring)"
     return "U_t recomputed from the signed contributions"
+
+
+def _ring_of(step: int, manifests: dict[str, Manifest]) -> int | None:
+    """The ring of a masked step's contributions (None: plaintext ones); a Break if they
+    mix masked and plain payloads or rings (their masks could not cancel)."""
+    kinds = {m.ring_bits if m.masked else None for m in manifests.values()}
+    if len(kinds) > 1:
+        raise Break(f"step {step}: the contributions mix masked and plain payloads or rings")
+    return kinds.pop() if kinds else None
 
 
 def _chunks(state_dir: Path, m: Manifest) -> list[Path] | None:
@@ -236,12 +253,17 @@ def _recompute(
     chunks: dict[str, list[Path] | None],
     before: Path,
     weight_sum: float,
+    ring_bits: int | None = None,
 ) -> FinalizeResult:
-    sink = AggregationSink(tmp)
+    sink = AggregationSink(tmp, ring_bits)
     try:
         sink.open_step(record.step, before)
         for participant in record.members:
             m = manifests[participant]
+            try:
+                sink.check_manifest(m)
+            except FoldfedError as exc:
+                raise Break(f"step {record.step}: manifest of {participant!r}: {exc}") from None
             for index, path in enumerate(chunks[participant] or []):
                 body = path.read_bytes()
                 if digest_of(body) != m.chunk_digests[index]:
