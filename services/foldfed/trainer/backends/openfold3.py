@@ -47,6 +47,8 @@ class Of3Family:
             local_steps=settings.local_steps,
             grad_accum=settings.grad_accum,
             dist=init_from_env(),
+            initial_model=settings.initial_model,
+            cache_dir=settings.spool_dir / "eval",
         )
 
     def write_initial_model(self, path: Path, settings: Settings, seed: int) -> bytes:
