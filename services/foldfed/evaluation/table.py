@@ -148,13 +148,13 @@ def _columns(arms: tuple[str, ...]) -> list[str]:
 
 
 def _lines(title: str, rows: tuple[Row, ...], arms: tuple[str, ...], total: int) -> list[str]:
-    width = 8
+    width = 7
     group = len(arms) + 1
     head = f"{'release':>8} |" + " |".join(f"{m.label:^{group * (width + 1) - 1}}" for m in METRICS)
     sub = f"{'':>8} |" + " |".join(
         " ".join(f"{c:>{width}}" for c in _columns(arms)) for _ in METRICS
     )
-    lines = [title, head, sub]
+    lines = [title, head.rstrip(), sub]
     for row in rows:
         cells = []
         for m in METRICS:
