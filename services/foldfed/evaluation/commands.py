@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -18,7 +19,8 @@ def cmd_eval_table(args: argparse.Namespace) -> int:
         from foldfed.evaluation.plot import save_table_png
 
         if table.companies:
-            print(f"picture: {save_table_png(table, Path(args.png))}")
+            # stderr: with --json, stdout holds the JSON alone.
+            print(f"picture: {save_table_png(table, Path(args.png))}", file=sys.stderr)
     return 0 if table.companies else 3
 
 

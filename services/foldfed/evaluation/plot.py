@@ -28,6 +28,8 @@ def save_table_png(table: EvalTable, path: Path) -> Path:
         better = "higher" if metric.higher_is_better else "lower"
         ax.set(title=f"{metric.label} ({better} is better)", xlabel="release")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metric.percent:
+            ax.set_ylim(-0.05, 1.05)  # a rate: its whole range, so 0 % reads as 0 %
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
