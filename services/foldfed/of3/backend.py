@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from foldfed.localround import RoundResult, StopCheck
+    from foldfed.of3.data.sample import SampleEntry
     from foldfed.of3.release_eval import ReleaseEvaluator
     from foldfed.of3.training import DistContext
 
@@ -198,7 +199,11 @@ class Of3Backend:
         self.release_eval = self._release_evaluator(initial_model, cache_dir, company, heldout)
 
     def _release_evaluator(
-        self, initial_model: Path | None, cache_dir: Path | None, company: str, heldout: Any
+        self,
+        initial_model: Path | None,
+        cache_dir: Path | None,
+        company: str,
+        heldout: Sequence[SampleEntry],
     ) -> ReleaseEvaluator | None:
         from foldfed.of3.release_eval import (
             LOCAL_PREFIX,
@@ -206,6 +211,8 @@ class Of3Backend:
             Baseline,
             BaselineCache,
             ReleaseEvaluator,
+            file_key,
+            load_model_file,
         )
 
         s = self.settings
@@ -227,8 +234,8 @@ class Of3Backend:
             baselines,
             cache,
             identity=identity,
-            load_model=_load_model,
-            model_key=lambda path: _file_key(path),
+            load_model=load_model_file,
+            model_key=file_key,
             state_key=lambda state: tensors_digest(state, self.trainable),
             private_names=[e.entry_id for e in heldout] + [p.name for p in self.heldout],
         )
@@ -371,18 +378,6 @@ def _quiet_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=r"(?s).*CPU [Aa]utocast")
     warnings.filterwarnings("ignore", message="Triton is not available")
-
-
-def _load_model(path: Path) -> State:
-    from foldfed.deltafile import load_delta
-
-    return load_delta(path)
-
-
-def _file_key(path: Path) -> str:
-    from foldfed.digests import file_digest
-
-    return file_digest(path).hex()
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> str:

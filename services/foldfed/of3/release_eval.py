@@ -44,6 +44,20 @@ CACHE_FORMAT = "foldfed.release-eval-baselines/1"
 log = structlog.get_logger(__name__)
 
 
+def load_model_file(path: Path) -> State:
+    """A baseline's trainable state (the canonical file θ₀ is written as)."""
+    from foldfed.deltafile import load_delta
+
+    return load_delta(path)
+
+
+def file_key(path: Path) -> str:
+    """A baseline's cache identity: its file's digest."""
+    from foldfed.digests import file_digest
+
+    return file_digest(path).hex()
+
+
 def is_due(step: int, every: int, final: bool) -> bool:
     """Releases 1, 1+k, 1+2k, ... and the final one are evaluated; none when k is 0."""
     if every <= 0:
