@@ -115,3 +115,21 @@ def test_eval_table_reads_the_monitor_store(tmp_path: Path, capsys) -> None:
 def test_eval_table_says_when_there_is_nothing(tmp_path: Path, capsys) -> None:
     assert main(["eval", "table", str(tmp_path)]) == 2  # no store at all
     assert "holds no monitor store" in capsys.readouterr().err
+
+
+def test_eval_table_joins_an_eval_command_registered_before_it() -> None:
+    """`foldfed eval --model CKPT --data DIR` (scoring a file) may own `eval`: argparse
+    refuses a second parser of that name, so `table` becomes its subcommand instead."""
+    import argparse
+
+    from foldfed.evaluation.commands import cmd_eval_table, register
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    scoring = sub.add_parser("eval")
+    scoring.add_argument("--model")
+    scoring.add_argument("--data")
+    scoring.set_defaults(func="score")
+    register(sub)
+    assert parser.parse_args(["eval", "--model", "m", "--data", "d"]).func == "score"
+    assert parser.parse_args(["eval", "table", "var/demo"]).func is cmd_eval_table

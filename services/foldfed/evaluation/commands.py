@@ -25,8 +25,12 @@ def cmd_eval_table(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    evaluation = sub.add_parser("eval", help="federated evaluation of the releases")
-    actions = evaluation.add_subparsers(dest="eval_command", required=True)
+    # `foldfed eval --model CKPT --data DIR` (scoring one model file, issue 17) may own the
+    # `eval` parser already: `table` then joins it as a subcommand, since argparse refuses
+    # two parsers of one name (and every command would fail to start).
+    existing = sub.choices.get("eval")
+    evaluation = existing or sub.add_parser("eval", help="federated evaluation of the releases")
+    actions = evaluation.add_subparsers(dest="eval_command", required=existing is None)
     table = actions.add_parser(
         "table",
         help="hub: per company, each evaluated release against θ₀ (and local-only), "
