@@ -60,6 +60,9 @@ demo: setup
 	$(VENV)/bin/foldfed demo
 
 # OpenFold3 (tiny) on the real plinder sample; prepares var/of3-sample on first use.
+# OpenFold3 (tiny preset) on the real sample, 3 global steps; ends with the federated
+# evaluation table (every other release and the final one against θ₀ on each company's
+# held-out set: docs/federated_evaluation.md) and writes evaluation.png beside the report.
 demo-of3: setup $(STAMP_OF3)
 	$(VENV)/bin/foldfed demo --model openfold3-tiny --steps 3
 

@@ -111,6 +111,16 @@ def test_held_out_loss_falls_and_only_aggregates_leave(of3_run) -> None:
         assert report.metrics["eval_ligand_rmsd_mean"] > 0
         # Means, counts and rates only: no key names a structure.
         assert all(
-            k.startswith("eval_") and k.endswith(("_loss", "_mean", "_count", "_success"))
+            k.startswith(("eval_", "theta0_eval_"))
+            and k.endswith(("_loss", "_mean", "_count", "_success", "_rate"))
             for k in report.metrics
         ), sorted(report.metrics)
+    # The federated evaluation (FOLDFED_EVAL_EVERY=10): release 1, which is θ₀, and the
+    # final release are scored beside θ₀, with the PoseBusters-valid rate of their poses.
+    for (step, _), report in record.reports.items():
+        m = report.metrics
+        assert ("theta0_eval_loss" in m) == (step in (1, STEPS + 1)), (step, sorted(m))
+        if step == 1:
+            assert m["eval_loss"] == m["theta0_eval_loss"]
+        if step == STEPS + 1:
+            assert 0.0 <= m["eval_pb_valid_rate"] <= 1.0

@@ -118,6 +118,8 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "of3_lr": 1.8e-3,
         "of3_warmup": 1000,
         "of3_eval": "heldout",
+        "eval_every": 10,
+        "eval_local_model": None,
         "ddp_backend": None,
         "cache_dir": None,
         "test_cache": None,

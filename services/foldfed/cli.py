@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.gate.commands",
     "foldfed.barrier.commands",
     "foldfed.verifier.commands",
+    "foldfed.evaluation.commands",
 )
 
 

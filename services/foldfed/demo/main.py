@@ -98,7 +98,8 @@ def run_demo(options: DemoOptions) -> int:
     print(wire_text(record, federation.hub_dir))
     curve = save_loss_curve(record, workdir / "loss.png")
     timeline = save_timeline(record, workdir / "timeline.png")
-    print(f"\npictures: {curve}  {timeline}")
+    pictures = [curve, timeline, *_evaluation_table(record, workdir)]
+    print(f"\npictures: {'  '.join(map(str, pictures))}")
     print(f"traces: foldfed trace STEP --dir {federation.trace_dir}  (one trace per step)")
     return 0 if not record.mismatches else 1
 
@@ -106,6 +107,21 @@ def run_demo(options: DemoOptions) -> int:
 def secure_env() -> dict[str, str]:
     """Every process's variables for secure aggregation: masks on, the exact uplink."""
     return {**env_for(secure_aggregation=True), "FOLDFED_CODEC": "fp32:v1"}
+
+
+def _evaluation_table(record: RunRecord, workdir: Path) -> list[Path]:
+    """The federated evaluation table (docs/federated_evaluation.md), from the model
+    reports the run saw (the hub's copy: `foldfed eval table WORKDIR`); its picture."""
+    from foldfed.evaluation.plot import save_table_png
+    from foldfed.evaluation.table import Report, build_table, render_text
+
+    reports = [Report(s, p, r.metrics) for (s, p), r in sorted(record.reports.items())]
+    table = build_table(reports)
+    if not table.companies:
+        return []  # a family without release evaluation (mlp)
+    print("\n" + render_text(table))
+    print(f"(the hub's copy: foldfed eval table {workdir})")
+    return [save_table_png(table, workdir / "evaluation.png")]
 
 
 async def _watch(federation: LocalFederation, record: RunRecord, timeout_s: float) -> None:

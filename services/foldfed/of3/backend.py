@@ -11,7 +11,11 @@ file, the overrides are a JSON object of config paths, the finetune mode's prefi
 Evaluation (`FOLDFED_OF3_EVAL`): `heldout` scores the site's held-out split (`eval_*`
 metrics); `global` scores every site's held-out entries of the shared sample instead
 (`global_eval_*`: demos and benchmarks on a public sample); `both` does both; `none`
-reports no metrics.
+reports no metrics. Federated evaluation (`FOLDFED_EVAL_EVERY`, of3/release_eval.py): every
+k-th release and the final one are scored on the site's held-out split beside θ₀ and the
+site's local-only model (`FOLDFED_EVAL_LOCAL_MODEL`, if any), with the PoseBusters-valid
+rate of the predicted poses (of3/pose_check.py); those reports carry `eval_*`,
+`eval_pb_*`, `theta0_eval_*` and `local_eval_*`.
 
 What is federated: the raw trainable weights (θ, Δ, updates hold exactly the trainable
 parameters; see finetune.py). OpenFold3's EMA is a local evaluation smoothing; here a round
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
     import torch
 
     from foldfed.localround import RoundResult, StopCheck
+    from foldfed.of3.data.sample import SampleEntry
+    from foldfed.of3.release_eval import ReleaseEvaluator
     from foldfed.of3.training import DistContext
 
 State = dict[str, "torch.Tensor"]
@@ -58,6 +64,8 @@ class Of3Settings:
     warmup_steps: int = 1000
     eval_mode: Of3Eval = "heldout"
     company: str | None = None
+    eval_every: int = 10  # federated evaluation: every k-th release (0: off)
+    eval_local_model: Path | None = None  # this site's local-only model, a baseline
 
     @property
     def size(self) -> str:
@@ -73,6 +81,9 @@ class Of3Settings:
         checkpoint = s.of3_checkpoint
         if checkpoint is not None and not checkpoint.is_file():
             raise ConfigError(f"{variable('of3_checkpoint')}: {checkpoint} is not a file")
+        local_model = s.eval_local_model
+        if local_model is not None and not local_model.is_file():
+            raise ConfigError(f"{variable('eval_local_model')}: {local_model} is not a file")
         return cls(
             model=s.model,
             sample_dir=s.of3_sample,
@@ -83,6 +94,8 @@ class Of3Settings:
             warmup_steps=s.of3_warmup,
             eval_mode=s.of3_eval,
             company=s.of3_company,
+            eval_every=s.eval_every,
+            eval_local_model=local_model,
         )
 
 
@@ -146,7 +159,11 @@ class Of3Backend:
         local_steps: int,
         grad_accum: int,
         dist: DistContext | None = None,
+        initial_model: Path | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
+        """`initial_model` (θ₀'s file) turns on the federated evaluation of releases;
+        `cache_dir` keeps its baselines' metrics across restarts."""
         from foldfed.of3.data.features import load_batch
         from foldfed.of3.data.sample import open_sample
         from foldfed.of3.training import BatchCache, DistContext, Of3TrainConfig
@@ -172,23 +189,113 @@ class Of3Backend:
         sample = open_sample(settings.sample_dir)
         company = settings.company or participant
         self.train_set: list[Path] = [e.features for e in sample.of(company, "train")]
-        self.heldout: list[Path] = [e.features for e in sample.of(company, "heldout")]
+        heldout = sample.of(company, "heldout")
+        self.heldout: list[Path] = [e.features for e in heldout]
+        self.ligands: dict[Path, str] = {e.features: e.ligand for e in heldout}
         self.global_heldout: list[Path] = [e.features for e in sample.heldout()]
         if not self.train_set:
             raise ConfigError(f"FOLDFED_OF3_SAMPLE: no training structures for {company}")
         self.load = BatchCache(load_batch)
+        self.release_eval = self._release_evaluator(initial_model, cache_dir, company, heldout)
+
+    def _release_evaluator(
+        self,
+        initial_model: Path | None,
+        cache_dir: Path | None,
+        company: str,
+        heldout: Sequence[SampleEntry],
+    ) -> ReleaseEvaluator | None:
+        from foldfed.of3.release_eval import (
+            LOCAL_PREFIX,
+            THETA0_PREFIX,
+            Baseline,
+            BaselineCache,
+            ReleaseEvaluator,
+            file_key,
+            load_model_file,
+        )
+
+        s = self.settings
+        if s.eval_every == 0 or initial_model is None:
+            return None
+        if not self.heldout:
+            log.warning("release evaluation off: no held-out structures", company=company)
+            return None
+        baselines = [Baseline(THETA0_PREFIX, initial_model)]
+        if s.eval_local_model is not None:
+            baselines.append(Baseline(LOCAL_PREFIX, s.eval_local_model))
+        else:
+            log.info("release evaluation: no local-only model (FOLDFED_EVAL_LOCAL_MODEL)")
+        settings = [s.model, repr(sorted(s.overrides.items())), str(s.finetune), str(self.seed)]
+        identity = "|".join([*settings, *sorted(p.name for p in self.heldout)])
+        cache = BaselineCache(None if cache_dir is None else cache_dir / "release-eval.json")
+        return ReleaseEvaluator(
+            self._score_release,
+            baselines,
+            cache,
+            identity=identity,
+            load_model=load_model_file,
+            model_key=file_key,
+            state_key=lambda state: tensors_digest(state, self.trainable),
+            private_names=[e.entry_id for e in heldout] + [p.name for p in self.heldout],
+        )
 
     @property
     def trainable(self) -> Sequence[str]:
         return self.built.trainable
 
-    def evaluate(self, theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Aggregate metrics of θ on this site's held-out split (rank 0 alone)."""
+    def evaluate_release(
+        self, theta: Mapping[str, torch.Tensor], step: int, final: bool
+    ) -> dict[str, float]:
+        """The model report's metrics of release `step`: `evaluate`'s, and on a due release
+        the federated evaluation (which then scores the held-out split itself)."""
+        from foldfed.of3.release_eval import is_due
+
+        if self.release_eval is None or not is_due(step, self.settings.eval_every, final):
+            return self.evaluate(theta)
+        out = self.evaluate(theta, heldout=False)
+        out.update(self.release_eval.evaluate(theta))
+        return out
+
+    def _score_release(self, theta: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """θ on the held-out split with the PoseBusters verdicts of its predicted poses."""
+        from foldfed.of3.pose_check import PoseTally, judge_pose
+        from foldfed.of3.training import evaluate, load_trainable
+
+        tally = PoseTally()
+
+        def judge(entry: Path, outputs: Mapping[str, Any]) -> None:
+            predicted = outputs["atom_positions_predicted"]
+            first = predicted.reshape(-1, predicted.shape[-2], 3)[0]
+            verdict = judge_pose(self.load(entry), first, self.ligands.get(entry, ""))
+            if not verdict.valid:
+                log.debug("pose not valid", reason=verdict.reason)  # stays in the local log
+            tally.add(verdict)
+
+        load_trainable(self.built.model, self.trainable, theta)
+        out = evaluate(
+            self.built.model,
+            self.built.loss_fn,
+            self.heldout,
+            self.load,
+            seed=self.seed,
+            prefix="eval",
+            confidence_only=self.built.confidence_only,
+            on_fold=judge,
+        )
+        out.update({f"eval_{k}": v for k, v in tally.summary().items()})
+        return out
+
+    def evaluate(
+        self, theta: Mapping[str, torch.Tensor], *, heldout: bool = True
+    ) -> dict[str, float]:
+        """Aggregate metrics of θ on this site's held-out split (rank 0 alone); `heldout`
+        False leaves that split to the release evaluation."""
         from foldfed.of3.training import evaluate, load_trainable
 
         mode = self.settings.eval_mode
         sets = {}
-        if mode in ("heldout", "both"):
+        if heldout and mode in ("heldout", "both"):
             sets["eval"] = self.heldout
         if mode in ("global", "both"):
             sets["global_eval"] = self.global_heldout

@@ -60,6 +60,8 @@ from foldfed.of3 import metrics as structure
 
 Batch = dict[str, Any]
 BatchLoader = Callable[[Path], Batch]
+# Sees one held-out structure's eval-mode fold: (its feature file, the model's outputs).
+FoldHook = Callable[[Path, Mapping[str, Any]], None]
 
 # Loss terms by the group OpenFold3 computes them in (loss_module.py).
 CONFIDENCE_TERMS = ("plddt", "pde", "experimentally_resolved", "pae")
@@ -411,6 +413,7 @@ def evaluate(
     prefix: str = "eval",
     confidence_only: bool = False,
     threads: int = 1,
+    on_fold: FoldHook | None = None,
 ) -> dict[str, float]:
     """Aggregate held-out metrics of the model as it is loaded (never per structure):
 
@@ -420,6 +423,9 @@ def evaluate(
     - `<prefix>_lddt_mean`, `<prefix>_ligand_rmsd_mean`, `<prefix>_ligand_rmsd_success`
       (fraction under 2 Å) and their counts: from an eval-mode forward (full diffusion
       rollout, first sample) against the ground truth after OpenFold3's permutation alignment.
+
+    `on_fold(entry, outputs)`, if given, sees each eval-mode fold (of3/release_eval.py judges
+    its pose); what it keeps is its business, and it must keep aggregates only.
     """
     terms: dict[str, list[float]] = {}
     found: dict[str, list[float]] = {"lddt": [], "ligand_rmsd": []}
@@ -439,6 +445,8 @@ def evaluate(
                 batch, outputs = model(to_device(load(entry), device))
             for name, value in structure_scores(batch, outputs).items():
                 found[name].append(value)
+            if on_fold is not None:
+                on_fold(entry, outputs)
             del index
     out = {f"{prefix}_{name}": math.fsum(values) / len(values) for name, values in terms.items()}
     out.update({f"{prefix}_{k}": v for k, v in structure.summarize(found).items()})

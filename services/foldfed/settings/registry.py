@@ -502,6 +502,16 @@ class Settings(BaseSettings):
         "FOLDFED_OF3_EVAL", "heldout", "trainer",
         "OpenFold3: what is scored (docs/of3_training.md)",
     )  # fmt: skip
+    eval_every: int = _var(
+        "FOLDFED_EVAL_EVERY", 10, "trainer",
+        "federated evaluation: score every k-th release and the final one against θ₀ on the"
+        " site's held-out split (docs/federated_evaluation.md); 0: off", ge=0,
+    )  # fmt: skip
+    eval_local_model: Path | None = _var(
+        "FOLDFED_EVAL_LOCAL_MODEL", None, "trainer",
+        "federated evaluation: this site's local-only model (trainable state, safetensors),"
+        " scored once as a baseline",
+    )  # fmt: skip
     ddp_backend: str | None = _var(
         "FOLDFED_DDP_BACKEND", None, "trainer", "torch.distributed backend of a DDP trainer",
         shown="`nccl` with CUDA, else `gloo`",

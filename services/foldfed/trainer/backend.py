@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Protocol, get_args, runtime_checkable
 
 from foldfed.config import spool_dir_of
 from foldfed.errors import ConfigError
@@ -59,6 +59,28 @@ class Backend(Protocol):
     ) -> RoundResult:
         """One round from θ_t; raises localround.TrainingInterrupted once `should_stop`."""
         ...
+
+
+@runtime_checkable
+class ReleaseEvaluation(Protocol):
+    """A backend that evaluates some releases more deeply than others (the federated
+    evaluation of docs/federated_evaluation.md): the trainer then asks it, not `evaluate`,
+    for the model report's metrics, telling it which release θ is."""
+
+    def evaluate_release(
+        self, theta: Mapping[str, torch.Tensor], step: int, final: bool
+    ) -> dict[str, float]:
+        """Aggregate metrics of release `step` (`final`: the cycle's last model)."""
+        ...
+
+
+def report_metrics(
+    backend: Backend, theta: Mapping[str, torch.Tensor], step: int, final: bool
+) -> dict[str, float]:
+    """The model report's metrics of release `step`, from whichever hook the backend has."""
+    if isinstance(backend, ReleaseEvaluation):
+        return backend.evaluate_release(theta, step, final)
+    return backend.evaluate(theta)
 
 
 class Family(Protocol):

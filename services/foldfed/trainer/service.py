@@ -7,7 +7,9 @@ It never touches the network. For each release t, in step order:
    digest, and commit it (model/current.json);
 2. compare that digest with the one the release announced; a mismatch is logged loudly
    and still reported: the hub, which sees every participant's digest, decides;
-3. write the model report (digest + θ_t's losses) to the outbox;
+3. write the model report (digest + θ_t's aggregate metrics; on every k-th release and
+   the final one, the federated evaluation against θ₀: docs/federated_evaluation.md) to the
+   outbox;
 4. train one round from θ_t and write Δ_t and its description to the outbox.
 
 The model is the family's business (trainer/backend.py): this loop calls its backend's
@@ -35,7 +37,7 @@ from foldfed.digests import file_digest, short
 from foldfed.errors import ConfigError, StoreError
 from foldfed.localround import TrainingInterrupted
 from foldfed.spool import CurrentModel, Release, Spool
-from foldfed.trainer.backend import TrainerSettings
+from foldfed.trainer.backend import TrainerSettings, report_metrics
 from foldfed.trainer.families import make_backend
 from foldfed.trainer.local import apply_update
 
@@ -88,10 +90,12 @@ class Trainer:
             )
         return load_delta(current.path)
 
-    def report_model(self, step: int, theta: State, model: CurrentModel) -> None:
+    def report_model(
+        self, step: int, theta: State, model: CurrentModel, final: bool = False
+    ) -> None:
         if self.spool.has_model_report(step):
             return
-        metrics = self.backend.evaluate(theta)
+        metrics = report_metrics(self.backend, theta, step, final)
         self.spool.write_model_report(step, model.model_digest, metrics)
         log.info("model reported", **metrics)
 
@@ -170,7 +174,7 @@ async def _serve(trainer: Trainer, release: Release, stop: asyncio.Event) -> boo
     else:
         log.info("model ready", digest=short(model.model_digest))
     with tracing.span("evaluate", parent=release.trace, step=release.step):
-        await asyncio.to_thread(trainer.report_model, release.step, theta, model)
+        await asyncio.to_thread(trainer.report_model, release.step, theta, model, release.final)
     if release.final:
         log.info("cycle over: final model reported, no more training")
         return True
