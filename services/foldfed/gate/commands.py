@@ -68,6 +68,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--no-publish", action="store_true", help="write the record only")
     check.set_defaults(func=cmd_check)
 
+    publish = actions.add_parser(
+        "publish",
+        help="send written readiness records to the hub (again)",
+        description=(
+            "Publishes records that `foldfed gate check` wrote (with --no-publish, or when "
+            "the broker could not be reached) as this participant (FOLDFED_AMQP_URL, "
+            "FOLDFED_PARTICIPANT). The hub verifies each one; a record's receipt time is "
+            "when the barrier gets it."
+        ),
+    )
+    publish.add_argument("record", nargs="+", help="readiness-*.dsse.json")
+    publish.set_defaults(func=cmd_publish)
+
     verify = actions.add_parser("verify", help="check a readiness record's signature")
     verify.add_argument("record", help="a readiness-*.dsse.json")
     verify.add_argument("--keyring", required=True, help="the consortium keyring")
@@ -187,6 +200,36 @@ def _split_terms(consortium: Path) -> SplitTerms | None:
     if expected is None:
         return None
     return SplitTerms(expected[0].to_json(), expected[1])
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from foldfed.config import BusSettings
+    from foldfed.dsse import MalformedEnvelope, envelope_from_json
+    from foldfed.errors import ConfigError
+    from foldfed.gate.run import publish_record
+    from foldfed.settings import load, required
+
+    settings = load()
+    participant = required(settings.participant, "participant")
+    bus = BusSettings.from_settings(settings)
+    for name in args.record:
+        try:
+            envelope = envelope_from_json(json.loads(Path(name).read_text()))
+            predicate = envelope.payload_json()["predicate"]
+            cycle, owner = int(predicate["cycle"]), predicate["participant"]
+            failed = sum(c.get("result") == "fail" for c in predicate["checks"])
+        except (OSError, ValueError, KeyError, TypeError, MalformedEnvelope) as exc:
+            raise ConfigError(f"{name}: not a readiness record ({exc})") from exc
+        if owner != participant:
+            raise ConfigError(f"{name} is {owner!r}'s record; this participant is {participant!r}")
+        error = asyncio.run(publish_record(bus, participant, envelope, cycle, failed))
+        if error:
+            print(f"NOT PUBLISHED {name}: {error}")
+            return 1
+        print(f"published {name} (cycle {cycle}) to the hub (foldfed.events, uploader.readiness)")
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -146,21 +146,29 @@ def run_gate(opts: GateOptions, report: Callable[[str], None] = lambda _: None) 
 async def _publish(opts: GateOptions, envelope: Envelope, results: list[CheckResult]) -> str:
     """Publish the record (module docstring); the error in words, or ""."""
     failed = sum(r.result is Result.FAIL for r in results)
+    return await publish_record(opts.bus, opts.participant, envelope, opts.terms.cycle, failed)
+
+
+async def publish_record(
+    bus_settings: BusSettings, participant: str, envelope: Envelope, cycle: int, failed: int
+) -> str:
+    """Publish a signed readiness record as the participant's readiness Event; the error
+    in words, or "" (`foldfed gate publish` sends a written record again with it)."""
     event = Event(
         kind="readiness",
         service=SERVICE,
-        participant=opts.participant,
+        participant=participant,
         step=0,
         detail=json.dumps(envelope.to_json(), separators=(",", ":")),
         metrics={
-            "cycle": float(opts.terms.cycle),
+            "cycle": float(cycle),
             "ready": float(failed == 0),
             "checks_failed": float(failed),
         },
         unix_ms=now_ms(),
     )
     try:
-        bus = await Bus.connect(opts.bus, name=f"gate-{opts.participant}", timeout=15.0)
+        bus = await Bus.connect(bus_settings, name=f"gate-{participant}", timeout=15.0)
     except FoldfedError as exc:
         return str(exc)
     try:
