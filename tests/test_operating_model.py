@@ -118,7 +118,7 @@ def _publish_all(federation: LocalFederation, cycle: int) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for p in PARTICIPANTS
     }
     for done in _finish(running).values():
