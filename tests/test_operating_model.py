@@ -7,7 +7,11 @@ cycle status` names the reason. Cycle 1's final model is evaluated at org-a and 
 and published with `foldfed checkpoint`. org-c fixes its split and gates with
 `--after-release`: it is admitted to cycle 2 at the boundary with no hub redeploy, trains
 in it, and evaluates the release too. `foldfed checkpoint verify` passes, then fails once
-one byte of the weights changes."""
+one byte of the weights changes.
+
+The smoke form (make test): a late joiner gates with `--after-release` against a release
+built in-process, its spool then holds the release's model, and `foldfed gate publish`
+delivers its record to the hub under its own broker identity."""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from foldfed.signing import Keyring
 
 from conftest import FOLDFED, PARTICIPANTS, BrokerHandle, reset_topology
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.long]
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 ORG_A, ORG_B, ORG_C = PARTICIPANTS
 STEPS = 2  # per cycle: cycle 1 is steps 1-2 and its final release 3; cycle 2 starts at 4
@@ -199,6 +203,7 @@ def _evaluation(federation: LocalFederation, participant: str, release_step: int
     }
 
 
+@pytest.mark.long  # minutes on a busy 2-core machine; the smoke below runs in make test
 def test_gating_a_late_joiner_and_a_release_end_to_end(
     broker: BrokerHandle, tmp_path: Path, hub_clock: str
 ) -> None:
@@ -275,6 +280,7 @@ def test_gating_a_late_joiner_and_a_release_end_to_end(
 
         # ---- the release of cycle 1's final model: propose, evaluate, approve 2-of-3
         final = federation.hub_dir / "models" / f"model-{FINAL_1:012d}.safetensors"
+        final_digest = file_digest(final)  # retention deletes the file during cycle 2
         proposal = gov / "proposal.json"
         _run(
             [
@@ -329,7 +335,7 @@ def test_gating_a_late_joiner_and_a_release_end_to_end(
         status_2 = _run(["cycle", "status", "--cycle", "2"], hub)
         print(status_2)
         assert f"with 3 members: {ORG_A}, {ORG_B}, {ORG_C}" in status_2
-        _wait("cycle 2 done", 240, lambda: _cycle_done(federation, 2))
+        _wait("cycle 2 done", 120, lambda: _cycle_done(federation, 2))
         c_evaluation = _model_report(federation, ORG_C, FINAL_1)
         elapsed = time.monotonic() - started
     finally:
@@ -345,10 +351,10 @@ def test_gating_a_late_joiner_and_a_release_end_to_end(
         assert [r.step for r in history] == [FINAL_1 + 1, FINAL_1 + 2]
         assert all(r.delivered == frozenset(PARTICIPANTS) for r in history)
         round_2 = store.round_of(2)
-        assert round_2 is not None and round_2[0].theta0.hex() == file_digest(final).hex()
+        assert round_2 is not None and round_2[0].theta0.hex() == final_digest.hex()
         store.verify()
     # org-c evaluated the release on its own held-out set once it held it.
-    assert c_evaluation["model_digest"] == file_digest(final).hex()
+    assert c_evaluation["model_digest"] == final_digest.hex()
     assert "eval_loss" in c_evaluation["metrics"]
 
     # One changed byte of the published weights: refused.
@@ -375,3 +381,120 @@ def _decided(federation: LocalFederation, cycle: int) -> bool:
     with _store(federation) as store:
         found = store.round_of(cycle)
     return found is not None and found[1] is not None
+
+
+# ---------------------------------------------------------------------- smoke
+
+
+def test_smoke_a_late_joiner_gates_after_a_release_and_publishes(
+    broker: BrokerHandle, tmp_path: Path, hub_clock: str
+) -> None:
+    import aio_pika
+
+    from foldfed import topology
+    from foldfed.bus import Bus
+    from foldfed.config import BusSettings
+    from foldfed.governance.bundle import safetensors_tensor_count, weights_digest, write_bundle
+    from foldfed.governance.release import Proposal, approve, assemble_release
+    from foldfed.keyfiles import write_private_key
+    from foldfed.messages import decode
+    from foldfed.signing import SigningKey
+    from foldfed.spool import Spool
+    from foldfed.trainer.task import initial_model
+
+    from conftest import participant_env
+
+    watch = "test.operating-model.readiness"
+
+    async def hub_and_watch() -> None:
+        bus = await Bus.connect(BusSettings(broker.admin_url, 10.0, 8), name="test-hub")
+        try:
+            await bus.declare_hub_topology(PARTICIPANTS)
+        finally:
+            await bus.close()
+        connection = await aio_pika.connect(broker.admin_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(watch, auto_delete=False)
+            await queue.purge()
+            await queue.bind(topology.EVENTS_EXCHANGE, topology.READINESS_KEY)
+        finally:
+            await connection.close()
+
+    async def received() -> list[tuple[str | None, object]]:
+        connection = await aio_pika.connect(broker.admin_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.get_queue(watch)
+            out = []
+            while (message := await queue.get(fail=False, no_ack=True)) is not None:
+                out.append((message.user_id, decode(message.type, message.body)))
+            await queue.delete(if_unused=False, if_empty=False)
+            return out
+        finally:
+            await connection.close()
+
+    asyncio.run(reset_topology(broker.admin_url))
+    asyncio.run(hub_and_watch())
+    keys = {p: SigningKey.generate(p) for p in PARTICIPANTS}
+    for p, key in keys.items():
+        write_private_key(tmp_path / f"{p}.key", key)
+    keyring = tmp_path / "keyring.json"
+    write_keyring(keyring, Keyring(tuple(k.verify_key() for k in keys.values()), 2))
+    # Cycle 1's final model (released as step 3), approved by org-a and org-b.
+    final = tmp_path / "release" / f"model-{FINAL_1:012d}.safetensors"
+    final.parent.mkdir()
+    initial_model(final, 11)
+    proposal = Proposal(weights_digest(final), 1, FINAL_1, safetensors_tensor_count(final), "now")
+    approvals = [approve(proposal, {"eval_loss": 0.1}, keys[p]) for p in (ORG_A, ORG_B)]
+    release = assemble_release(
+        proposal, approvals, Keyring(tuple(k.verify_key() for k in keys.values()), 2), keys[ORG_A]
+    )
+    bundle = tmp_path / "release-c1"
+    write_bundle(bundle, final, final.name, release)
+    expected = split_reference(SPLIT, SPLIT_KEY)
+    consortium = tmp_path / "consortium.toml"
+    consortium.write_text(consortium_table(expected) + "\n")
+    split = _write_split(tmp_path / "sample.json", 0.3)
+    spool = tmp_path / "spool"
+    env = participant_env(
+        broker,
+        ORG_C,
+        spool,
+        FOLDFED_INITIAL_MODEL=str(tmp_path / "cycle-1-theta0.safetensors"),  # not used
+        FOLDFED_PARTICIPANTS=",".join(PARTICIPANTS),
+        FOLDFED_MODEL="mlp",
+        FOLDFED_SAMPLES="64",
+    )
+    record = tmp_path / "readiness-c2.dsse.json"
+    gate = subprocess.run(
+        [
+            *FOLDFED, "gate", "check", "--key", str(tmp_path / f"{ORG_C}.key"),
+            "--after-release", str(bundle), "--keyring", str(keyring),
+            "--consortium", str(consortium), "--split", str(split),
+            "--hub-clock", hub_clock, "--out", str(record), "--no-publish",
+        ],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert gate.returncode == 0, gate.stdout + gate.stderr
+    assert "gating for cycle 2: θ0 = the release of step 3" in gate.stdout
+    assert "approved by org-a, org-b" in gate.stdout
+    assert any(line.startswith("split ") and " PASS " in line for line in gate.stdout.splitlines())
+    current = Spool(spool).current_model()
+    assert current is not None and current.step == FINAL_1
+    assert current.model_digest == file_digest(final)
+
+    sent = subprocess.run(
+        [*FOLDFED, "gate", "publish", str(record)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sent.returncode == 0 and "(cycle 2)" in sent.stdout, sent.stdout + sent.stderr
+    ((user, event),) = asyncio.run(received())
+    assert user == ORG_C
+    assert event.participant == ORG_C and event.metrics["cycle"] == 2.0  # type: ignore[attr-defined]
+    assert event.metrics["ready"] == 1.0  # type: ignore[attr-defined]
+    carried = json.loads(event.detail)  # type: ignore[attr-defined]
+    assert carried == json.loads(record.read_text())
