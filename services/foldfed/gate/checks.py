@@ -1,5 +1,8 @@
 """The readiness checks as pure judgements: a measurement in, a `CheckResult` out.
 
+One concept, the gate's verdicts: every check here is a measurement in and a verdict out,
+sharing `CheckResult` and the cycle's `Terms`; the measuring is `probes`.
+
 Each check has a fixed name, ends in one `Result` (pass, fail, or skip when it does not
 apply), carries the value it measured in words, and on failure the fix in one sentence,
 so that an operator reading only the failing line knows what to do. A participant is
