@@ -221,3 +221,48 @@ def test_a_restarted_barrier_keeps_its_round_and_decides_the_same(tmp_path: Path
         state = store.load()
         assert state is not None and state.participants == {"org-a", "org-b"}
         store.verify()
+
+
+# ---------------------------------------------------------------------- blind split
+
+
+SPLIT = "5a" * 32
+
+
+def test_the_barrier_admits_only_records_with_the_consortium_split_reference(
+    tmp_path: Path,
+) -> None:
+    """A ready record with another blind-split reference hash (or none) is not gated when
+    the round fixes one: the hub checks it again, whatever the site compared it with."""
+    from dataclasses import replace
+
+    checked = replace(rnd(), split_reference=SPLIT)
+    records = [
+        replace(rec("org-a", OPENED + 10), split_reference=SPLIT),
+        replace(rec("org-b", OPENED + 20), split_reference="00" * 32),
+        rec("org-c", OPENED + 30),  # reports none
+    ]
+    assert gated(checked, records, OPENED + WINDOW) == {"org-a"}
+    assert gated(rnd(), records, OPENED + WINDOW) == ROSTER  # not checked without one
+    by_name = {m.participant: m for m in status(checked, records, None, OPENED + 50)}
+    assert by_name["org-a"].standing is Standing.GATED
+    for who in ("org-b", "org-c"):
+        assert by_name[who].standing is Standing.FAILED
+        assert by_name[who].detail.startswith("split: reference hash")
+        assert f"consortium's {SPLIT[:16]}" in by_name[who].detail
+    with BarrierStore(tmp_path / "barrier.sqlite3") as store:  # both fields are kept
+        assert store.open_round(checked) == checked
+        store.add_readiness(records[0])
+        assert store.readiness(2) == [records[0]]
+
+
+def test_a_signed_record_brings_its_split_reference_to_the_barrier() -> None:
+    key = SigningKey.generate("org-a")
+    checks = [CheckResult("split", Result.PASS, "the consortium's")]
+    terms = Terms(cycle=2, theta0_digest=THETA0.hex(), schema_version="foldfed.data/1")
+    statement = readiness_statement(
+        key.name, terms, checks, THETA0.hex(), "now", split={"reference_hash": SPLIT}
+    )
+    document = sign_record(statement, key).to_json()
+    assert gate_record(document, [key.verify_key()], 1).split_reference == SPLIT
+    assert gate_record(_signed(key, ready=True), [key.verify_key()], 1).split_reference == ""

@@ -198,6 +198,7 @@ def results(theta0: str = THETA0) -> list[checks.CheckResult]:
         checks.judge_disk(100 * GIB, GIB, TERMS),
         checks.judge_compute(ComputeProbe("mlp", "cpu", 0.05), TERMS),
         checks.judge_data(DataProbe(False, False), TERMS),
+        checks.judge_split(checks.SplitProbe(False), TERMS),
         checks.judge_theta0(theta0, TERMS),
     ]
 

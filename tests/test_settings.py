@@ -171,6 +171,8 @@ def test_defaults_are_those_the_code_used_before_the_registry() -> None:
         "consortium_keyring": None,
         "gate_window_s": 3600.0,
         "gate_min_members": 2,
+        # Added with the blind-split reference hash (issue 15): not checked.
+        "split_reference_hash": "",
         # Added with signed manifests and records (issue 14): no keys, nothing signed.
         "signing_key": None,
         "member_keys": None,

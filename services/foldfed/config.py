@@ -270,6 +270,7 @@ class BarrierSettings:
     consortium_keyring: Path | None = None
     gate_window_s: float = 3600.0
     gate_min_members: int = 2
+    split_reference_hash: str = ""  # "": records' blind-split references are not checked
 
     def agreed_weights(self, members: tuple[str, ...]) -> tuple[float, ...]:
         """The weights a release of `members` announces, in that order."""
@@ -297,4 +298,5 @@ class BarrierSettings:
             consortium_keyring=_gate_keyring(s),
             gate_window_s=s.gate_window_s,
             gate_min_members=s.gate_min_members,
+            split_reference_hash=s.split_reference_hash,
         )

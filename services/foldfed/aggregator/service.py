@@ -37,6 +37,7 @@ finalize again from zero and broadcasts the same chunks again.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -129,6 +130,23 @@ class AggregatorService(IngestService):
         made = self.state_dir / "models" / _name("model", step)
         return made if made.exists() else self.agg_settings.initial_model
 
+    def _carry_over_model(self, step: int) -> None:
+        """A later cycle's first step starts from the previous cycle's final model, the
+        θ_{step-1} this hub made (a gated cycle names it as its θ0, with no redeploy and no
+        new FOLDFED_INITIAL_MODEL): linked as θ_step, so that the step finds it and
+        retention keeps it while the step needs it, like any model made here."""
+        made = self.state_dir / "models" / _name("model", step)
+        previous = self.state_dir / "models" / _name("model", step - 1)
+        if made.exists() or not previous.exists() or self.ledger.open_step != step:
+            return
+        if file_digest(previous) != self.ledger.model_digest:
+            return  # the cycle starts from another model: the settings' initial one
+        tmp = made.with_name(f".{made.name}.link")
+        tmp.unlink(missing_ok=True)
+        os.link(previous, tmp)
+        os.replace(tmp, made)
+        log.info("cycle starts from the previous cycle's final model", step=step)
+
     def update_path(self, step: int) -> Path:
         return self.state_dir / "updates" / _name("update", step)
 
@@ -173,6 +191,7 @@ class AggregatorService(IngestService):
     def _open_sum(self, step: int) -> None:
         """The sum of `step` (empty if new, kept if the sink holds it already), with the
         step's shared ranges if its codec has them."""
+        self._carry_over_model(step)
         self.sink.open_step(step, self.model_path(step))
         layout, _ = self.sink._ready()
         self.sink.ranges = self._step_ranges(self.ledger.coding, layout.elements)

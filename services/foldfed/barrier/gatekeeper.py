@@ -78,6 +78,7 @@ class Gatekeeper:
             first_cycle=s.cycle,
             first_step=s.first_step,
             first_theta0=theta0,
+            split_reference=s.split_reference_hash,
         )
 
     async def open_round(self, state: BarrierState | None, now_ms: int) -> Round | None:

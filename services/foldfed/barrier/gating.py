@@ -8,7 +8,10 @@ gate: they have a broker user and a queue), the minimum number of members, the t
 opened and the window W.
 
 A roster member is **gated** at time d when its latest record received by d is for cycle
-n, signed (checked before it gets here: `gate_record`), ready, and names the round's θ0.
+n, signed (checked before it gets here: `gate_record`), ready, and names the round's θ0
+and, when the consortium fixed one (FOLDFED_SPLIT_REFERENCE_HASH), its blind-split
+reference hash (of3/data/split_standard.py): the hub checks what the participant's own
+`split` check checked, so a site that gated against a wrong expected hash is not admitted.
 Its latest record decides: a member that gated and then sent a failing record is not
 gated. The deadlines are d_k = opened + k·W (k = 1, 2, ...). Cycle n starts at the first
 deadline at which at least `min_members` are gated, with exactly the members gated by that
@@ -59,6 +62,7 @@ class GateRecord:
     failed: tuple[FailedCheck, ...]
     received_ms: int
     digest: str  # blake3 of the record's signed payload: one row per record
+    split_reference: str = ""  # the blind-split reference hash it reports ("" none)
 
     def __post_init__(self) -> None:
         if self.ready and self.failed:
@@ -76,6 +80,7 @@ class Round:
     min_members: int
     opened_ms: int
     window_ms: int
+    split_reference: str = ""  # the consortium's blind-split reference hash ("" unchecked)
 
     def __post_init__(self) -> None:
         if self.window_ms < 1 or self.min_members < 1:
@@ -114,6 +119,7 @@ class GatingTerms:
     first_cycle: int
     first_step: int
     first_theta0: bytes
+    split_reference: str = ""
 
 
 def next_round(state: BarrierState | None, terms: GatingTerms, now_ms: int) -> Round | None:
@@ -124,7 +130,7 @@ def next_round(state: BarrierState | None, terms: GatingTerms, now_ms: int) -> R
     if state is None:
         return Round(
             t.first_cycle, t.first_theta0, t.first_step, t.roster, t.min_members, now_ms,
-            t.window_ms,
+            t.window_ms, t.split_reference,
         )  # fmt: skip
     if state.phase is not Phase.DONE:
         return None
@@ -133,7 +139,7 @@ def next_round(state: BarrierState | None, terms: GatingTerms, now_ms: int) -> R
     # The final release went out as step state.step: the next cycle starts after it.
     return Round(
         state.cycle + 1, state.model_digest, state.step + 1, t.roster, t.min_members, opened,
-        t.window_ms,
+        t.window_ms, t.split_reference,
     )  # fmt: skip
 
 
@@ -159,15 +165,23 @@ def gate_record(document: Any, keys: Iterable[VerifyKey], received_ms: int) -> G
     consortium's `keys`; RecordRefused (with the reason) when it is not a valid one."""
     readiness = verify_record(document, keys)
     payload = envelope_from_json(document)
+    statement = payload.payload_json()
     return GateRecord(
         participant=readiness.participant,
         cycle=readiness.cycle,
-        theta0=_held_theta0(payload.payload_json()),
+        theta0=_held_theta0(statement),
         ready=readiness.ready,
         failed=_failed(readiness),
         received_ms=received_ms,
         digest=digest_of(payload.payload).hex(),
+        split_reference=_split_reference(statement),
     )
+
+
+def _split_reference(statement: dict[str, Any]) -> str:
+    split = statement.get("predicate", {}).get("split")
+    value = split.get("reference_hash") if isinstance(split, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 def _held_theta0(statement: dict[str, Any]) -> bytes:
@@ -205,7 +219,11 @@ def latest_by(rnd: Round, records: Sequence[GateRecord], at_ms: int) -> dict[str
 
 
 def counts(rnd: Round, record: GateRecord) -> bool:
-    return record.ready and record.theta0 == rnd.theta0
+    return record.ready and record.theta0 == rnd.theta0 and _same_split(rnd, record)
+
+
+def _same_split(rnd: Round, record: GateRecord) -> bool:
+    return not rnd.split_reference or record.split_reference == rnd.split_reference
 
 
 def gated(rnd: Round, records: Sequence[GateRecord], at_ms: int) -> frozenset[str]:
@@ -261,6 +279,15 @@ def _standing(
             Standing.FAILED,
             f"theta0: holds {record.theta0.hex()[:16]}..., the cycle starts from "
             f"{rnd.theta0.hex()[:16]}... (fix: fetch the cycle's θ0 and gate again)",
+        )
+    if not _same_split(rnd, record):
+        held = record.split_reference[:16] + "..." if record.split_reference else "none"
+        return MemberStatus(
+            participant,
+            Standing.FAILED,
+            f"split: reference hash {held} is not the consortium's "
+            f"{rnd.split_reference[:16]}... (fix: split the data with the consortium's "
+            "configuration and key, run `foldfed gate check --consortium` and gate again)",
         )
     if decision is not None:  # ready, yet not a member: it came after the deadline
         return MemberStatus(

@@ -1,5 +1,8 @@
 """The readiness checks as pure judgements: a measurement in, a `CheckResult` out.
 
+One concept, the gate's verdicts: every check here is a measurement in and a verdict out,
+sharing `CheckResult` and the cycle's `Terms`; the measuring is `probes`.
+
 Each check has a fixed name, ends in one `Result` (pass, fail, or skip when it does not
 apply), carries the value it measured in words, and on failure the fix in one sentence,
 so that an operator reading only the failing line knows what to do. A participant is
@@ -14,13 +17,18 @@ for a model of S bytes. m = 0 keeps every step, so no disk suffices for a long c
 
 The clock rule: an offset measured with an uncertainty u (half the round trip, plus the
 source's resolution) is acceptable when |offset| - u ≤ the tolerated skew, i.e. unless
-the measurement proves the clocks further apart than that. Pure: no I/O.
+the measurement proves the clocks further apart than that.
+
+The split rule: the blind-split reference hash this party computed (of3/data/
+split_standard.py) equals the consortium's; on a mismatch the public configurations
+say which field differs, and with equal configurations only the key (or foldfed's split
+code) can. Pure: no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 BROKER = "broker"
@@ -28,8 +36,9 @@ CLOCK = "clock"
 DISK = "disk"
 COMPUTE = "compute"
 DATA = "data"
+SPLIT = "split"
 THETA0 = "theta0"
-CHECK_NAMES = (BROKER, CLOCK, DISK, COMPUTE, DATA, THETA0)
+CHECK_NAMES = (BROKER, CLOCK, DISK, COMPUTE, DATA, SPLIT, THETA0)
 
 # Held beside θ_t at the peak, in models (docs/retention.md, "Participant rules"): the next
 # update's chunks, its assembled file, and a coded delta on a coded uplink.
@@ -86,6 +95,15 @@ class Terms:
     retain_steps: int = 1
     max_step_s: float | None = None  # slowest micro-step accepted; None: any
     require_tls: bool = False
+    split: SplitTerms | None = None  # the consortium's split standard; None: not checked
+
+
+@dataclass(frozen=True)
+class SplitTerms:
+    """The consortium config's `[split]`: the public configuration and the expected hash."""
+
+    config: Mapping[str, object]
+    reference_hash: str
 
 
 # ---------------------------------------------------------------- broker
@@ -296,6 +314,59 @@ def judge_data(p: DataProbe, terms: Terms) -> CheckResult:
     where = "" if p.manifest_matches is None else ", matches the data folder"
     return passed(
         DATA, f"{p.valid} of {p.structures} structures valid ({p.schema_version}, signed{where})"
+    )
+
+
+# ---------------------------------------------------------------- split
+
+
+@dataclass(frozen=True)
+class SplitProbe:
+    """This party's split reference (of3/data/split_standard.py), computed locally."""
+
+    given: bool  # a local split configuration was given
+    reference_hash: str = ""
+    config: Mapping[str, object] = field(default_factory=dict)  # public: never the key
+    error: str = ""  # the configuration could not be read
+
+
+RESPLIT = "then split the data again with it (`foldfed data sample`) and gate again"
+
+
+def judge_split(p: SplitProbe, terms: Terms) -> CheckResult:
+    expected = terms.split
+    if expected is None:
+        return skipped(SPLIT, "the consortium config names no split standard ([split])")
+    if not p.given:
+        return failed(
+            SPLIT,
+            "no split configuration given",
+            "pass --split with the sample.json (or split JSON) this site split its data by",
+        )
+    if p.error:
+        return failed(SPLIT, f"unreadable split configuration: {p.error}", f"fix it, {RESPLIT}")
+    if p.reference_hash == expected.reference_hash:
+        return passed(
+            SPLIT,
+            f"reference hash {p.reference_hash[:16]}... is the consortium's "
+            f"({p.config.get('standard')}, split by {p.config.get('split_by')})",
+        )
+    differing = [
+        f"{k}: {p.config.get(k)!r} here, {v!r} in the consortium's config"
+        for k, v in expected.config.items()
+        if p.config.get(k) != v
+    ]
+    if differing:
+        return failed(
+            SPLIT,
+            f"split configuration differs: {'; '.join(differing)}",
+            f"set the split configuration to the consortium's [split] table, {RESPLIT}",
+        )
+    return failed(
+        SPLIT,
+        f"reference hash {p.reference_hash[:16]}... is not the consortium's "
+        f"{expected.reference_hash[:16]}...: same configuration, so the split key differs",
+        f"get the consortium's split key again (over its secret channel), {RESPLIT}",
     )
 
 

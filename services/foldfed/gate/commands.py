@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from foldfed.gate.checks import SplitTerms
     from foldfed.gate.run import GateOptions
 
 
@@ -33,7 +34,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     check.add_argument("--key", required=True, help="this participant's private key (NAME.key)")
-    check.add_argument("--theta0-digest", required=True, help="the cycle's θ0 blake3 (hex)")
+    check.add_argument("--theta0-digest", default=None, help="the cycle's θ0 blake3 (hex)")
+    check.add_argument(
+        "--after-release",
+        default=None,
+        metavar="BUNDLE",
+        help="gate for the cycle after this published release, from its weights (a late "
+        "joiner; instead of --cycle, --theta0-digest and --initial-model)",
+    )
+    check.add_argument(
+        "--keyring",
+        default=None,
+        help="the consortium keyring (default FOLDFED_CONSORTIUM_KEYRING)",
+    )
+    check.add_argument(
+        "--consortium", default=None, help="the consortium config (TOML): its [split] is checked"
+    )
+    check.add_argument(
+        "--split", default=None, help="this site's split configuration (its sample.json)"
+    )
     check.add_argument("--cycle", type=int, default=None, help="default: FOLDFED_CYCLE")
     check.add_argument("--initial-model", default=None, help="default: FOLDFED_INITIAL_MODEL")
     check.add_argument("--datacard", default=None, help="datacard.json of `foldfed data validate`")
@@ -49,6 +68,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--no-publish", action="store_true", help="write the record only")
     check.set_defaults(func=cmd_check)
 
+    publish = actions.add_parser(
+        "publish",
+        help="send written readiness records to the hub (again)",
+        description=(
+            "Publishes records that `foldfed gate check` wrote (with --no-publish, or when "
+            "the broker could not be reached) as this participant (FOLDFED_AMQP_URL, "
+            "FOLDFED_PARTICIPANT). The hub verifies each one; a record's receipt time is "
+            "when the barrier gets it."
+        ),
+    )
+    publish.add_argument("record", nargs="+", help="readiness-*.dsse.json")
+    publish.set_defaults(func=cmd_publish)
+
     verify = actions.add_parser("verify", help="check a readiness record's signature")
     verify.add_argument("record", help="a readiness-*.dsse.json")
     verify.add_argument("--keyring", required=True, help="the consortium keyring")
@@ -59,9 +91,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from foldfed.gate.checks import summary_table
     from foldfed.gate.run import run_gate
 
-    run = run_gate(
-        _options(args), report=lambda what: print(f"checking {what}...", file=sys.stderr)
-    )
+    opts = _options(args)
+    if opts.after_release is not None:
+        after = opts.after_release
+        print(
+            f"gating for cycle {after.cycle}: θ0 = the release of step {after.step} "
+            f"({after.digest[:16]}..., approved by {', '.join(after.approvers)})"
+        )
+    run = run_gate(opts, report=lambda what: print(f"checking {what}...", file=sys.stderr))
     print(summary_table(run.results))
     print(f"signed readiness record: {run.path}")
     if args.no_publish:
@@ -86,12 +123,26 @@ def _options(args: argparse.Namespace) -> GateOptions:
 
     settings = load()
     participant = required(settings.participant, "participant")
+    after = None
+    if args.after_release:
+        from foldfed.gate.next_cycle import from_release
+        from foldfed.keyfiles import read_keyring
+
+        keyring = required(
+            Path(args.keyring) if args.keyring else settings.consortium_keyring,
+            "consortium_keyring",
+        )
+        after = from_release(Path(args.after_release), read_keyring(keyring))
+    elif args.theta0_digest is None:
+        raise ConfigError("give the cycle's θ0 with --theta0-digest, or --after-release BUNDLE")
     key = read_private_key(Path(args.key))
     if key.name != participant:
         raise ConfigError(
             f"the key is {key.name!r}'s, this participant is {participant!r}: sign with its own key"
         )
     initial = Path(args.initial_model) if args.initial_model else settings.initial_model
+    if after is not None:
+        initial = after.weights
     try:
         trainer = trainer_settings_from_env()
         if initial is not None:
@@ -103,13 +154,18 @@ def _options(args: argparse.Namespace) -> GateOptions:
         bus=BusSettings.from_settings(settings),
         key=key,
         terms=Terms(
-            cycle=args.cycle if args.cycle is not None else settings.cycle,
-            theta0_digest=args.theta0_digest.lower(),
+            cycle=after.cycle
+            if after
+            else args.cycle
+            if args.cycle is not None
+            else settings.cycle,
+            theta0_digest=after.digest if after else args.theta0_digest.lower(),
             schema_version=args.schema_version or SCHEMA_VERSION,
             max_clock_skew_s=args.max_clock_skew_s,
             retain_steps=settings.retain_steps,
             max_step_s=args.max_step_s,
             require_tls=args.require_tls,
+            split=_split_terms(Path(args.consortium)) if args.consortium else None,
         ),
         spool_dir=spool_dir_of(settings, participant),
         initial_model=initial,
@@ -119,7 +175,61 @@ def _options(args: argparse.Namespace) -> GateOptions:
         hub_clock=args.hub_clock,
         out=Path(args.out) if args.out else None,
         publish=not args.no_publish,
+        split=Path(args.split) if args.split else None,
+        after_release=after,
     )
+
+
+def _cycle(args: argparse.Namespace, default: int) -> int:
+    return args.cycle if args.cycle is not None else default
+
+
+def _split_terms(consortium: Path) -> SplitTerms | None:
+    """The consortium config's [split] (its public configuration and expected hash)."""
+    import tomllib
+
+    from foldfed.errors import ConfigError
+    from foldfed.gate.checks import SplitTerms
+    from foldfed.of3.data.split_standard import expected_from_consortium
+
+    try:
+        config = tomllib.loads(consortium.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"consortium config {consortium}: unreadable ({exc})") from exc
+    expected = expected_from_consortium(config)
+    if expected is None:
+        return None
+    return SplitTerms(expected[0].to_json(), expected[1])
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from foldfed.config import BusSettings
+    from foldfed.dsse import MalformedEnvelope, envelope_from_json
+    from foldfed.errors import ConfigError
+    from foldfed.gate.run import publish_record
+    from foldfed.settings import load, required
+
+    settings = load()
+    participant = required(settings.participant, "participant")
+    bus = BusSettings.from_settings(settings)
+    for name in args.record:
+        try:
+            envelope = envelope_from_json(json.loads(Path(name).read_text()))
+            predicate = envelope.payload_json()["predicate"]
+            cycle, owner = int(predicate["cycle"]), predicate["participant"]
+            failed = sum(c.get("result") == "fail" for c in predicate["checks"])
+        except (OSError, ValueError, KeyError, TypeError, MalformedEnvelope) as exc:
+            raise ConfigError(f"{name}: not a readiness record ({exc})") from exc
+        if owner != participant:
+            raise ConfigError(f"{name} is {owner!r}'s record; this participant is {participant!r}")
+        error = asyncio.run(publish_record(bus, participant, envelope, cycle, failed))
+        if error:
+            print(f"NOT PUBLISHED {name}: {error}")
+            return 1
+        print(f"published {name} (cycle {cycle}) to the hub (foldfed.events, uploader.readiness)")
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

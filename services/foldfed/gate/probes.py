@@ -41,6 +41,7 @@ from foldfed.gate.checks import (
     ClockSample,
     ComputeProbe,
     DataProbe,
+    SplitProbe,
     offset_from_round_trip,
 )
 from foldfed.signing import VerifyKey
@@ -221,6 +222,30 @@ def probe_data(
         files = structure_files(Path(data_dir))
         matches = manifest_digest(file_digest(p) for p in files) == card.get("manifest_blake3")
     return DataProbe(True, needs_data, schema, signature_error, structures, valid, matches)
+
+
+# ---------------------------------------------------------------- split
+
+
+def probe_split(path: Path | None) -> tuple[SplitProbe, dict[str, object] | None]:
+    """This site's blind-split reference, from its local split configuration (sample.json
+    of `foldfed data sample`, or any JSON with its `partition` block), and the reference
+    as the readiness record carries it (None without a configuration)."""
+    if path is None:
+        return SplitProbe(given=False), None
+    from foldfed.errors import ConfigError
+    from foldfed.of3.data.split_standard import config_from_partition, split_reference
+
+    try:
+        document = json.loads(Path(path).read_text())
+        block = document.get("partition", document) if isinstance(document, dict) else None
+        if not isinstance(block, dict):
+            raise ConfigError("not a JSON object with a partition block")
+        reference = split_reference(*config_from_partition(block))
+    except (OSError, ValueError, ConfigError) as exc:
+        return SplitProbe(True, error=_reason(exc)), None
+    published = reference.to_json()
+    return SplitProbe(True, reference.reference_hash, published["config"]), published
 
 
 # ---------------------------------------------------------------- compute

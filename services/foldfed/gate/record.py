@@ -10,7 +10,13 @@ releases; docs/operating-model.md, "Formats")::
      "predicate": {"format": "foldfed.readiness/1", "participant": "company-a",
                    "cycle": 2, "ready": true, "theta0_expected": "<the cycle's θ0>",
                    "schema_version": "foldfed.data/1", "measured_at": "<ISO 8601 UTC>",
-                   "checks": [{"name", "result", "value", "fix"}, ...]}}
+                   "checks": [{"name", "result", "value", "fix"}, ...],
+                   "split": {"reference_hash", "config_digest", "assignment_digest",
+                             "config"}}}
+
+`split` (optional: present when the participant gave its split configuration) is its
+blind-split reference (of3/data/split_standard.py): the hash, and the public
+configuration it was computed from, never the key.
 
 The subject is θ0 as the participant holds it (empty digest when it has no file), so the
 record says which model it is ready to train. `verify_record` accepts a record only when
@@ -21,7 +27,7 @@ payload breaks the signature. Pure: documents and keys in, a verdict out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +67,10 @@ def readiness_statement(
     results: Sequence[CheckResult],
     theta0_digest: str,
     measured_at: str,
+    split: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Statement a participant signs (module docstring)."""
-    return {
+    statement: dict[str, Any] = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": SUBJECT_NAME, "digest": {"blake3": theta0_digest}}],
         "predicateType": READINESS_PREDICATE,
@@ -78,6 +85,9 @@ def readiness_statement(
             "checks": [r.to_json() for r in results],
         },
     }
+    if split is not None:
+        statement["predicate"]["split"] = dict(split)
+    return statement
 
 
 def sign_record(statement: dict[str, Any], key: SigningKey) -> Envelope:

@@ -24,6 +24,7 @@ from foldfed.durable import atomic_write
 from foldfed.errors import FoldfedError
 from foldfed.gate import checks, probes
 from foldfed.gate.checks import CheckResult, Result, Terms
+from foldfed.gate.next_cycle import NextCycle, adopt_theta0
 from foldfed.gate.record import readiness_statement, sign_record
 from foldfed.messages import Event, now_ms
 from foldfed.signing import SigningKey
@@ -48,6 +49,10 @@ class GateOptions:
     hub_clock: str | None = None
     out: Path | None = None  # default: <spool>/gate/readiness-c<cycle>.dsse.json
     publish: bool = True
+    split: Path | None = None  # the local split configuration (sample.json)
+    # Gating for the cycle after a published release (gate/next_cycle.py): once ready,
+    # its weights become the spool's model at the release's step.
+    after_release: NextCycle | None = None
 
 
 @dataclass(frozen=True)
@@ -62,10 +67,15 @@ class GateRun:
         return checks.is_ready(self.results)
 
 
-def measure(
-    opts: GateOptions, report: Callable[[str], None] = lambda _: None
-) -> tuple[list[CheckResult], str]:
-    """Every check's result, in `checks.CHECK_NAMES` order, and θ0's digest as held here."""
+@dataclass(frozen=True)
+class Measured:
+    results: list[CheckResult]  # in `checks.CHECK_NAMES` order
+    theta0_digest: str  # θ0 as held here, hex ("" without a file)
+    split: dict[str, object] | None  # the blind-split reference the record carries
+
+
+def measure(opts: GateOptions, report: Callable[[str], None] = lambda _: None) -> Measured:
+    """Every check's result, θ0's digest and the split reference as held here."""
     terms = opts.terms
     report("broker")
     broker = asyncio.run(probes.probe_broker(opts.bus.amqp_url, opts.participant))
@@ -82,15 +92,17 @@ def measure(
     data = probes.probe_data(
         opts.datacard, opts.data_dir, opts.key.verify_key(), model.startswith("openfold3")
     )
+    split, published = probes.probe_split(opts.split)
     results = [
         checks.judge_broker(broker, terms),
         checks.judge_clock(clock, terms),
         disk,
         compute,
         checks.judge_data(data, terms),
+        checks.judge_split(split, terms),
         checks.judge_theta0(digest, terms, theta0_error),
     ]
-    return results, digest or ""
+    return Measured(results, digest or "", published)
 
 
 def _compute(opts: GateOptions, theta0_digest: str | None) -> CheckResult:
@@ -106,13 +118,24 @@ def _compute(opts: GateOptions, theta0_digest: str | None) -> CheckResult:
 
 
 def run_gate(opts: GateOptions, report: Callable[[str], None] = lambda _: None) -> GateRun:
-    results, digest = measure(opts, report)
+    measured = measure(opts, report)
+    results = measured.results
     measured_at = datetime.now(UTC).isoformat(timespec="seconds")
-    statement = readiness_statement(opts.participant, opts.terms, results, digest, measured_at)
+    statement = readiness_statement(
+        opts.participant,
+        opts.terms,
+        results,
+        measured.theta0_digest,
+        measured_at,
+        split=measured.split,
+    )
     envelope = sign_record(statement, opts.key)
     path = opts.out or opts.spool_dir / "gate" / f"readiness-c{opts.terms.cycle}.dsse.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(envelope.to_json(), indent=1) + "\n").encode())
+    if opts.after_release is not None and checks.is_ready(results):
+        report("spool")
+        adopt_theta0(opts.after_release, opts.spool_dir)
     error = ""
     if opts.publish:
         report("publish")
@@ -123,21 +146,29 @@ def run_gate(opts: GateOptions, report: Callable[[str], None] = lambda _: None) 
 async def _publish(opts: GateOptions, envelope: Envelope, results: list[CheckResult]) -> str:
     """Publish the record (module docstring); the error in words, or ""."""
     failed = sum(r.result is Result.FAIL for r in results)
+    return await publish_record(opts.bus, opts.participant, envelope, opts.terms.cycle, failed)
+
+
+async def publish_record(
+    bus_settings: BusSettings, participant: str, envelope: Envelope, cycle: int, failed: int
+) -> str:
+    """Publish a signed readiness record as the participant's readiness Event; the error
+    in words, or "" (`foldfed gate publish` sends a written record again with it)."""
     event = Event(
         kind="readiness",
         service=SERVICE,
-        participant=opts.participant,
+        participant=participant,
         step=0,
         detail=json.dumps(envelope.to_json(), separators=(",", ":")),
         metrics={
-            "cycle": float(opts.terms.cycle),
+            "cycle": float(cycle),
             "ready": float(failed == 0),
             "checks_failed": float(failed),
         },
         unix_ms=now_ms(),
     )
     try:
-        bus = await Bus.connect(opts.bus, name=f"gate-{opts.participant}", timeout=15.0)
+        bus = await Bus.connect(bus_settings, name=f"gate-{participant}", timeout=15.0)
     except FoldfedError as exc:
         return str(exc)
     try:

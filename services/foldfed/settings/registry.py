@@ -309,6 +309,13 @@ class Settings(BaseSettings):
         "FOLDFED_GATE_MIN_MEMBERS", 2, "barrier",
         "gated cycles: the fewest members a cycle starts with", ge=1,
     )  # fmt: skip
+    split_reference_hash: str = _var(
+        "FOLDFED_SPLIT_REFERENCE_HASH", "", "barrier",
+        "gated cycles: the consortium's blind-split reference hash (`foldfed data"
+        " split-reference`); a readiness record reporting another is not admitted; empty:"
+        " not checked",
+        pattern=r"^([0-9a-f]{64})?$",
+    )  # fmt: skip
 
     # --- transfer
     chunk_size: ChunkSize = _var(

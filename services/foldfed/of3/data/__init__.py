@@ -13,7 +13,8 @@ primary ligand and the crop around it), `featurize` (`build_features`: the whole
 company rule, pure), `components` (entries joined by shared labels, pure), `scaffold`
 (ligand scaffolds from the CCD), `plinder` (the real sample's source files), `sample`
 (`prepare_sample`, `open_sample`), `sample_split` (`summary_table`, how far companies
-differ, `repartition`), `commands` (`foldfed data ...`).
+differ, `repartition`), `split_standard` (the blind-split reference hash, pure),
+`commands` (`foldfed data ...`).
 Validation (docs/data_schema.md): `schema` (version, checks, thresholds, inclusion
 criteria; pure), `structure_file` (one mmCIF read with biotite), `plausibility` (RDKit
 sanitization, PoseBusters), `datacard` (the aggregate-only card; pure), `validate`

@@ -6,6 +6,7 @@ Nothing heavy is imported at module level (`foldfed --help` stays fast).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -91,6 +92,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify_card.add_argument("--keyring", required=True, help="the consortium keyring")
     verify_card.set_defaults(func=cmd_verify_card)
 
+    reference = actions.add_parser(
+        "split-reference",
+        help="the blind-split reference hash of a split configuration (docs/operating-model.md)",
+        description=(
+            "Runs the shared reference set through the split with the configuration's key "
+            "and prints the reference hash and the consortium config's [split] table. The "
+            "key is never printed."
+        ),
+    )
+    reference.add_argument("split", help="sample.json, or a JSON with its partition block")
+    reference.add_argument("--json", action="store_true", help="the reference as JSON")
+    reference.set_defaults(func=cmd_split_reference)
+
     show = actions.add_parser("summary", help="print a prepared sample's table")
     show.add_argument("dir", help="sample folder")
     show.set_defaults(func=cmd_summary)
@@ -156,6 +170,34 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from foldfed.of3.data.sample_split import summary_table
 
     print(summary_table(open_sample(Path(args.dir))))
+    return 0
+
+
+def cmd_split_reference(args: argparse.Namespace) -> int:
+    from foldfed.errors import ConfigError
+    from foldfed.of3.data.split_standard import (
+        config_from_partition,
+        consortium_table,
+        split_reference,
+    )
+
+    try:
+        document = json.loads(Path(args.split).read_text())
+        block = document.get("partition", document) if isinstance(document, dict) else None
+        if not isinstance(block, dict):
+            raise ConfigError("not a JSON object with a partition block")
+        reference = split_reference(*config_from_partition(block))
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"foldfed data split-reference: {args.split}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reference.to_json(), indent=1))
+    else:
+        print(f"reference hash {reference.reference_hash}")
+        print(f"  configuration {reference.config_digest}")
+        print(f"  assignment    {reference.assignment_digest}")
+        print()
+        print(consortium_table(reference))
     return 0
 
 
