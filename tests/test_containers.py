@@ -136,10 +136,9 @@ def federation(slim_image: str, broker_image: str) -> Iterator[Federation]:
     }
     compose = up.Project(project, "all", variables=variables)
     try:
-        # The hub first, then the gateways, as `--profile hub` then `--profile gateways`
-        # would: gateways do not depend on the hub in compose.yaml.
-        up.up(compose, HUB, set(WITHOUT), timeout_s=300)
-        up.up(compose, GATEWAYS, set(WITHOUT), timeout_s=300)
+        # Hub and gateways together, as `--profile all up` does: every party's
+        # signing-key one-shot waits for the other parties' public keys (compose.yaml).
+        up.up(compose, HUB + GATEWAYS, set(WITHOUT), timeout_s=300)
         yield Federation(project, steps_of_common_env())
     finally:
         remove_project(project)
@@ -265,6 +264,34 @@ def test_broker_loaded_the_definitions_at_boot(federation: Federation) -> None:
     env = podman("exec", broker, "rabbitmqctl", "-q", "environment")
     assert '{disk_free_limit,"5GB"}' in env
     assert '{load_definitions,"/etc/rabbitmq/definitions/definitions.json"}' in env
+
+
+def test_each_party_signs_with_its_own_key(federation: Federation) -> None:
+    """The aggregator and each uploader hold their own key only (0600, the service's user)
+    and the keyring; the trainer holds none; the hub's state verifies with that keyring."""
+    final_models(federation)  # the cycle is over
+    listing = "import os, sys; d = sys.argv[1]; print(os.path.isdir(d) and sorted(os.listdir(d)))"
+    mode = "import os, sys; s = os.stat(sys.argv[1]); print(oct(s.st_mode & 0o777), s.st_uid)"
+    keys = "/var/lib/foldfed/keys"
+    for service, party in [("aggregator", "hub")] + [
+        (f"{c}-uploader", c) for c in ("company-a", "company-b")
+    ]:
+        container = federation.container(service)
+        held = podman("exec", container, "python3", "-c", listing, keys)
+        assert held == str(sorted(["consortium.keyring", f"{party}.key"])), (service, held)
+        assert (
+            podman("exec", container, "python3", "-c", mode, f"{keys}/{party}.key") == "0o600 10001"
+        )
+    for company in ("company-a", "company-b"):
+        trainer = federation.container(f"{company}-trainer")
+        assert podman("exec", trainer, "python3", "-c", listing, keys) in ("False", "[]")
+        assert "FOLDFED_SIGNING_KEY" not in podman("exec", trainer, "env")
+    aggregator = federation.container("aggregator")
+    out = podman(
+        "exec", aggregator, "foldfed", "verify", "/var/lib/foldfed/aggregator",
+        "--keyring", f"{keys}/consortium.keyring",
+    )  # fmt: skip
+    print(out)
 
 
 def test_trainer_container_has_no_network(federation: Federation) -> None:

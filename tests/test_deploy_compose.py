@@ -15,13 +15,16 @@ import jsonschema
 import pytest
 import yaml
 from test_deploy_localrun import (
+    KEY_VARIABLES,
     REPO,
     Container,
     Processes,
     assert_cycle_complete,
+    assert_hub_state_verifies,
     demo_env_keys,
     dockerfile_entrypoint,
     dockerfile_env,
+    expected_env,
     free_port,
     import_definitions,
     monitor_available,
@@ -195,11 +198,51 @@ def test_compose_env_is_the_demos(tmp_path: Path) -> None:
             assert not unknown, (name, unknown)
     hub, participant = demo_env_keys(tmp_path)
     for name in ("aggregator", "barrier", "monitor"):
-        assert hub <= set(service_env(services[name])), name
+        wanted, unwanted = expected_env(hub, name)
+        env = set(service_env(services[name]))
+        assert wanted <= env and not unwanted & env, (name, wanted - env, unwanted & env)
     for company in ("company-a", "company-b"):
-        assert participant <= set(service_env(services[f"{company}-uploader"]))
+        wanted, unwanted = expected_env(participant, "uploader")
+        uploader = set(service_env(services[f"{company}-uploader"]))
+        assert wanted <= uploader and not unwanted & uploader
+        wanted, unwanted = expected_env(participant - {"FOLDFED_AMQP_URL"}, "trainer")
         trainer = set(service_env(services[f"{company}-trainer"]))
-        assert participant - {"FOLDFED_AMQP_URL"} <= trainer
+        assert wanted <= trainer and not unwanted & trainer
+    assert KEY_VARIABLES <= hub & participant  # what the demo gives is what is checked
+
+
+def test_each_party_holds_its_own_key_only() -> None:
+    """A party's signing-key one-shot makes its key in its own volume; the services that
+    read it mount that volume read-only and name their own key in it; no other service
+    (the trainer, barrier and monitor included) mounts any keys volume; the parties share
+    only the public-keys volume."""
+    services = load_compose()["services"]
+    owners = {"hub": ["aggregator"]} | {c: [f"{c}-uploader"] for c in ("company-a", "company-b")}
+    mounted: dict[str, str] = {}
+    for party, readers in owners.items():
+        one_shot = services[f"{party}-signing-key"]
+        assert one_shot["restart"] == "no" and one_shot["network_mode"] == "none"
+        assert one_shot["command"][:2] == ["signing-key", party]
+        assert one_shot["volumes"] == [
+            f"{party}-keys:/var/lib/foldfed/keys",
+            "public-keys:/var/lib/foldfed/public",
+        ]
+        for reader in readers:
+            service = services[reader]
+            assert f"{party}-keys:/var/lib/foldfed/keys:ro" in service["volumes"]
+            env = service_env(service)
+            assert env["FOLDFED_SIGNING_KEY"] == f"/var/lib/foldfed/keys/{party}.key"
+            assert env["FOLDFED_MEMBER_KEYS"] == "/var/lib/foldfed/keys/consortium.keyring"
+            cond = service["depends_on"][f"{party}-signing-key"]["condition"]
+            assert cond == "service_completed_successfully"
+            mounted[reader] = party
+    for name, service in services.items():
+        keys = [v for v in service.get("volumes", []) if v.split(":")[0].endswith("-keys")]
+        if name in mounted:
+            assert keys == [f"{mounted[name]}-keys:/var/lib/foldfed/keys:ro"], name
+        elif not name.endswith("-signing-key"):
+            assert keys == [], name
+            assert "public-keys" not in str(service.get("volumes", [])), name
 
 
 def test_rabbitmq_conf_is_shared_with_kubernetes() -> None:
@@ -234,15 +277,20 @@ def test_compose_services_run_a_federated_cycle(broker: BrokerHandle, tmp_path: 
     asyncio.run(delete_queues(broker.admin_url, participants))
     processes = Processes(tmp_path / "logs")
 
-    # One-shots first, as compose runs them: definitions, then θ_0 for hub and gateways.
+    # One-shots first, as compose runs them: definitions, then θ_0 for hub and gateways,
+    # and the parties' signing keys, together: each waits for the others' public keys.
     one_shots = [n for n, s in foldfed_services.items() if s.get("restart") == "no"]
+    signing = [n for n in one_shots if n.endswith("-signing-key")]
     assert set(one_shots) == {
         "broker-definitions",
         "hub-initial-model",
         *(f"{p}-initial-model" for p in participants),
+        *(f"{p}-signing-key" for p in ("hub", *participants)),
     }
     for name in one_shots:
-        processes.run_once(containers[name])
+        if name not in signing:
+            processes.run_once(containers[name])
+    processes.run_together([containers[n] for n in signing])
     definitions_out = containers["broker-definitions"].args[2]
     loaded = re.search(
         r"^load_definitions = (\S+)$",
@@ -278,6 +326,7 @@ def test_compose_services_run_a_federated_cycle(broker: BrokerHandle, tmp_path: 
         codes = processes.stop()
         asyncio.run(delete_queues(broker.admin_url, participants))
     assert_cycle_complete(record, participants, steps)
+    assert_hub_state_verifies(processes, containers["aggregator"])
     # Spans went where the image and its volumes put them (FOLDFED_TRACE_DIR). Checked
     # after the graceful stop: the batch exporter writes every 5 s and flushes on SIGTERM,
     # so a quick cycle may have nothing on disk while the services still run.

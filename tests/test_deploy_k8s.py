@@ -21,9 +21,11 @@ from test_deploy_localrun import (
     Container,
     Processes,
     assert_cycle_complete,
+    assert_hub_state_verifies,
     demo_env_keys,
     dockerfile_entrypoint,
     dockerfile_env,
+    expected_env,
     import_definitions,
     monitor_available,
     variables_the_code_reads,
@@ -32,6 +34,9 @@ from test_deploy_localrun import (
 
 from foldfed.demo.observer import RunRecord
 from foldfed.hubctl import delete_queues
+from foldfed.keyfiles import write_keyring, write_private_key
+from foldfed.signing import Keyring, SigningKey
+from foldfed.topology import HUB_ID
 
 from conftest import BrokerHandle
 
@@ -259,12 +264,59 @@ def test_k8s_env_is_the_demos(rendered: dict[str, list[dict[str, Any]]], tmp_pat
                 assert not unknown, (overlay, pod, c["name"], unknown)
                 if c in spec.get("initContainers", []):
                     continue
+                service = c["args"][0]
                 if overlay == "hub":
-                    assert hub <= set(env), (pod, hub - set(env))
+                    wanted, unwanted = expected_env(hub, service)
                 elif c["name"] == "uploader":
-                    assert participant <= set(env), participant - set(env)
+                    wanted, unwanted = expected_env(participant, service)
                 else:
-                    assert participant - {"FOLDFED_AMQP_URL"} <= set(env)
+                    wanted, unwanted = expected_env(participant - {"FOLDFED_AMQP_URL"}, service)
+                names = set(env)
+                assert wanted <= names and not unwanted & names, (
+                    pod,
+                    c["name"],
+                    wanted - names,
+                    unwanted & names,
+                )
+
+
+KEY_SECRETS = {"foldfed-signing-key": "signing.key", "foldfed-keyring": "consortium.keyring"}
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_signing_keys_from_secrets(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """The private key reaches only the process that signs (the aggregator, the uploader),
+    from its Secret (mode 0400) through an init container into a memory volume mounted
+    read-only; the keyring is a read-only Secret volume beside it."""
+    pods = workloads(rendered[overlay])
+    signer = "foldfed-aggregator" if overlay == "hub" else GATEWAY
+    for name, template in pods.items():
+        pod = template["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        secrets = {v["secret"]["secretName"]: v for v in volumes.values() if "secret" in v}
+        if name != signer:
+            assert not set(KEY_SECRETS) & set(secrets), name
+            continue
+        assert secrets["foldfed-signing-key"]["secret"]["defaultMode"] == 0o400
+        assert volumes["signing-key"]["emptyDir"]["medium"] == "Memory"
+        install = next(c for c in pod["initContainers"] if c["args"][0] == "install-key")
+        source, out = install["args"][1], install["args"][3]
+        mounts = {m["name"]: m for m in install["volumeMounts"]}
+        assert source == f"{mounts['signing-key-secret']['mountPath']}/signing.key"
+        assert out.startswith(mounts["signing-key"]["mountPath"] + "/")
+        for c in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            mounts = {m["name"]: m for m in c["volumeMounts"]}
+            if c["args"][0] not in ("aggregator", "uploader"):
+                assert "FOLDFED_SIGNING_KEY" not in env and "signing-key" not in mounts
+                assert "keyring" not in mounts, c["name"]
+                continue
+            assert mounts["signing-key"]["readOnly"] and mounts["keyring"]["readOnly"]
+            assert "signing-key-secret" not in mounts  # only the installed copy
+            assert env["FOLDFED_SIGNING_KEY"] == out
+            keyring_dir = mounts["keyring"]["mountPath"]
+            assert env["FOLDFED_MEMBER_KEYS"] == f"{keyring_dir}/consortium.keyring"
 
 
 # ---------------------------------------------------------------- the local run
@@ -326,8 +378,14 @@ def _pod_containers(
                 source = volume[kind][ref]
                 data = secrets[source] if kind == "secret" else configmaps[source]
                 folder.mkdir(parents=True, exist_ok=True)
+                # The kubelet's mode: defaultMode (0644 if unset), plus group read when
+                # the pod sets an fsGroup (kubernetes/kubernetes#57923).
+                mode = volume[kind].get("defaultMode", 0o644)
+                if "fsGroup" in pod.get("securityContext", {}):
+                    mode |= 0o040
                 for key, value in data.items():
                     (folder / key).write_text(value)
+                    (folder / key).chmod(mode)
                 # a Secret mount's bookkeeping entry, which readers must skip
                 (folder / "..data").mkdir(exist_ok=True)
             folder.mkdir(parents=True, exist_ok=True)
@@ -387,6 +445,7 @@ def test_rendered_containers_run_a_federated_cycle(
     with_monitor = monitor_available()
     if not with_monitor:
         print("foldfed monitor is not available yet: its container is not started")
+    keys = key_secrets(participants, tmp_path / "operator-keys")
     inits: list[Container] = []
     mains: list[Container] = []
     for overlay in OVERLAYS:
@@ -394,6 +453,7 @@ def test_rendered_containers_run_a_federated_cycle(
             "foldfed-hub-amqp": {"url": hub_url},
             "foldfed-participants": urls,
             "foldfed-broker-tls": {"tls.crt": "", "tls.key": "", "ca.crt": ""},
+            **keys[overlay],
         }
         if overlay != "hub":
             secrets["foldfed-gateway-amqp"] = {"url": urls[overlay]}
@@ -405,7 +465,9 @@ def test_rendered_containers_run_a_federated_cycle(
             for c in m
             if with_monitor or not c.name.startswith("hub-foldfed-monitor")
         ]
-    assert len(inits) == 1 + 3 + 2  # definitions; θ_0 for three hub pods and two gateways
+    # definitions; θ_0 for three hub pods and two gateways; the aggregator's and the
+    # uploaders' signing keys
+    assert len(inits) == 1 + 3 + 2 + 1 + 2
     asyncio.run(delete_queues(broker.admin_url, participants))
     processes = Processes(tmp_path / "logs")
     for c in inits:
@@ -432,6 +494,8 @@ def test_rendered_containers_run_a_federated_cycle(
         codes = processes.stop()
         asyncio.run(delete_queues(broker.admin_url, participants))
     assert_cycle_complete(record, participants, steps)
+    aggregator = next(c for c, _ in processes.running.values() if c.args[0] == "aggregator")
+    assert_hub_state_verifies(processes, aggregator)
     # Spans went where the image and its volumes put them (FOLDFED_TRACE_DIR). Checked
     # after the graceful stop: the batch exporter writes every 5 s and flushes on SIGTERM,
     # so a quick cycle may have nothing on disk while the services still run.
@@ -441,3 +505,22 @@ def test_rendered_containers_run_a_federated_cycle(
         assert list(Path(c.env["FOLDFED_TRACE_DIR"]).glob("*.jsonl")), c.name
     assert all(code == 0 for code in codes.values()), codes
     assert len(codes) == 2 + 2 * len(participants) + (1 if with_monitor else 0)
+
+
+def key_secrets(
+    participants: tuple[str, ...], folder: Path
+) -> dict[str, dict[str, dict[str, str]]]:
+    """The key Secrets each operator creates (deploy/k8s/README.md), per overlay: its own
+    party's private key (`foldfed keys generate`) and the consortium keyring."""
+    folder.mkdir(parents=True)
+    parties = {"hub": HUB_ID, **{p: p for p in participants}}
+    keys = {overlay: SigningKey.generate(name) for overlay, name in parties.items()}
+    write_keyring(folder / "keyring", Keyring(tuple(k.verify_key() for k in keys.values()), 1))
+    secrets = {}
+    for overlay, key in keys.items():
+        write_private_key(folder / overlay, key)
+        secrets[overlay] = {
+            "foldfed-signing-key": {"signing.key": (folder / overlay).read_text()},
+            "foldfed-keyring": {"consortium.keyring": (folder / "keyring").read_text()},
+        }
+    return secrets

@@ -67,24 +67,43 @@ def variables_the_code_reads() -> set[str]:
     return names
 
 
-# What the demo sets that the deployment files do not yet: the signing keys of signed
-# manifests and step records (issue 14). The demo provisions them beside the broker users;
-# compose and Kubernetes do not yet, so their hubs run without signature checks (said in
-# docs/threat-model.md, "Not protected yet"). Remove a name here when the files provision it.
-NOT_DEPLOYED_YET = {"FOLDFED_MEMBER_KEYS", "FOLDFED_SIGNING_KEY"}
+# The signing keys (issue 14): `foldfed demo` hands them to every process it starts; the
+# deployment files give a party's private key and the keyring only to the processes the
+# settings registry says read them (least privilege). `expected_env` applies that rule.
+KEY_VARIABLES = {"FOLDFED_MEMBER_KEYS", "FOLDFED_SIGNING_KEY"}
+# The roles a service's process plays: the aggregator runs the ingest too.
+PROCESS_ROLES = {"aggregator": {"aggregator", "ingest"}}
+
+
+def roles_reading(variable: str) -> set[str]:
+    """The roles the settings registry says read `variable`."""
+    from foldfed.settings.registry import Settings
+
+    for f in Settings.model_fields.values():
+        if f.validation_alias == variable:
+            extra = f.json_schema_extra
+            assert isinstance(extra, dict) and isinstance(extra["roles"], list)
+            return {str(r) for r in extra["roles"]}
+    raise AssertionError(f"{variable} is not in the settings registry")
+
+
+def expected_env(demo: set[str], service: str) -> tuple[set[str], set[str]]:
+    """(what a deployed `foldfed <service>` must be given, what it must not): the demo's
+    variables, the key variables only where the registry's roles read them."""
+    roles = PROCESS_ROLES.get(service, {service})
+    kept = {k for k in KEY_VARIABLES if roles & roles_reading(k)}
+    return demo - (KEY_VARIABLES - kept), KEY_VARIABLES - kept
 
 
 def demo_env_keys(tmp: Path) -> tuple[set[str], set[str]]:
-    """The variables `foldfed demo` gives (hub process, participant process), less those
-    the deployment files do not provision yet (NOT_DEPLOYED_YET)."""
+    """The variables `foldfed demo` gives (hub process, participant process)."""
     from foldfed.demo.cluster import FederationSpec, LocalFederation
 
     spec = FederationSpec(("p-a", "p-b"), 2, tmp, common_env={"FOLDFED_SEED": "0"})
     federation = LocalFederation(spec)
     federation.admin_url = "amqp://admin:pw@127.0.0.1:5672/"
     federation.passwords = {"p-a": "x", "p-b": "y"}
-    hub, participant = set(federation.hub_env()), set(federation.participant_env("p-a"))
-    return hub - NOT_DEPLOYED_YET, participant - NOT_DEPLOYED_YET
+    return set(federation.hub_env()), set(federation.participant_env("p-a"))
 
 
 def free_port() -> int:
@@ -171,6 +190,33 @@ class Processes:
         out = done.stdout.decode() + done.stderr.decode()
         assert done.returncode == 0, f"{c.name} {c.args} exited {done.returncode}:\n{out}"
         return out
+
+    def run_together(self, containers: list[Container], timeout: float = 180) -> None:
+        """One-shots that wait for each other (the parties' signing-key steps), as the
+        runtime starts them: all at once; each must exit 0 (the others are killed if one
+        does not)."""
+        for c in containers:
+            self.start(c)
+        deadline = time.monotonic() + timeout
+        codes: dict[str, int | None] = {}
+        try:
+            for c in containers:
+                proc = self.running[c.name][1]
+                try:
+                    codes[c.name] = proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    codes[c.name] = None
+                    break
+        finally:
+            for c in containers:
+                _, proc = self.running.pop(c.name)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        for c in containers:
+            assert codes.get(c.name) == 0, (
+                f"{c.name} {c.args} exited {codes.get(c.name)}:\n{self.log(c.name)}"
+            )
 
     def start(self, c: Container) -> None:
         with open(self.logs / f"{c.name}.log", "ab") as log:
@@ -275,3 +321,18 @@ def import_definitions(broker: object, path: Path) -> None:
     at boot with load_definitions; import_definitions runs the same importer)."""
     ctl = broker.broker.rabbitmqctl  # type: ignore[attr-defined]
     ctl("import_definitions", str(path))
+
+
+def assert_hub_state_verifies(processes: Processes, aggregator: Container) -> None:
+    """The cycle was signed with the provisioned keys: `foldfed verify` checks the
+    aggregator's state folder (member signatures, the hub's step records, the sums) with
+    the keyring the aggregator was given."""
+    env = aggregator.env
+    out = processes.run_once(
+        Container(
+            "verify",
+            ["verify", env["FOLDFED_STATE_DIR"], "--keyring", env["FOLDFED_MEMBER_KEYS"]],
+            {},
+        )
+    )
+    print(out)

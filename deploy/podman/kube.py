@@ -315,6 +315,21 @@ def self_signed(host: str, folder: Path) -> dict[str, bytes]:
     return {"tls.crt": crt.read_bytes(), "tls.key": key.read_bytes(), "ca.crt": crt.read_bytes()}
 
 
+def signing_keys(parties: list[str], folder: Path) -> tuple[dict[str, bytes], bytes]:
+    """Each party's private key file and the consortium keyring, made as the operators
+    make them (`foldfed keys generate`, `foldfed keys keyring`; deploy/k8s/README.md)."""
+    foldfed = [sys.executable, "-m", "foldfed.cli", "keys"]
+    keys = folder / "keys"
+    for party in parties:
+        generate = [*foldfed, "generate", party, "--out", str(keys)]
+        subprocess.run(generate, capture_output=True, check=True, timeout=120)
+    publics = [str(keys / f"{p}.pub") for p in parties]
+    ring = [*foldfed, "keyring", *publics, "--threshold", "1", "--out", str(keys / "keyring")]
+    subprocess.run(ring, capture_output=True, check=True, timeout=120)
+    private = {p: (keys / f"{p}.key").read_bytes() for p in parties}
+    return private, (keys / "keyring").read_bytes()
+
+
 @dataclass
 class Federation:
     """One run: the hub overlay and company overlays, played under one prefix."""
@@ -354,6 +369,12 @@ class Federation:
         self.secret(hub + "foldfed-hub-amqp", {"url": plain.encode()})
         self.secret(hub + "foldfed-participants", {c: u.encode() for c, u in public.items()})
         self.secret(hub + "foldfed-broker-tls", tls)
+        # The hub's key is named `hub` (foldfed.topology.HUB_ID), each company's by its id.
+        private, keyring = signing_keys(["hub", *self.companies], self.workdir)
+        for overlay in ["hub", *self.companies]:
+            prefix = self.prefix(overlay)
+            self.secret(prefix + "foldfed-signing-key", {"signing.key": private[overlay]})
+            self.secret(prefix + "foldfed-keyring", {"consortium.keyring": keyring})
         for company in self.companies:
             url = public[company] + "?cafile=/etc/foldfed/tls/ca.crt"
             self.secret(self.prefix(company) + "foldfed-gateway-amqp", {"url": url.encode()})

@@ -1,5 +1,6 @@
-"""`foldfed health`, `foldfed broker-definitions` and `foldfed initial-model`: the commands a
-container deployment runs besides the services (probes and one-shot init steps)."""
+"""`foldfed health`, `foldfed broker-definitions`, `foldfed initial-model`, `foldfed
+signing-key` and `foldfed install-key`: the commands a container deployment runs besides
+the services (probes and one-shot init steps)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,39 @@ def cmd_initial_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_signing_key(args: argparse.Namespace) -> int:
+    from foldfed.deploy.signingkeys import provision
+    from foldfed.errors import ConfigError
+    from foldfed.settings import load
+    from foldfed.topology import HUB_ID
+
+    if args.members:
+        members = [m.strip() for m in args.members.split(",") if m.strip()]
+    else:  # the cycle's participants, then the hub: the keyring `foldfed demo` makes
+        participants = load().participants
+        if not participants:
+            raise ConfigError("signing-key needs --members or FOLDFED_PARTICIPANTS")
+        members = [*participants, HUB_ID]
+    provision(
+        args.name,
+        members,
+        Path(args.keys_dir),
+        Path(args.public_dir),
+        threshold=args.threshold,
+        wait_s=args.wait,
+        say=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
+def cmd_install_key(args: argparse.Namespace) -> int:
+    from foldfed.deploy.signingkeys import install
+
+    key = install(Path(args.source), Path(args.out))
+    print(f"installed {args.out}: {key.name}, keyid {key.keyid}", flush=True)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     health = sub.add_parser(
         "health", help="probe a service's /readyz (or /healthz): exit 0 when it answers 200"
@@ -115,3 +149,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     model.add_argument("--seed", type=int, default=None, help="default: FOLDFED_SEED or 0")
     model.add_argument("--if-missing", action="store_true", help="keep an existing file")
     model.set_defaults(func=cmd_initial_model)
+
+    signing = sub.add_parser(
+        "signing-key",
+        help="keep or make this party's Ed25519 key, share its public key, write the keyring",
+    )
+    signing.add_argument("name", help="this party: its participant id, or hub")
+    signing.add_argument("--keys-dir", required=True, help="folder of NAME.key and the keyring")
+    signing.add_argument("--public-dir", required=True, help="folder the parties' .pub share")
+    signing.add_argument(
+        "--members", default="", help="comma-separated (default: FOLDFED_PARTICIPANTS, hub)"
+    )
+    signing.add_argument("--threshold", type=int, default=1, help="M approvals (keyring)")
+    signing.add_argument("--wait", type=float, default=600.0, help="seconds to wait for keys")
+    signing.set_defaults(func=cmd_signing_key)
+
+    install = sub.add_parser(
+        "install-key", help="copy a private key file (e.g. a Secret's) to a 0600 file"
+    )
+    install.add_argument("source", help="the private key file to copy")
+    install.add_argument("--out", required=True, help="where the service reads it")
+    install.set_defaults(func=cmd_install_key)
