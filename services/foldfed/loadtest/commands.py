@@ -20,6 +20,8 @@ ALL = (
     "late-joiner",
     "seed-straggler",
     "seed-straggler-500",
+    "peer-5x256",
+    "long-run",
 )
 
 
@@ -51,6 +53,7 @@ def scenario_paths(arg: str, smoke: bool = False) -> list[Path]:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from foldfed.demo.interrupts import StopOnSignals, exit_status
     from foldfed.errors import FoldfedError
+    from foldfed.loadtest.footprint_report import result_line
     from foldfed.loadtest.report import write_index, write_report
     from foldfed.loadtest.runner import SharedBroker, default_root, run_scenario
     from foldfed.loadtest.scenario import ScenarioError, load_scenario
@@ -99,6 +102,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                         verdict = check.verdict(scenario.smoke_run)
                         print(f"  [{verdict}] {check.name}: {check.detail}")
                     print(f"  report: {report}")
+                    print(f"  {result_line(result)}")
             finally:
                 shared.stop()
     except KeyboardInterrupt as exc:

@@ -207,3 +207,50 @@ def links_added_s(
     off = {m.step: m.wall_s for m in free}
     wanted = set(steps)
     return {m.step: m.wall_s - off[m.step] for m in linked if m.step in wanted and m.step in off}
+
+
+@dataclass(frozen=True)
+class StepPhases:
+    """Where one step's wall time went, along its critical path (the last site to deliver),
+    run seconds. The parts add up to the step's wall time, release to release."""
+
+    step: int
+    site: str
+    # Release → the site's delta handed to its uploader, minus compute: receiving the
+    # release and the update, applying it (θ_t built and committed), writing the delta and
+    # the spool hand-offs. What remains once the measured parts are taken out.
+    before_upload_s: float
+    compute_s: float
+    # The upload's chunk pipeline (first chunk published → last confirmed) ...
+    upload_send_s: float
+    # ... and the rest of the upload: code, manifest, have round trip, the hub's ingest of
+    # the tail, the receipt.
+    upload_rest_s: float
+    # Last delivery recorded → next release: finalize's tail, commit, release.
+    hub_s: float
+
+    @property
+    def wall_s(self) -> float:
+        return (
+            self.before_upload_s
+            + self.compute_s
+            + self.upload_send_s
+            + self.upload_rest_s
+            + self.hub_s
+        )
+
+
+def step_phases(step: MeasuredStep) -> StepPhases:
+    site = step.last
+    obs = step.participants.get(site, ParticipantObs())
+    arrive = step.arrive_s[site]
+    send = min(obs.upload_send_s, obs.upload_s)
+    return StepPhases(
+        step=step.step,
+        site=site,
+        before_upload_s=arrive - obs.upload_s - obs.compute_s,
+        compute_s=obs.compute_s,
+        upload_send_s=send,
+        upload_rest_s=obs.upload_s - send,
+        hub_s=step.hub_s,
+    )
