@@ -157,7 +157,7 @@ def sums_section(r: RunResult) -> list[str]:
         "numpy in float64 from the files' bytes (loadtest/sums.py). Tolerance per element: "
         "P x 2^-24 / (2 W) (the fixed-point grid) + half a float32 ulp of the mean.",
         "",
-        "| step | elements | beyond tolerance | worst |update - mean| / tolerance | |",
+        "| step | elements | beyond tolerance | worst abs(update - mean) / tolerance | verdict |",
         "|---|---|---|---|---|",
     ]
     for x in r.sums:
