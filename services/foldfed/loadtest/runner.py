@@ -566,6 +566,11 @@ def _run_one(
 ) -> RunResult:
     """One scenario run (and, when its expectations need one, an undisturbed reference)."""
     timeout = 120.0 + 4 * sum(p.wall_s for p in plan_run(scenario)) / scenario.time_scale
+    # The services' own time, which the plan leaves out (it is all there is on unlimited
+    # links with no compute): per step, a floor of 10 MB/s for every delta's bytes through
+    # a loaded 2-core machine, and 10 s of hand-offs.
+    per_step = 10.0 + len(scenario.names) * scenario.delta_bytes_run / 10e6
+    timeout += per_step * scenario.total_steps
     reference = ""
     if scenario.expect.same_digest_as_undisturbed:
         say(f"{scenario.name}: undisturbed reference run")
