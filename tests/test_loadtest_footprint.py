@@ -26,7 +26,13 @@ from foldfed.loadtest.footprint_report import result_line
 from foldfed.loadtest.sampler import disk_bytes, process_trees, rss_bytes
 from foldfed.loadtest.scenario import ScenarioError, parse_scenario
 from foldfed.loadtest.sums import block_errors, check_run, check_step
-from foldfed.loadtest.timeline import MeasuredStep, ParticipantObs, StepObs, step_phases
+from foldfed.loadtest.timeline import (
+    MeasuredStep,
+    ParticipantObs,
+    SpoolTimes,
+    StepObs,
+    step_phases,
+)
 from foldfed.loadtest.verdicts import RunResult, disk_bound_bytes
 from foldfed.loadtest.verdicts import check_run as verdicts_of
 
@@ -228,3 +234,18 @@ def test_the_sampler_reads_proc_and_the_disk(tmp_path: Path) -> None:
     (tmp_path / "a" / "b" / "f").write_bytes(b"x" * 10000)
     assert disk_bytes(tmp_path) >= 10000
     assert disk_bytes(tmp_path / "missing") == 0
+
+
+def test_with_the_spool_s_file_times_the_hand_off_is_measured_not_inferred() -> None:
+    # The receipt reached the site 2 s after the hub recorded the delivery (it queued
+    # behind the update's chunks): upload_s ends there, the hand-off does not.
+    obs = ParticipantObs(compute_s=0.5, upload_s=6.0, upload_send_s=2.0)
+    step = MeasuredStep(1, 1, 6.0, {"site-a": 5.0}, {}, 1.0, {"site-a": obs})
+    p = step_phases(step, opened_ms=10_000, spool=SpoolTimes(12_000, 17_000))
+    assert (p.before_upload_s, p.compute_s, p.upload_send_s, p.upload_rest_s) == (
+        1.5,
+        0.5,
+        2.0,
+        1.0,
+    )
+    assert p.receipt_after_s == 2.0 and p.wall_s == pytest.approx(6.0)

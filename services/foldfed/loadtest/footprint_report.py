@@ -45,36 +45,42 @@ def phases_section(r: RunResult) -> list[str]:
     if not r.steps:
         return []
     S = r.scenario.time_scale
-    rows = [step_phases(m) for m in r.steps]
+    rows = [
+        step_phases(m, r.opened_ms.get(m.step), r.spool_times.get((m.step, m.last)))
+        for m in r.steps
+    ]
     out = [
         "## Where a step's time goes (critical path: the last site to deliver)",
         "",
         "Each row adds up to the step's wall time, release to release (barrier records, hub "
-        "clock; participants' upload events). 'before upload' is release → the site's delta "
-        "handed to its uploader, minus compute: receiving the release and the previous "
-        "update, applying it (θ_t built and committed), writing the delta, the spool "
-        "hand-offs. With progressive finalize the update's chunks are broadcast while the "
-        "deltas are still arriving, so the broadcast overlaps the uploads; what is left of "
-        "it is in 'before upload'. 'upload, pipeline' is first chunk published → last "
-        "confirmed; 'upload, rest' the coding, manifest and have round trip before it and the "
-        "hub's ingest of the tail and the receipt after it; 'hub' is the last delivery "
-        "recorded → the next release (finalize's tail, commit, StepFinalized, release). "
-        f"Seconds x S (S = {S:g}).",
+        "clock). 'receive + apply + write' is the release → the site's delta handed to its "
+        "uploader (the mtime of `outbox/delta-<t>.json`), minus compute: receiving the "
+        "release and the previous update, applying it (θ_t built and committed), writing the "
+        "delta. 'upload, pipeline' is the chunk pipeline (first chunk published → last "
+        "confirmed); 'upload, rest' what else lies between the hand-off and the delivery "
+        "recorded at the hub: the uploader's pick-up, the manifest and have round trip, the "
+        "hub's ingest of the tail. 'hub' is the last delivery recorded → the next release "
+        "(finalize's tail, commit, StepFinalized, release). With progressive finalize the "
+        "update's chunks are broadcast while the deltas arrive; each site's receipt queues "
+        "behind them on its one queue, so the last column (not in the sum) is the delivery "
+        "at the hub → the receipt at the site (the `.sent` rename): mostly the update's "
+        f"download. Seconds x S (S = {S:g}).",
         "",
-        "| step | last site | before upload (receive + apply + write) | compute | upload, "
-        "pipeline | upload, rest (ingest tail, receipt) | hub (finalize tail + release) | "
-        "wall |",
-        "|---|---|---|---|---|---|---|---|",
+        "| step | last site | receive + apply + write | compute | upload, pipeline | "
+        "upload, rest (pick-up, manifest, ingest tail) | hub (finalize tail + release) | "
+        "wall | receipt at the site after the hub's record |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(label: str, site: str, p: list[StepPhases]) -> str:
         def mean(key: str) -> str:
-            return f"{statistics.fmean(getattr(x, key) for x in p) * S:.2f} s"
+            values = [getattr(x, key) for x in p if getattr(x, key) is not None]
+            return f"{statistics.fmean(values) * S:.2f} s" if values else "-"
 
         return (
             f"| {label} | {site} | {mean('before_upload_s')} | {mean('compute_s')} | "
             f"{mean('upload_send_s')} | {mean('upload_rest_s')} | {mean('hub_s')} | "
-            f"{mean('wall_s')} |"
+            f"{mean('wall_s')} | {mean('receipt_after_s')} |"
         )
 
     shown = rows if len(rows) <= 12 else rows[:5] + rows[-5:]

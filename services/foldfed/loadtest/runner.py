@@ -42,7 +42,13 @@ from foldfed.loadtest.predict import plan_run
 from foldfed.loadtest.sampler import FootprintSampler
 from foldfed.loadtest.scenario import MIB, Scenario
 from foldfed.loadtest.sums import check_run as check_sums
-from foldfed.loadtest.timeline import ParticipantObs, goodput, measure, overhead_s
+from foldfed.loadtest.timeline import (
+    ParticipantObs,
+    SpoolTimes,
+    goodput,
+    measure,
+    overhead_s,
+)
 from foldfed.loadtest.verdicts import RunResult, check_codec_runs, check_run
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 from foldfed.settings import env_for, load
@@ -452,6 +458,8 @@ class Run:
             notes=list(self.notes),
             monitor=self.monitor,
         )
+        result.opened_ms = {obs.step: obs.opened_ms for obs in history}
+        result.spool_times = self._spool_times(list(metrics))
         samples = self.sampler.samples if self.sampler else []
         result.rss = rss_peak(samples)
         result.disk = disk_per_step(samples, history)
@@ -471,6 +479,20 @@ class Run:
             uploads = [metrics[k] for k in sorted(metrics) if k[1] == gp]
             result.goodput = goodput(uploads, p.bandwidth_bps, self.s.chunk_mib * MIB)
         return result
+
+    def _spool_times(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], SpoolTimes]:
+        """Per (step, participant): when its delta was handed to the uploader (the mtime of
+        its description, `outbox/delta-<t>.json`, kept as `.sent`: a rename keeps it) and
+        marked sent (the rename's ctime, after the hub's receipt came)."""
+        out: dict[tuple[int, str], SpoolTimes] = {}
+        for step, name in keys:
+            sent = self.fed.spool_of(name) / "outbox" / f"delta-{step:012d}.sent"
+            try:
+                st = sent.stat()
+            except OSError:
+                continue
+            out[(step, name)] = SpoolTimes(st.st_mtime_ns // 1_000_000, st.st_ctime_ns // 1_000_000)
+        return out
 
 
 def sim_settings(scenario: Scenario, name: str) -> SimSettings:

@@ -21,7 +21,13 @@ from foldfed.loadtest.comm import codec_figures
 from foldfed.loadtest.footprint import DiskGrowth, RssPeak, StepDisk
 from foldfed.loadtest.predict import StepPlan, relative_error, totals, transfer_run_seconds
 from foldfed.loadtest.scenario import MIB, Scenario
-from foldfed.loadtest.timeline import Goodput, MeasuredStep, idle_totals, straggler_real_idle
+from foldfed.loadtest.timeline import (
+    Goodput,
+    MeasuredStep,
+    SpoolTimes,
+    idle_totals,
+    straggler_real_idle,
+)
 
 if TYPE_CHECKING:
     from foldfed.loadtest.sums import StepSum
@@ -75,6 +81,10 @@ class RunResult:
     growth: DiskGrowth | None = None
     # expect.exact_sums: each step's update against the participants' deltas (sums.py).
     sums: list[StepSum] | None = None
+    # Each step's release (hub clock, ms) and each (step, participant)'s spool times:
+    # where a step's time goes (timeline.step_phases).
+    opened_ms: dict[int, int] = field(default_factory=dict)
+    spool_times: dict[tuple[int, str], SpoolTimes] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
