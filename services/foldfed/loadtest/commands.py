@@ -37,8 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # The smoke set leaves out seed-straggler-500: it is seed-straggler at another scale, and
-# a few steps of it show nothing more.
-SMOKE = tuple(name for name in ALL if name != "seed-straggler-500")
+# a few steps of it show nothing more; and long-run, whose 10-step smoke costs ~30 s here
+# (mostly its twelve processes' start-up) for what the footprint unit tests and every
+# other smoke's disk series already cover (tests/test_loadtest_footprint.py).
+SMOKE = tuple(name for name in ALL if name not in ("seed-straggler-500", "long-run"))
 
 
 def scenario_paths(arg: str, smoke: bool = False) -> list[Path]:

@@ -58,16 +58,18 @@ def phases_section(r: RunResult) -> list[str]:
         "release and the previous update, applying it (θ_t built and committed), writing the "
         "delta. 'upload, pipeline' is the chunk pipeline (first chunk published → last "
         "confirmed); 'upload, rest' what else lies between the hand-off and the delivery "
-        "recorded at the hub: the uploader's pick-up, the manifest and have round trip, the "
-        "hub's ingest of the tail. 'hub' is the last delivery recorded → the next release "
-        "(finalize's tail, commit, StepFinalized, release). With progressive finalize the "
+        "recorded at the hub: the uploader's pick-up, the manifest and have round trip, and "
+        "above all the hub's ingest draining the chunks the broker already confirmed "
+        "(verify, store durably, add to the sum). 'hub' is the last delivery recorded → "
+        "the next release (finalize's tail, commit, StepFinalized, release). With progressive finalize the "
         "update's chunks are broadcast while the deltas arrive; each site's receipt queues "
         "behind them on its one queue, so the last column (not in the sum) is the delivery "
         "at the hub → the receipt at the site (the `.sent` rename): mostly the update's "
         f"download. Seconds x S (S = {S:g}).",
         "",
         "| step | last site | receive + apply + write | compute | upload, pipeline | "
-        "upload, rest (pick-up, manifest, ingest tail) | hub (finalize tail + release) | "
+        "upload, rest (pick-up, manifest, the hub's ingest behind the pipeline) | "
+        "hub (finalize tail + release) | "
         "wall | receipt at the site after the hub's record |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
