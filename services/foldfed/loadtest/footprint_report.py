@@ -61,8 +61,8 @@ def phases_section(r: RunResult) -> list[str]:
         "recorded at the hub: the uploader's pick-up, the manifest and have round trip, and "
         "above all the hub's ingest draining the chunks the broker already confirmed "
         "(verify, store durably, add to the sum). 'hub' is the last delivery recorded → "
-        "the next release (finalize's tail, commit, StepFinalized, release). With progressive finalize the "
-        "update's chunks are broadcast while the deltas arrive; each site's receipt queues "
+        "the next release (finalize's tail, commit, StepFinalized, release). With "
+        "progressive finalize the update's chunks are broadcast while the deltas arrive; each site's receipt queues "
         "behind them on its one queue, so the last column (not in the sum) is the delivery "
         "at the hub → the receipt at the site (the `.sent` rename): mostly the update's "
         f"download. Seconds x S (S = {S:g}).",
