@@ -20,10 +20,11 @@ from foldfed.loadtest.footprint import (
     StepDisk,
     disk_per_step,
     growth_after_warmup,
+    is_kept_record,
     rss_peak,
 )
 from foldfed.loadtest.footprint_report import result_line
-from foldfed.loadtest.sampler import disk_bytes, process_trees, rss_bytes
+from foldfed.loadtest.sampler import disk_bytes, disk_usage, process_trees, rss_bytes
 from foldfed.loadtest.scenario import ScenarioError, parse_scenario
 from foldfed.loadtest.sums import block_errors, check_run, check_step
 from foldfed.loadtest.timeline import (
@@ -78,8 +79,13 @@ def test_disk_per_step_takes_each_step_s_peak_between_its_release_and_the_next()
     assert series[1].total == 10
 
 
-def _series(levels: list[int]) -> list[StepDisk]:
-    return [StepDisk(i + 1, level, 100, 0, 1) for i, level in enumerate(levels)]
+def _series(levels: list[int], records_per_step: int = 0) -> list[StepDisk]:
+    """Hub bytes `levels`, participants 100, plus records growing by `records_per_step`."""
+    out = []
+    for i, level in enumerate(levels):
+        records = records_per_step * (i + 1)
+        out.append(StepDisk(i + 1, level + records, 100, 0, 1, records, level + 100))
+    return out
 
 
 def test_flat_disk_has_no_growth_whatever_the_warm_up_did() -> None:
@@ -91,8 +97,38 @@ def test_flat_disk_has_no_growth_whatever_the_warm_up_did() -> None:
 
 def test_a_level_that_climbs_every_step_is_growth() -> None:
     g = growth_after_warmup(_series([1000 + 50 * i for i in range(40)]), warmup=10)
-    assert g.total == 50 * 20 and g.hub == 50 * 20 and g.participants == 0
-    assert g.slope_per_step == pytest.approx(50.0)
+    assert g.bulk == g.total == 50 * 20 and g.hub == 50 * 20 and g.participants == 0
+    assert g.slope_per_step == pytest.approx(50.0) and g.records_per_step == 0
+
+
+def test_the_records_kept_for_ever_grow_apart_from_what_retention_bounds() -> None:
+    g = growth_after_warmup(_series([500] * 60, records_per_step=20), warmup=20)
+    assert g.bulk == 0 and g.slope_per_step == 0
+    assert g.records_per_step == pytest.approx(20.0) and g.total == 20 * 30
+
+
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [
+        ("store/manifests/000000000003/site-a.manifest", True),
+        ("records/step-000000000003.dsse.json", True),
+        ("barrier.sqlite3", True),
+        ("ingest.sqlite3-wal", True),
+        ("uploads/step-000000000003/manifest.pb", True),
+        ("coding/delta-000000000003.manifest", True),
+        ("coding/step-000000000003.json", True),
+        ("outbox/delta-000000000003.sent", True),
+        ("inbox/release-000000000004.json", True),
+        ("store/chunks/ab/abcdef", False),
+        ("models/model-000000000003.safetensors", False),
+        ("updates/update-000000000003.safetensors", False),
+        ("outbox/delta-000000000003.safetensors", False),
+        ("uploads/step-000000000003/confirmed", False),
+        ("inbox/update-000000000004.safetensors", False),
+    ],
+)
+def test_which_files_are_the_records_kept_for_ever(path: str, kept: bool) -> None:
+    assert is_kept_record(path) is kept
     # Too few steps after warm-up: nothing judged.
     assert growth_after_warmup(_series([1, 2, 3]), warmup=2).judged_steps == 1
 
@@ -234,6 +270,10 @@ def test_the_sampler_reads_proc_and_the_disk(tmp_path: Path) -> None:
     (tmp_path / "a" / "b" / "f").write_bytes(b"x" * 10000)
     assert disk_bytes(tmp_path) >= 10000
     assert disk_bytes(tmp_path / "missing") == 0
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / "delta-000000000001.sent").write_text("{}")
+    usage = disk_usage(tmp_path)
+    assert 0 < usage.records < usage.total
 
 
 def test_with_the_spool_s_file_times_the_hand_off_is_measured_not_inferred() -> None:

@@ -16,15 +16,42 @@ t's release and t+1's.
   median of the `window` steps right after warm-up. Medians, not the extremes: a step's
   peak depends on where in the step a sample fell, and what retention must keep flat is
   the level, not one sample.
+- records: what the policy keeps for ever for audit (docs/retention.md: manifests, signed
+  step records, the SQLite logs, a participant's sent and release records), a few small
+  files per step that grow with the number of steps by design. They are counted apart
+  (`is_kept_record`), and the growth is judged on the rest: the chunks, deltas, updates
+  and models that retention bounds.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from foldfed.loadtest.timeline import StepObs
+
+# Paths (relative to the hub's state folder or a spool) that docs/retention.md keeps for
+# ever: audit records, small, one or a few per step.
+_KEPT_RECORDS = re.compile(
+    r"""(
+        store/manifests/.*                # the hub: every member's manifest
+      | records/step-\d+\.dsse\.json       # the hub's signed step records
+      | [^/]*\.sqlite3(-wal|-shm)?         # the hub's ledger and barrier logs
+      | uploads/step-\d+/manifest\.pb      # a participant: what it sent ...
+      | coding/(delta-\d+\.manifest|step-\d+\.json)
+      | outbox/[^/]*\.sent
+      | inbox/release-\d+\.json            # ... and what it was released
+    )""",
+    re.VERBOSE,
+)
+
+
+def is_kept_record(relative_path: str) -> bool:
+    """Whether a file (its path under the hub's state folder or a spool) is one of the
+    records the retention policy keeps for ever."""
+    return _KEPT_RECORDS.fullmatch(relative_path) is not None
 
 
 @dataclass(frozen=True)
@@ -37,6 +64,8 @@ class Sample:
     hub_disk: int = 0
     participants_disk: int = 0
     broker_disk: int = 0
+    # Of hub_disk + participants_disk: the records kept for ever (`is_kept_record`).
+    records_disk: int = 0
 
     @property
     def hub_rss_total(self) -> int:
@@ -70,10 +99,14 @@ class StepDisk:
     participants: int
     broker: int
     samples: int
+    # Records kept for ever (hub and participants), at the same sample as `bulk`'s peak.
+    records: int = 0
+    # Hub and participants without those records: what retention bounds.
+    bulk: int = 0
 
     @property
     def total(self) -> int:
-        """Hub and participants: what retention bounds (the broker's store is apart)."""
+        """Hub and participants, everything (the broker's store is apart)."""
         return self.hub + self.participants
 
 
@@ -88,6 +121,7 @@ def disk_per_step(samples: Iterable[Sample], steps: Iterable[StepObs]) -> list[S
         inside = [s for s in ordered if obs.opened_ms <= s.at_ms < obs.released_ms]
         if not inside:
             continue
+        top = max(inside, key=lambda s: s.hub_disk + s.participants_disk - s.records_disk)
         out.append(
             StepDisk(
                 step=obs.step,
@@ -95,6 +129,8 @@ def disk_per_step(samples: Iterable[Sample], steps: Iterable[StepObs]) -> list[S
                 participants=max(s.participants_disk for s in inside),
                 broker=max(s.broker_disk for s in inside),
                 samples=len(inside),
+                records=top.records_disk,
+                bulk=top.hub_disk + top.participants_disk - top.records_disk,
             )
         )
     return out
@@ -102,13 +138,17 @@ def disk_per_step(samples: Iterable[Sample], steps: Iterable[StepObs]) -> list[S
 
 @dataclass(frozen=True)
 class DiskGrowth:
-    """Growth of the disk level after warm-up (bytes; hub + participants and each part)."""
+    """Growth of the disk level after warm-up, bytes: what retention bounds (`bulk`: hub
+    and participants without the records kept for ever), everything, and each part."""
 
+    bulk: int
     total: int
     hub: int
     participants: int
-    # Least squares slope of the total over the steps after warm-up, bytes per step.
+    # Least squares slopes over the steps after warm-up, bytes per step: of the bulk, and
+    # of the records kept for ever (the audit trail's cost per step).
     slope_per_step: float
+    records_per_step: float
     warmup: int
     window: int
     judged_steps: int
@@ -118,7 +158,7 @@ def growth_after_warmup(series: Sequence[StepDisk], warmup: int, window: int = 1
     """See the module docstring; `window` shrinks to half of what follows warm-up."""
     after = [d for d in series if d.step > warmup]
     if len(after) < 2:
-        return DiskGrowth(0, 0, 0, 0.0, warmup, 0, len(after))
+        return DiskGrowth(0, 0, 0, 0, 0.0, 0.0, warmup, 0, len(after))
     window = max(1, min(window, len(after) // 2))
     head, tail = after[:window], after[-window:]
 
@@ -128,11 +168,14 @@ def growth_after_warmup(series: Sequence[StepDisk], warmup: int, window: int = 1
 
         return round(level(tail) - level(head))
 
+    steps = [d.step for d in after]
     return DiskGrowth(
+        bulk=rise("bulk"),
         total=rise("total"),
         hub=rise("hub"),
         participants=rise("participants"),
-        slope_per_step=_slope([d.step for d in after], [d.total for d in after]),
+        slope_per_step=_slope(steps, [d.bulk for d in after]),
+        records_per_step=_slope(steps, [d.records for d in after]),
         warmup=warmup,
         window=window,
         judged_steps=len(after),

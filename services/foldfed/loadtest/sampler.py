@@ -15,9 +15,10 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from foldfed.loadtest.footprint import Sample
+from foldfed.loadtest.footprint import Sample, is_kept_record
 from foldfed.messages import now_ms
 
 # Hub processes by name -> PID (None: not running now).
@@ -67,12 +68,15 @@ class FootprintSampler:
 
     def sample(self) -> Sample:
         rss = {name: sum(rss_bytes(pid) for pid in pids) for name, pids in self._trees.items()}
+        hub = disk_usage(self._hub_dir)
+        spools = [disk_usage(p) for p in self._spools]
         return Sample(
             at_ms=now_ms(),
             hub_rss=rss,
-            hub_disk=disk_bytes(self._hub_dir),
-            participants_disk=sum(disk_bytes(p) for p in self._spools),
-            broker_disk=disk_bytes(self._broker_dir) if self._broker_dir else 0,
+            hub_disk=hub.total,
+            participants_disk=sum(u.total for u in spools),
+            broker_disk=disk_usage(self._broker_dir).total if self._broker_dir else 0,
+            records_disk=hub.records + sum(u.records for u in spools),
         )
 
 
@@ -120,11 +124,19 @@ def process_trees(roots: Mapping[str, int | None]) -> dict[str, list[int]]:
     return trees
 
 
-def disk_bytes(folder: Path) -> int:
+@dataclass(frozen=True)
+class DiskUsage:
+    total: int
+    # Of which the records the retention policy keeps for ever (footprint.is_kept_record).
+    records: int
+
+
+def disk_usage(folder: Path) -> DiskUsage:
     """Allocated bytes of every file under `folder` (0 if it does not exist). Files that
     vanish during the walk (GC, renames) are skipped."""
-    total = 0
+    total = records = 0
     todo = [str(folder)]
+    root = len(str(folder)) + 1
     while todo:
         path = todo.pop()
         try:
@@ -136,5 +148,12 @@ def disk_bytes(folder: Path) -> int:
                 if entry.is_dir(follow_symlinks=False):
                     todo.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
+                    size = entry.stat(follow_symlinks=False).st_blocks * 512
+                    total += size
+                    if is_kept_record(entry.path[root:]):
+                        records += size
+    return DiskUsage(total, records)
+
+
+def disk_bytes(folder: Path) -> int:
+    return disk_usage(folder).total
