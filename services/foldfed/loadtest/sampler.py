@@ -4,9 +4,10 @@ descendants) and the bytes on disk of the hub's state folder, the participants' 
 and the broker's data folder (allocated blocks, `st_blocks` x 512). footprint.py turns
 the samples into figures.
 
-Linux only (/proc). The process tree is re-read every `REFRESH_EVERY` samples, not every
-sample: walking /proc costs CPU on a shared 2-core machine, and a process started since
-(a restarted service) is picked up at the next refresh.
+Linux only (/proc). The hub's own processes are looked up every sample (a service that
+just started counts at once); their descendants are re-read from /proc every
+`REFRESH_EVERY` samples and whenever a root changes, not every sample: walking /proc costs
+CPU on a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ class FootprintSampler:
 
     def _loop(self) -> None:
         count = 0
+        roots: Mapping[str, int | None] = {}
         while not self._stop.is_set():
-            if count % REFRESH_EVERY == 0:
-                self._trees = process_trees(self._hub_pids())
+            # The roots every sample (a service just started counts at once), their
+            # children every REFRESH_EVERY samples.
+            now = self._hub_pids()
+            if now != roots or count % REFRESH_EVERY == 0:
+                roots = now
+                self._trees = process_trees(roots)
             self.samples.append(self.sample())
             count += 1
             self._stop.wait(self._interval_s)
