@@ -286,7 +286,11 @@ class Run:
         disk of the hub, the participants' spools and the broker while the run lasts."""
 
         def hub_pids() -> dict[str, int | None]:
-            pids: dict[str, int | None] = {"rabbitmq": self.shared.broker.status().pid}
+            try:
+                beam = self.shared.broker.status().pid
+            except (OSError, FoldfedError):  # mid-restart (broker_restart): none now
+                beam = None
+            pids: dict[str, int | None] = {"rabbitmq": beam}
             for name in HUB_PROCESSES:
                 process = self.fed.processes.get(name)
                 pids[name] = process.proc.pid if process and process.alive() else None
