@@ -66,7 +66,7 @@ demo: setup
 demo-of3: setup $(STAMP_OF3)
 	$(VENV)/bin/foldfed demo --model openfold3-tiny --steps 3
 
-# Every load-test scenario against the real services (< 15 min); reports in var/loadtest/.
+# Every load-test scenario against the real services (under 25 min); reports in var/loadtest/.
 loadtest: setup
 	$(VENV)/bin/foldfed loadtest all
 

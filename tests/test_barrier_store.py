@@ -340,3 +340,15 @@ def test_the_cycles_terms_survive_reopening(db: Path) -> None:
         assert state.weights == (4096.0,) * len(MEMBERS) and state.update_norm_bound == 2.5
         (release,) = store.pending_effects() or (None,)
         assert release is None or release.weights == state.weights
+
+
+def test_apply_and_load_returns_the_state_load_reads_next(db: Path) -> None:
+    """The release path takes the state from the transition it just committed, with no
+    second read; it must be exactly what a fresh read finds, a refused event included."""
+    with BarrierStore(db) as store:
+        events = [start(), *closing(0, 200), finalize(0, 300), *closing(1, 400), finalize(0, 500)]
+        for event in events:
+            effects, state = store.apply_and_load(event)
+            assert state == store.load()
+            assert effects == store.events()[-1].effects
+        assert_log_matches_state(store)

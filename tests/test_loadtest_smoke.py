@@ -15,11 +15,12 @@ import pytest
 
 from foldfed.loadtest.comm import codec_figures
 from foldfed.loadtest.commands import SMOKE, scenario_paths
+from foldfed.loadtest.footprint_report import result_line
 from foldfed.loadtest.report import write_index, write_report
 from foldfed.loadtest.runner import SharedBroker, run_scenario
 from foldfed.loadtest.scenario import load_scenario
 from foldfed.loadtest.timeline import idle_totals
-from foldfed.loadtest.verdicts import monitor_idle
+from foldfed.loadtest.verdicts import monitor_idle, wrong_sums
 
 from conftest import BrokerHandle
 
@@ -77,6 +78,18 @@ def test_every_scenario_holds_its_invariants_in_a_short_run(
                     assert run.links_off.final_digest  # it ran to the end
                     # The uploaders reported their links' busy time, up and down.
                     assert math.isfinite(codec_figures(run).measured_comm_s)
+            # Every report ends with its RESULT line; the hub's memory was sampled.
+            assert text.rstrip().splitlines()[-1] == result_line(result)
+            assert result.rss is not None and result.rss.total > 0
+            assert {"rabbitmq", "aggregator", "barrier"} <= set(result.rss.own_peaks)
+            if s.expect.exact_sums:
+                # The independent numpy check read every step's deltas and update.
+                assert result.sums is not None and len(result.sums) == len(result.steps)
+                assert wrong_sums(result) == 0 and "wrong_sums=0" in result_line(result)
+            if s.expect.disk_flat_after:
+                assert result.growth is not None and result.growth.judged_steps >= 2
+                assert (result.workdir / "disk.png").stat().st_size > 0
+                assert "disk_growth_after_warmup_bytes=" in result_line(result)
             for late in s.late_joiners:
                 cycle1 = [m for m in result.steps if m.cycle == 1]
                 cycle2 = [m for m in result.steps if m.cycle == 2]

@@ -204,14 +204,13 @@ class BarrierService:
 
     async def _apply(self, event: MachineEvent) -> None:
         async with self._store_lock:
-            effects = await asyncio.to_thread(self.store.apply, event)
+            # The state comes back with the effects (traces derive from it): a second
+            # store call would add a thread hop and a read to the release path.
+            effects, state = await asyncio.to_thread(self.store.apply_and_load, event)
             for effect in effects:
                 if isinstance(effect, Release | RequestFinalize):
                     # Durable, not yet published: the window a crash test aims at.
                     crash_point(SERVICE, f"before-{type(effect).__name__.lower()}", effect.step)
-            state = None
-            if any(isinstance(e, Release | RequestFinalize | CycleDone) for e in effects):
-                state = await asyncio.to_thread(self.store.load)  # traces derive from it
             if self.gatekeeper is not None and any(isinstance(e, CycleDone) for e in effects):
                 # The boundary: gating for the next cycle opens (kept if already open).
                 await self.gatekeeper.open_round(state, now_ms())

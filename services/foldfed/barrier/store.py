@@ -130,6 +130,8 @@ class BarrierStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # The state the last `_apply_locked` wrote (returned only once its commit is done).
+        self._last_written: BarrierState | None = None
         try:
             self._prepare()
         except sqlite3.DatabaseError as e:
@@ -161,12 +163,18 @@ class BarrierStore:
     def apply(self, event: Event) -> Effects:
         """Run `event` through the machine and make the outcome durable; return the effects
         the caller must now perform."""
+        return self.apply_and_load(event)[0]
+
+    def apply_and_load(self, event: Event) -> tuple[Effects, BarrierState | None]:
+        """`apply`, also returning the state it made durable: what `load` would read next,
+        without a second read (the service needs it on the release path, for traces)."""
         with self._transaction("IMMEDIATE"):
-            return self._apply_locked(event)
+            return self._apply_locked(event), self._last_written
 
     def _apply_locked(self, event: Event) -> Effects:
         seq, state = self._read_state()
         new_state, effects = transition(state, event)
+        self._last_written = new_state
         self._db.execute(
             "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
             (

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from foldfed.loadtest.comm import PROJECTED_STEPS, codec_figures
+from foldfed.loadtest.footprint_report import footprint_markdown
 from foldfed.loadtest.predict import totals
 from foldfed.loadtest.scenario import MIB, Compute, Scenario
 from foldfed.loadtest.timeline import idle_totals, path_skew
@@ -404,7 +405,8 @@ def write_report(r: RunResult) -> Path:
             save_idle_cost(r, folder / "idle-cost.png"),
         ]
     path = folder / "report.md"
-    path.write_text(render_markdown(r, pictures))
+    # The footprint sections end the report: its last line is the RESULT line.
+    path.write_text(render_markdown(r, pictures) + footprint_markdown(r, folder))
     for run in r.codec_runs:
         write_report(run)
     return path

@@ -37,9 +37,18 @@ from foldfed.demo.observer import Observer, RunRecord
 from foldfed.errors import CodecError, FoldfedError
 from foldfed.loadtest.barrierlog import barrier_state, step_history
 from foldfed.loadtest.distributions import compute_seconds
+from foldfed.loadtest.footprint import disk_per_step, growth_after_warmup, rss_peak
 from foldfed.loadtest.predict import plan_run
+from foldfed.loadtest.sampler import FootprintSampler
 from foldfed.loadtest.scenario import MIB, Scenario
-from foldfed.loadtest.timeline import ParticipantObs, goodput, measure, overhead_s
+from foldfed.loadtest.sums import check_run as check_sums
+from foldfed.loadtest.timeline import (
+    ParticipantObs,
+    SpoolTimes,
+    goodput,
+    measure,
+    overhead_s,
+)
 from foldfed.loadtest.verdicts import RunResult, check_codec_runs, check_run
 from foldfed.localbroker import LocalBroker, ensure_rabbitmq_installed
 from foldfed.settings import env_for, load
@@ -52,6 +61,8 @@ log = structlog.get_logger(__name__)
 # Spool polling of the uploader and the trainer: fine enough not to blur steps.
 POLL_S = 0.01
 Say = Callable[[str], None]
+# The hub's processes besides RabbitMQ whose memory the run samples (if started).
+HUB_PROCESSES = ("aggregator", "barrier", "monitor")
 
 
 class SharedBroker:
@@ -117,6 +128,8 @@ class Run:
                 # Span files cost CPU per message on a 2-core machine; tracing's own
                 # overhead is bench/tracing_overhead.py's subject, not this one's.
                 tracing=False,
+                retain_steps=scenario.retain_steps,
+                retain_checkpoint_every=scenario.retain_checkpoint_every,
             ),
         )
         self.fed = LocalFederation(spec, broker=shared.broker, passwords=shared.passwords)
@@ -127,6 +140,7 @@ class Run:
         self.cycle_initial = workdir / "cycle-2-initial-model.safetensors"
         self.monitor_port: int | None = None
         self.monitor: dict[str, object] | None = None
+        self.sampler: FootprintSampler | None = None
 
     # -------------------------------------------------------------- environments
 
@@ -241,6 +255,7 @@ class Run:
         await observer.start()
         try:
             first = self.s.first_cycle()
+            self.sampler = self._sampler().start()
             await asyncio.to_thread(self._start_first, first)
             started = time.monotonic()
             deadline = started + timeout_s
@@ -261,8 +276,32 @@ class Run:
                 for task in faults:
                     task.cancel()
         finally:
+            if self.sampler is not None:
+                self.sampler.stop()
             await observer.close()
         return started, ended
+
+    def _sampler(self) -> FootprintSampler:
+        """Samples the hub's RSS (RabbitMQ, aggregator, barrier, monitor) and the bytes on
+        disk of the hub, the participants' spools and the broker while the run lasts."""
+
+        def hub_pids() -> dict[str, int | None]:
+            try:
+                beam = self.shared.broker.status().pid
+            except (OSError, FoldfedError):  # mid-restart (broker_restart): none now
+                beam = None
+            pids: dict[str, int | None] = {"rabbitmq": beam}
+            for name in HUB_PROCESSES:
+                process = self.fed.processes.get(name)
+                pids[name] = process.proc.pid if process and process.alive() else None
+            return pids
+
+        return FootprintSampler(
+            hub_pids,
+            self.fed.hub_dir,
+            [self.fed.spool_of(n) for n in self.s.names],
+            self.shared.broker.data_dir / "mnesia",
+        )
 
     def _start_first(self, first: tuple[str, ...]) -> None:
         env = self.hub_env(1)
@@ -423,12 +462,41 @@ class Run:
             notes=list(self.notes),
             monitor=self.monitor,
         )
+        result.opened_ms = {obs.step: obs.opened_ms for obs in history}
+        result.spool_times = self._spool_times(list(metrics))
+        samples = self.sampler.samples if self.sampler else []
+        result.rss = rss_peak(samples)
+        result.disk = disk_per_step(samples, history)
+        if self.s.expect.disk_flat_after:
+            result.growth = growth_after_warmup(result.disk, self.s.expect.disk_flat_after)
+        if self.s.expect.exact_sums:
+            self.say(f"{self.s.name}: checking each step's update against the deltas (numpy)")
+            result.sums = check_sums(
+                self.fed.hub_dir,
+                {n: self.fed.spool_of(n) for n in self.s.names},
+                {n: self.s.weight for n in self.s.names},
+                {m.step: tuple(m.arrive_s) for m in steps},
+            )
         gp = self.s.expect.goodput_participant
         if gp:
             p = self.s.participant(gp)
             uploads = [metrics[k] for k in sorted(metrics) if k[1] == gp]
             result.goodput = goodput(uploads, p.bandwidth_bps, self.s.chunk_mib * MIB)
         return result
+
+    def _spool_times(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], SpoolTimes]:
+        """Per (step, participant): when its delta was handed to the uploader (the mtime of
+        its description, `outbox/delta-<t>.json`, kept as `.sent`: a rename keeps it) and
+        marked sent (the rename's ctime, after the hub's receipt came)."""
+        out: dict[tuple[int, str], SpoolTimes] = {}
+        for step, name in keys:
+            sent = self.fed.spool_of(name) / "outbox" / f"delta-{step:012d}.sent"
+            try:
+                st = sent.stat()
+            except OSError:
+                continue
+            out[(step, name)] = SpoolTimes(st.st_mtime_ns // 1_000_000, st.st_ctime_ns // 1_000_000)
+        return out
 
 
 def sim_settings(scenario: Scenario, name: str) -> SimSettings:
@@ -524,6 +592,11 @@ def _run_one(
 ) -> RunResult:
     """One scenario run (and, when its expectations need one, an undisturbed reference)."""
     timeout = 120.0 + 4 * sum(p.wall_s for p in plan_run(scenario)) / scenario.time_scale
+    # The services' own time, which the plan leaves out (it is all there is on unlimited
+    # links with no compute): per step, a floor of 10 MB/s for every delta's bytes through
+    # a loaded 2-core machine, and 10 s of hand-offs.
+    per_step = 10.0 + len(scenario.names) * scenario.delta_bytes_run / 10e6
+    timeout += per_step * scenario.total_steps
     reference = ""
     if scenario.expect.same_digest_as_undisturbed:
         say(f"{scenario.name}: undisturbed reference run")

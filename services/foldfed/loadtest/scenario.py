@@ -132,6 +132,12 @@ class Expect:
     # on unlimited links, for the wall(on) - wall(off) figure shown beside it.
     comm_within_compute: bool = False
     comm_codec: str = ""
+    # The hub's update of every step equals the weighted mean of the deltas the
+    # participants wrote, within the fixed-point grid (an independent numpy check of the
+    # files: loadtest/sums.py). Needs `retain_steps: 0` (every step's files kept).
+    exact_sums: bool = False
+    # > 0: bytes on disk (hub and participants) stay flat after this many warm-up steps.
+    disk_flat_after: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,10 @@ class Scenario:
     smoke_time_scale: float = 0.0
     # Real seconds an upload may take per step (0: the uploaders' codec choice is off).
     upload_budget_s: float = 0.0
+    # FOLDFED_RETAIN_STEPS and FOLDFED_RETAIN_CHECKPOINT_EVERY (docs/retention.md) for every
+    # service of the run; None: the services' defaults.
+    retain_steps: int | None = None
+    retain_checkpoint_every: int | None = None
 
     # ------------------------------------------------------------ derived quantities
 
@@ -231,11 +241,14 @@ class Scenario:
         steps = max(self.smoke_steps, max((f.step for f in self.faults), default=1) + 1)
         steps = min(steps, self.steps)
         nxt = min(self.next_cycle_steps, self.smoke_steps) if self.next_cycle_steps else 0
+        # A smoke run still judges flatness, after half of its few steps.
+        warmup = min(self.expect.disk_flat_after, steps // 2)
         return replace(
             self,
             name=f"{self.name}-smoke",
             steps=steps,
             next_cycle_steps=nxt,
+            expect=replace(self.expect, disk_flat_after=warmup),
             smoke_run=True,
             time_scale=self.smoke_time_scale or self.time_scale,
         )
@@ -424,6 +437,8 @@ _EXPECT_KEYS = (
     "same_digest_as_undisturbed",
     "comm_within_compute",
     "comm_codec",
+    "exact_sums",
+    "disk_flat_after",
 )
 
 
@@ -435,8 +450,9 @@ def _expect(raw: Any, names: tuple[str, ...]) -> Expect:
         value = _str(raw, key, "expect", "")
         if value and value not in names:
             raise ScenarioError(f"expect.{key}: {value!r} is not a participant")
-    same, comm = (raw.get(k, False) for k in ("same_digest_as_undisturbed", "comm_within_compute"))
-    for key, value in (("same_digest_as_undisturbed", same), ("comm_within_compute", comm)):
+    flags = ("same_digest_as_undisturbed", "comm_within_compute", "exact_sums")
+    same, comm, sums = (raw.get(k, False) for k in flags)
+    for key, value in zip(flags, (same, comm, sums), strict=True):
         if not isinstance(value, bool):
             raise ScenarioError(f"expect.{key}: expected true/false, got {value!r}")
     return Expect(
@@ -447,6 +463,8 @@ def _expect(raw: Any, names: tuple[str, ...]) -> Expect:
         same_digest_as_undisturbed=same,
         comm_within_compute=comm,
         comm_codec=_str(raw, "comm_codec", "expect", ""),
+        exact_sums=sums,
+        disk_flat_after=_int(raw, "disk_flat_after", "expect", 0),
     )
 
 
@@ -492,6 +510,8 @@ _SCENARIO_KEYS = (
     "codecs",
     "smoke_time_scale",
     "upload_budget_s",
+    "retain_steps",
+    "retain_checkpoint_every",
 )
 
 
@@ -533,6 +553,8 @@ def parse_scenario(raw: Any) -> Scenario:
         codecs=_codecs(raw.get("codecs")),
         smoke_time_scale=_num(raw, "smoke_time_scale", "", 0.0),
         upload_budget_s=_num(raw, "upload_budget_s", "", 0.0),
+        retain_steps=_optional_int(raw, "retain_steps"),
+        retain_checkpoint_every=_optional_int(raw, "retain_checkpoint_every"),
     )
     if scenario.smoke_time_scale and scenario.smoke_time_scale < 1:
         raise ScenarioError("smoke_time_scale: must be >= 1 (or 0: time_scale)")
@@ -541,12 +563,38 @@ def parse_scenario(raw: Any) -> Scenario:
     if scenario.expect.comm_within_compute and min(steps, scenario.smoke_steps) < 2:
         # A cycle's first step downloads nothing: only the later ones measure a download.
         raise ScenarioError("expect.comm_within_compute: needs steps and smoke_steps >= 2")
+    _check_footprint(scenario)
     labels = [c.label for c in scenario.codecs]
     if scenario.expect.comm_codec and scenario.expect.comm_codec not in labels:
         raise ScenarioError(
             f"expect.comm_codec: {scenario.expect.comm_codec!r} is not a codec's name {labels}"
         )
     return scenario
+
+
+def _optional_int(raw: Mapping[str, Any], key: str) -> int | None:
+    return None if raw.get(key) is None else _int(raw, key, "")
+
+
+def _check_footprint(scenario: Scenario) -> None:
+    """The sums check reads every step's files; the disk check needs steps after warm-up."""
+    expect = scenario.expect
+    if expect.exact_sums and scenario.retain_steps != 0:
+        raise ScenarioError(
+            "expect.exact_sums: needs retain_steps: 0 (the check reads every step's deltas "
+            "and update, which retention would delete)"
+        )
+    if (
+        expect.exact_sums
+        and scenario.codecs
+        and any(c.uplink != "fp32:v1" or c.downlink != "fp32:v1" for c in scenario.codecs)
+    ):
+        raise ScenarioError("expect.exact_sums: needs fp32 both ways (a lossy codec is not exact)")
+    if expect.disk_flat_after and expect.disk_flat_after >= scenario.steps:
+        raise ScenarioError(
+            f"expect.disk_flat_after: {expect.disk_flat_after} warm-up steps leave none of the "
+            f"{scenario.steps} steps to judge"
+        )
 
 
 def load_scenario(text: str) -> Scenario:

@@ -207,3 +207,74 @@ def links_added_s(
     off = {m.step: m.wall_s for m in free}
     wanted = set(steps)
     return {m.step: m.wall_s - off[m.step] for m in linked if m.step in wanted and m.step in off}
+
+
+@dataclass(frozen=True)
+class SpoolTimes:
+    """When a participant's spool saw its delta of a step, wall-clock ms (the file times):
+    handed to the uploader (the delta's description written, after its tensors) and
+    marked sent (renamed once the hub's receipt reached the site)."""
+
+    handoff_ms: int
+    sent_ms: int
+
+
+@dataclass(frozen=True)
+class StepPhases:
+    """Where one step's wall time went, along its critical path (the last site to deliver),
+    run seconds. The parts add up to the step's wall time, release to release."""
+
+    step: int
+    site: str
+    # Release → the site's delta handed to its uploader, minus compute: receiving the
+    # release and the update, applying it (θ_t built and committed), writing the delta.
+    before_upload_s: float
+    compute_s: float
+    # The upload's chunk pipeline (first chunk published → last confirmed) ...
+    upload_send_s: float
+    # ... and the rest of hand-off → delivery recorded at the hub: the uploader's pick-up,
+    # coding, manifest and have round trip, the hub's ingest of the tail.
+    upload_rest_s: float
+    # Last delivery recorded → next release: finalize's tail, commit, release.
+    hub_s: float
+    # Apart, not in the sum: delivery recorded at the hub → the receipt at the site (it
+    # queues behind the update's chunks, broadcast meanwhile, on the site's one queue).
+    receipt_after_s: float | None = None
+
+    @property
+    def wall_s(self) -> float:
+        return (
+            self.before_upload_s
+            + self.compute_s
+            + self.upload_send_s
+            + self.upload_rest_s
+            + self.hub_s
+        )
+
+
+def step_phases(
+    step: MeasuredStep, opened_ms: int | None = None, spool: SpoolTimes | None = None
+) -> StepPhases:
+    """`spool`: the critical site's spool times for this step (with `opened_ms`, the
+    step's release); without them the hand-off is inferred from the upload's own time,
+    which ends at the site's receipt (later than the hub's record: receipt_after_s)."""
+    site = step.last
+    obs = step.participants.get(site, ParticipantObs())
+    arrive = step.arrive_s[site]
+    send = min(obs.upload_send_s, obs.upload_s)
+    receipt = None
+    if spool is not None and opened_ms is not None:
+        handoff = (spool.handoff_ms - opened_ms) / 1000.0
+        receipt = (spool.sent_ms - opened_ms) / 1000.0 - arrive
+    else:
+        handoff = arrive - obs.upload_s
+    return StepPhases(
+        step=step.step,
+        site=site,
+        before_upload_s=handoff - obs.compute_s,
+        compute_s=obs.compute_s,
+        upload_send_s=send,
+        upload_rest_s=arrive - handoff - send,
+        hub_s=step.hub_s,
+        receipt_after_s=receipt,
+    )

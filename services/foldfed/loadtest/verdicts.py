@@ -15,11 +15,22 @@ import math
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from foldfed.loadtest.comm import codec_figures
+from foldfed.loadtest.footprint import DiskGrowth, RssPeak, StepDisk
 from foldfed.loadtest.predict import StepPlan, relative_error, totals, transfer_run_seconds
 from foldfed.loadtest.scenario import MIB, Scenario
-from foldfed.loadtest.timeline import Goodput, MeasuredStep, idle_totals, straggler_real_idle
+from foldfed.loadtest.timeline import (
+    Goodput,
+    MeasuredStep,
+    SpoolTimes,
+    idle_totals,
+    straggler_real_idle,
+)
+
+if TYPE_CHECKING:
+    from foldfed.loadtest.sums import StepSum
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,17 @@ class RunResult:
     # The same run on unlimited links (Scenario.without_links): the baseline that the
     # links' share of a step is measured against.
     links_off: RunResult | None = None
+    # What the run held (loadtest/footprint.py): the hub's peak RSS, bytes on disk per
+    # step, their growth after warm-up (expect.disk_flat_after).
+    rss: RssPeak | None = None
+    disk: list[StepDisk] = field(default_factory=list)
+    growth: DiskGrowth | None = None
+    # expect.exact_sums: each step's update against the participants' deltas (sums.py).
+    sums: list[StepSum] | None = None
+    # Each step's release (hub clock, ms) and each (step, participant)'s spool times:
+    # where a step's time goes (timeline.step_phases).
+    opened_ms: dict[int, int] = field(default_factory=dict)
+    spool_times: dict[tuple[int, str], SpoolTimes] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -146,6 +168,10 @@ def check_run(result: RunResult) -> list[Check]:
                 f"{result.reference_digest[:16] or '(not run)'}",
             )
         )
+    if s.expect.exact_sums:
+        checks.append(sums_check(result))
+    if s.expect.disk_flat_after:
+        checks.append(disk_check(result))
     for late in s.late_joiners:
         cycle1 = [m for m in result.steps if m.cycle == 1]
         cycle2 = [m for m in result.steps if m.cycle == 2]
@@ -168,6 +194,68 @@ def check_run(result: RunResult) -> list[Check]:
             )
         )
     return checks
+
+
+def wrong_sums(result: RunResult) -> int:
+    """Steps whose update is not the weighted mean of the deltas (or could not be checked)."""
+    return sum(x.wrong for x in result.sums or [])
+
+
+def sums_check(result: RunResult) -> Check:
+    sums = result.sums or []
+    worst = max((x.worst_ratio for x in sums), default=0.0)
+    detail = (
+        f"{len(sums)} step(s) checked, {sum(x.elements for x in sums):,} elements; "
+        f"wrong_sums={wrong_sums(result)}; largest |update - mean| is {worst:.2f} x the "
+        "tolerance (fixed-point grid + float32 rounding)"
+    )
+    missing = [f"step {x.step}: {x.missing}" for x in sums if x.missing]
+    return Check(
+        "each step's hub update is the weighted mean of the deltas the participants wrote "
+        "(independent numpy check, within the fixed-point grid)",
+        bool(sums) and len(sums) == len(result.steps) and wrong_sums(result) == 0,
+        detail + ("; " + "; ".join(missing) if missing else ""),
+    )
+
+
+# FOLDFED_RETAIN_CHECKPOINT_EVERY's default (settings registry; docs/retention.md).
+DEFAULT_CHECKPOINT_EVERY = 50
+
+
+def disk_bound_bytes(s: Scenario, growth: DiskGrowth | None = None) -> int:
+    """What 'flat' allows the bulk (everything but the records kept for ever, which are
+    reported per step apart): one delta's bytes (where in a step the peak was sampled),
+    plus one model for each checkpoint the policy keeps (every k-th θ) between the two
+    windows compared."""
+    bound = s.delta_bytes_run
+    if growth is None or not growth.judged_steps:
+        return bound
+    k = DEFAULT_CHECKPOINT_EVERY if s.retain_checkpoint_every is None else s.retain_checkpoint_every
+    if k and s.retain_steps != 0:
+        first = growth.warmup + growth.window
+        last = growth.warmup + growth.judged_steps
+        bound += s.delta_bytes_run * (last // k - first // k)
+    return bound
+
+
+def disk_check(result: RunResult) -> Check:
+    s = result.scenario
+    g = result.growth
+    bound = disk_bound_bytes(s, g)
+    if g is None or g.judged_steps < 2:
+        return Check("bytes on disk stay flat after warm-up", False, "too few steps sampled")
+    return Check(
+        f"bytes on disk (hub + participants, without the records kept for ever) stay flat "
+        f"after {g.warmup} warm-up steps",
+        g.bulk <= bound,
+        f"growth from the {g.window} steps after warm-up to the last {g.window} (medians of "
+        f"per-step peaks): {g.bulk:+,} bytes, bound {bound:,} (one delta, and a model per "
+        f"checkpoint the policy keeps in between); trend {g.slope_per_step:+,.0f} bytes per "
+        f"step over {g.judged_steps} steps. The records kept for ever (manifests, signed "
+        f"step records, logs, sent and release records) add {g.records_per_step:,.0f} bytes "
+        f"per step; everything together grew {g.total:+,} bytes (hub {g.hub:+,}, "
+        f"participants {g.participants:+,})",
+    )
 
 
 def straggler_idle(result: RunResult, name: str) -> list[float]:
