@@ -253,7 +253,7 @@ def run_seed(args: argparse.Namespace, seed: int, ext_entries: list[Any]) -> dic
     )
     pooled_config = replace(config, grad_accum=args.pooled_g)
     theta0 = trainable_state(built.model, built.trainable)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     heldout_files = [e.features for e in heldout]
 
     def score(theta: dict) -> dict[str, dict[str, float]]:
@@ -354,6 +354,9 @@ def run_seed(args: argparse.Namespace, seed: int, ext_entries: list[Any]) -> dic
         "train_loss": train_loss,
         "external": ext,
         "seconds": time.perf_counter() - started,
+        # CPU time of this one-thread worker: what the seed costs on an idle core (the wall
+        # time of a shared machine says more about the other jobs).
+        "cpu_seconds": time.process_time() - cpu_started,
         "peak_rss_mib": benchkit.peak_rss_mib(),
     }
 
@@ -447,9 +450,17 @@ def run_seeds(args: argparse.Namespace, seeds: list[int], ext: list[Any]) -> lis
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=context)
+    try:
         futures = [pool.submit(run_seed, args, s, ext) for s in seeds]
         return [f.result() for f in futures]
+    except KeyboardInterrupt:
+        # The workers did not get the signal: stop them, or shutdown waits for every seed.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
@@ -557,7 +568,11 @@ def render(result: dict[str, Any]) -> str:
             f"({ext[0]['initial']['scored']} scored, {len(result['external_skipped'])} skipped)"
         )
     rows.append("pictures: " + ", ".join(result["plots"]))
-    rows.append(f"({result['seconds']:.0f} s)")
+    cpu = [r["cpu_seconds"] for r in runs]
+    rows.append(
+        f"({result['seconds']:.0f} s wall; CPU per seed {min(cpu):.0f}-{max(cpu):.0f} s, "
+        f"{sum(cpu):.0f} s in all)"
+    )
     return "\n".join(rows)
 
 

@@ -40,16 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    import os
 
     from foldfed.of3.backend import Of3Settings, build
     from foldfed.of3.data.features import load_batch
     from foldfed.of3.scoring import load_model, prepare_folder, score_folder
     from foldfed.of3.training import BatchCache
 
-    settings = Of3Settings.from_env()
+    env = dict(os.environ)
     if args.preset:
-        settings = replace(settings, model=args.preset)
+        env["FOLDFED_MODEL"] = args.preset  # the rest (finetune mode, checkpoint) as set
+    settings = Of3Settings.from_env(env)
     cache = Path(args.cache_dir) if args.cache_dir else Path(args.data) / ".foldfed-eval-cache"
     folder = prepare_folder(Path(args.data), cache, token_budget=args.token_budget)
     built = build(settings, seed=args.seed)

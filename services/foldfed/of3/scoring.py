@@ -84,8 +84,11 @@ def prepare_folder(
     ccd = OfflineCcd()
     out = PreparedFolder()
     cif_dir = Path(cache_dir) / "cif"
+    cache_dir = Path(cache_dir).resolve()
     for path in sorted(p for p in data.rglob("*") if p.is_file()):
         name = str(path.relative_to(data))
+        if path.resolve().is_relative_to(cache_dir) or name.startswith("."):
+            continue  # our own cache, or a hidden file
         if path.suffix.lower() in LIGAND_SUFFIXES:
             out.skipped.append({"file": name, "reason": LIGAND_FILE_REASON})
             continue
