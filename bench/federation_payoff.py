@@ -60,6 +60,7 @@ sample, one seed, two companies, R = K = 1, no warm-up).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -343,7 +344,7 @@ def run_seed(args: argparse.Namespace, seed: int, ext_entries: list[Any]) -> dic
         finish("pooled", theta, losses, curve)
 
     ext = {arm: external(theta) for arm, theta in finals.items()} if ext_entries else {}
-    return {
+    run = {
         "seed": seed,
         "companies": companies,
         "train_structures": {c: len(train[c]) for c in companies},
@@ -359,6 +360,12 @@ def run_seed(args: argparse.Namespace, seed: int, ext_entries: list[Any]) -> dic
         "cpu_seconds": time.process_time() - cpu_started,
         "peak_rss_mib": benchkit.peak_rss_mib(),
     }
+    # Each seed on disk as it ends: a study cut short still has its finished seeds
+    # (`--from-seeds` summarizes them).
+    folder = Path(args.plots or benchkit.RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"seed-{seed}.json").write_text(json.dumps(run) + "\n")
+    return run
 
 
 # --- the study --------------------------------------------------------------------------------
@@ -412,6 +419,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     args.pooled_g = args.pooled_grad_accum or len(sample.companies) * args.grad_accum
     ext_entries, ext_skipped = external_entries(args)
     seeds = parse_seeds(args.seeds)
+    if args.from_seeds:
+        # Summarize seeds saved by an earlier run (the options must be that run's).
+        files = sorted(Path(args.from_seeds).glob("seed-*.json"))
+        runs = [json.loads(f.read_text()) for f in files]
+        if not runs:
+            raise benchkit.BenchError(f"--from-seeds {args.from_seeds}: no seed-*.json")
+        seeds = [r["seed"] for r in runs]
     steps = args.rounds * args.local_steps
     print(
         f"{len(sample.companies)} companies ({', '.join(sample.companies)}), training "
@@ -423,7 +437,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     started = time.perf_counter()
-    runs = run_seeds(args, seeds, ext_entries)
+    if not args.from_seeds:
+        runs = run_seeds(args, seeds, ext_entries)
     stats = arm_stats(runs)
     result: dict[str, Any] = {
         "code_version": benchkit.code_version(),
@@ -659,7 +674,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", default="pool", help="pool, test or a prepared folder")
     parser.add_argument("--eval-every", type=int, default=5, help="curve point every N rounds")
     parser.add_argument("--eval-dir", default="", help="also score final models on this folder")
-    parser.add_argument("--plots", default="", help="PNG folder (default bench/results)")
+    parser.add_argument(
+        "--plots", default="", help="PNG and seed-N.json folder (default bench/results)"
+    )
+    parser.add_argument(
+        "--from-seeds", default="", help="summarize the seed-N.json files of an earlier run"
+    )
     parser.add_argument(
         "--split-by",
         choices=("entries", "clusters", ""),
