@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -136,12 +135,17 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     mean = math.fsum(values) / n
     if n == 1:
         return mean, math.nan
-    return mean, t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean, t_quantile_975(n - 1) * seed_std(values) / math.sqrt(n)
 
 
 def seed_std(values: Sequence[float]) -> float:
-    """The sample standard deviation over seeds (nan for one seed)."""
-    return statistics.stdev(values) if len(values) > 1 else math.nan
+    """The sample standard deviation over seeds (nan for one seed, or with a nan value:
+    statistics.stdev raises on nan)."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def arm_stats(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:

@@ -251,3 +251,45 @@ def statistics_stdev(values: list[float]) -> float:
     import statistics
 
     return statistics.stdev(values)
+
+
+def test_payoff_report_and_pictures_from_saved_seeds(benchkit: Any, tmp_path: Path) -> None:
+    """The end of a long study, without its training: render, the PNGs and the RESULT
+    fields from seed results as run_seed saves them (JSON round trip, NaN included)."""
+    payoff = _payoff(benchkit)
+    runs = []
+    for seed, shift in enumerate((0.0, 0.1, -0.05)):
+        losses = {"initial": 10.0, "alone company-a": 8.0 + shift, "alone company-b": 7.5,
+                  "federation": 7.0 - shift, "pooled": 6.8}  # fmt: skip
+        run = _run(seed, losses)
+        run["arms"]["federation"]["eval_ligand_rmsd_mean"] = 6.0
+        run.update(heldout={"1abc": "company-a"}, cpu_seconds=10.0 + seed)
+        run["external"] = {
+            a: {"loss": v, "lddt_mean": math.nan, "scored": 1} for a, v in losses.items()
+        }
+        runs.append(json.loads(json.dumps(run)))
+    result = {
+        "runs": runs,
+        "stats": payoff.arm_stats(runs),
+        "curves": payoff.curve_stats(runs),
+        "seeds": [0, 1, 2],
+        "options": {
+            "rounds": 2,
+            "local_steps": 2,
+            "grad_accum": 1,
+            "pooled_g": 2,
+            "lr": 1e-3,
+            "server_opt": "fedavg",
+        },
+        "external_skipped": [],
+        "seconds": 30.0,
+        "peak_rss_mib": 5.0,
+    }
+    result["plots"] = [str(p) for p in payoff.plot(result, tmp_path)]
+    assert all(Path(p).stat().st_size > 1000 for p in result["plots"])
+    text = payoff.render(result)
+    assert "best alone: alone company-b" in text and "federation - pooled" in text
+    fields = payoff.result_fields(result)
+    assert fields["ext_fed_loss"] == pytest.approx(7.0 - 0.05 / 3)
+    assert fields["ext_best_alone_loss"] == pytest.approx(7.5)
+    assert benchkit.parse_result_line(benchkit.result_line(fields))["fed_loss"]
