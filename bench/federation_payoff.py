@@ -46,7 +46,7 @@ Over seeds: each arm's mean with a 95 % t-interval; "best alone" is the company 
 lowest mean held-out loss; seed_spread is the standard deviation over seeds of that arm's
 held-out loss. The goal (issue 17): federation below best alone by > 2 x seed_spread,
 within 5 % of pooled, and LDDT agreeing in direction. Pictures (PNG, `--plots`, default
-bench/results/): held-out loss per arm over optimizer steps (mean and 95 % band) and
+var/federation_payoff/): held-out loss per arm over optimizer steps (mean and 95 % band) and
 per-company bars. The output ends with one machine-readable line:
 
     RESULT fed_loss=<x> best_alone_loss=<x> pooled_loss=<x> seed_spread=<x> fed_lddt=<x>
@@ -86,6 +86,7 @@ LABELS = {
 LIGAND_SUCCESS = 2.0  # Å, as foldfed.of3.metrics
 NO_CHECKPOINTING = {"settings.blocks_per_ckpt": None, "settings.ckpt_intermediate_steps": False}
 POOL_DIR = benchkit.BENCH_DIR.parent / "var" / "of3-pool"
+OUT_DIR = benchkit.BENCH_DIR.parent / "var" / "federation_payoff"  # pictures, seed files
 # The pool's held-out share of components. Under the partition key, 0.3 (the sample's
 # default) holds out 4 of the 45 structures, too few to compare arms on; 0.4 holds out 25
 # (one 15-entry family among them) and leaves the companies 7, 7 and 6 training structures.
@@ -366,7 +367,7 @@ def run_seed(args: argparse.Namespace, seed: int, ext_entries: list[Any]) -> dic
     }
     # Each seed on disk as it ends: a study cut short still has its finished seeds
     # (`--from-seeds` summarizes them).
-    folder = Path(args.plots or benchkit.RESULTS_DIR)
+    folder = Path(args.plots or OUT_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"seed-{seed}.json").write_text(json.dumps(run) + "\n")
     return run
@@ -457,7 +458,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "peak_rss_mib": max([benchkit.peak_rss_mib(), *(r["peak_rss_mib"] for r in runs)]),
     }
-    result["plots"] = [str(p) for p in plot(result, Path(args.plots or benchkit.RESULTS_DIR))]
+    result["plots"] = [str(p) for p in plot(result, Path(args.plots or OUT_DIR))]
     return result
 
 
@@ -679,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=5, help="curve point every N rounds")
     parser.add_argument("--eval-dir", default="", help="also score final models on this folder")
     parser.add_argument(
-        "--plots", default="", help="PNG and seed-N.json folder (default bench/results)"
+        "--plots", default="", help="PNG and seed-N.json folder (default var/federation_payoff)"
     )
     parser.add_argument(
         "--from-seeds", default="", help="summarize the seed-N.json files of an earlier run"

@@ -70,3 +70,21 @@ def test_foldfed_eval_scores_theta_files_on_a_folder(tmp_path: Path) -> None:
     assert main([*argv[:2], "init", *argv[3:], "--json", str(init_path)]) == 0
     init = json.loads(init_path.read_text())
     assert init["per_structure"] == report["per_structure"]
+
+
+def test_evaluate_without_the_fold_gives_the_same_loss_alone() -> None:
+    """The payoff curves' loss-only evaluation (fold=False) is the full one's loss."""
+    from foldfed.of3.backend import Of3Settings, build
+    from foldfed.of3.data.features import load_batch
+    from foldfed.of3.data.sample import open_sample
+    from foldfed.of3.testing import prepared_sample
+    from foldfed.of3.training import BatchCache, evaluate
+
+    sample = open_sample(prepared_sample())
+    files = [sample.heldout()[0].features]
+    built = build(Of3Settings(model="openfold3-tiny", sample_dir=None), seed=0)
+    load = BatchCache(load_batch)
+    full = evaluate(built.model, built.loss_fn, files, load, seed=0)
+    loss_only = evaluate(built.model, built.loss_fn, files, load, seed=0, fold=False)
+    assert loss_only["eval_loss"] == full["eval_loss"]
+    assert "eval_lddt_mean" in full and not any("lddt_mean" in k for k in loss_only)
