@@ -29,7 +29,7 @@ draw the same structures and noise in round 1 (same participant index), so the a
 only by what they learn from. A seed changes θ_0, the order of structures and the noise.
 
 Data: `--sample pool` (the default) is the larger pool (45 complexes from plinder and five
-pinned PyPI archives, docs/of3_data.md section 10) at var/of3-pool, prepared offline from
+pinned PyPI archives, docs/of3_data.md section 10) at var/of3-pool-payoff, prepared offline from
 the archive cache on first use (`foldfed data sample --sources all --split-by clusters`,
 about 80 s); `--sample test` is the 12-entry test sample; a folder is a prepared sample.
 `--split-by clusters` (the default) gives each company its own protein families and
@@ -85,7 +85,8 @@ LABELS = {
 }
 LIGAND_SUCCESS = 2.0  # Å, as foldfed.of3.metrics
 NO_CHECKPOINTING = {"settings.blocks_per_ckpt": None, "settings.ckpt_intermediate_steps": False}
-POOL_DIR = benchkit.BENCH_DIR.parent / "var" / "of3-pool"
+# Its own folder: `foldfed data sample --out var/of3-pool` (docs/of3_data.md) keeps 0.3.
+POOL_DIR = benchkit.BENCH_DIR.parent / "var" / "of3-pool-payoff"
 OUT_DIR = benchkit.BENCH_DIR.parent / "var" / "federation_payoff"  # pictures, seed files
 # The pool's held-out share of components. Under the partition key, 0.3 (the sample's
 # default) holds out 4 of the 45 structures, too few to compare arms on; 0.4 holds out 25
@@ -383,6 +384,7 @@ def resolve_sample(name: str) -> str:
         return ""
     if name != "pool":
         return name
+    from foldfed.of3.data.pool_sources import source_names
     from foldfed.of3.data.sample import open_sample, prepare_sample
 
     try:
@@ -393,7 +395,7 @@ def resolve_sample(name: str) -> str:
     if not ready:
         print(f"preparing the pool at {POOL_DIR} (offline from the archive cache) ...")
         prepare_sample(
-            POOL_DIR, 3, sources=("all",), split_by="clusters",
+            POOL_DIR, 3, sources=source_names(), split_by="clusters",
             heldout_fraction=POOL_HELDOUT_FRACTION,
         )  # fmt: skip
     return str(POOL_DIR)
