@@ -184,3 +184,113 @@ def test_aggregate_rss_multiple_is_peak_over_all_deltas(benchkit: Any) -> None:
     assert fields["per_delta_multiple"] == pytest.approx(2.5)
     assert fields["speed_ratio"] == pytest.approx(0.5)
     assert fields["peak_rss_mib"] == pytest.approx(250)
+
+
+def _payoff(benchkit: Any) -> Any:
+    import federation_payoff  # bench/federation_payoff.py: torch only inside its functions
+
+    return federation_payoff
+
+
+def test_payoff_seeds_are_a_count_or_a_list(benchkit: Any) -> None:
+    payoff = _payoff(benchkit)
+    assert payoff.parse_seeds("5") == [0, 1, 2, 3, 4]
+    assert payoff.parse_seeds("0,3,7") == [0, 3, 7]
+    assert payoff.parse_seeds("7,") == [7]
+    for bad in ("0", "1,1", ","):
+        with pytest.raises(ValueError):
+            payoff.parse_seeds(bad)
+
+
+def test_payoff_mean_ci_is_the_t_interval(benchkit: Any) -> None:
+    payoff = _payoff(benchkit)
+    mean, half = payoff.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    # t(0.975, 4) = 2.7764; sd = sqrt(2.5); n = 5
+    assert mean == pytest.approx(3.0)
+    assert half == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    one = payoff.mean_ci([2.0])
+    assert one[0] == 2.0 and math.isnan(one[1])
+    assert math.isnan(payoff.seed_std([2.0]))
+
+
+def _run(seed: int, losses: dict[str, float], lddt: float = 0.2) -> dict[str, Any]:
+    arms = {a: {"eval_loss": v, "eval_lddt_mean": lddt} for a, v in losses.items()}
+    curves = {a: [[0, 10.0], [4, v]] for a, v in losses.items() if a != "initial"}
+    return {"seed": seed, "arms": arms, "curves": curves, "external": {}, "peak_rss_mib": 1.0}
+
+
+def test_payoff_headline_best_alone_spread_and_goal(benchkit: Any) -> None:
+    payoff = _payoff(benchkit)
+    runs = [
+        _run(0, {"initial": 10, "alone company-a": 8.0, "alone company-b": 7.0,
+                 "federation": 6.0, "pooled": 5.9}),
+        _run(1, {"initial": 10, "alone company-a": 8.2, "alone company-b": 7.2,
+                 "federation": 6.2, "pooled": 6.0}),
+    ]  # fmt: skip
+    result = {"runs": runs, "stats": payoff.arm_stats(runs), "peak_rss_mib": 3.0}
+    head = payoff.headline(result)
+    assert head["best_alone"] == "alone company-b"
+    assert head["best_alone_loss"] == pytest.approx(7.1)
+    assert head["seed_spread"] == pytest.approx(statistics_stdev([7.0, 7.2]))
+    assert head["fed_loss"] == pytest.approx(6.1) and head["pooled_loss"] == pytest.approx(5.95)
+    assert head["goal"] == {
+        "below_best_alone_by_2_spread": True,
+        "within_5pct_of_pooled": True,
+        "lddt_agrees": False,  # equal LDDT does not agree
+    }
+    fields = payoff.result_fields(result)
+    assert list(fields) == [
+        "fed_loss", "best_alone_loss", "pooled_loss", "seed_spread", "fed_lddt",
+        "best_alone_lddt", "peak_rss_mib",
+    ]  # fmt: skip
+    curves = payoff.curve_stats(runs)
+    assert curves["federation"][1][:2] == [4, pytest.approx(6.1)]
+    assert payoff.paired(runs, "federation", "pooled", "eval_loss")[0] == pytest.approx(0.15)
+
+
+def statistics_stdev(values: list[float]) -> float:
+    import statistics
+
+    return statistics.stdev(values)
+
+
+def test_payoff_report_and_pictures_from_saved_seeds(benchkit: Any, tmp_path: Path) -> None:
+    """The end of a long study, without its training: render, the PNGs and the RESULT
+    fields from seed results as run_seed saves them (JSON round trip, NaN included)."""
+    payoff = _payoff(benchkit)
+    runs = []
+    for seed, shift in enumerate((0.0, 0.1, -0.05)):
+        losses = {"initial": 10.0, "alone company-a": 8.0 + shift, "alone company-b": 7.5,
+                  "federation": 7.0 - shift, "pooled": 6.8}  # fmt: skip
+        run = _run(seed, losses)
+        run["arms"]["federation"]["eval_ligand_rmsd_mean"] = 6.0
+        run.update(heldout={"1abc": "company-a"}, cpu_seconds=10.0 + seed)
+        run["external"] = {
+            a: {"loss": v, "lddt_mean": math.nan, "scored": 1} for a, v in losses.items()
+        }
+        runs.append(json.loads(json.dumps(run)))
+    result = {
+        "runs": runs,
+        "stats": payoff.arm_stats(runs),
+        "curves": payoff.curve_stats(runs),
+        "seeds": [0, 1, 2],
+        "options": {
+            "rounds": 2,
+            "local_steps": 2,
+            "grad_accum": 1,
+            "pooled_g": 2,
+            "lr": 1e-3,
+            "server_opt": "fedavg",
+        },
+        "external_skipped": [],
+        "seconds": 30.0,
+        "peak_rss_mib": 5.0,
+    }
+    result["plots"] = [str(p) for p in payoff.plot(result, tmp_path)]
+    assert all(Path(p).stat().st_size > 1000 for p in result["plots"])
+    text = payoff.render(result)
+    assert "best alone: alone company-b" in text and "federation - pooled" in text
+    fields = payoff.result_fields(result)
+    assert fields["ext_fed_loss"] == pytest.approx(7.0 - 0.05 / 3)
+    assert fields["ext_best_alone_loss"] == pytest.approx(7.5)
+    assert benchkit.parse_result_line(benchkit.result_line(fields))["fed_loss"]

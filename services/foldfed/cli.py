@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "foldfed.tracing.commands",
     "foldfed.loadtest.commands",
     "foldfed.of3.data.commands",
+    "foldfed.of3.eval_commands",
     "foldfed.governance.commands",
     "foldfed.gate.commands",
     "foldfed.barrier.commands",

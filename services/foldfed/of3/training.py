@@ -414,6 +414,7 @@ def evaluate(
     confidence_only: bool = False,
     threads: int = 1,
     on_fold: FoldHook | None = None,
+    fold: bool = True,
 ) -> dict[str, float]:
     """Aggregate held-out metrics of the model as it is loaded (never per structure):
 
@@ -422,10 +423,12 @@ def evaluate(
       (the same noise at every global step, so steps compare like for like);
     - `<prefix>_lddt_mean`, `<prefix>_ligand_rmsd_mean`, `<prefix>_ligand_rmsd_success`
       (fraction under 2 Å) and their counts: from an eval-mode forward (full diffusion
-      rollout, first sample) against the ground truth after OpenFold3's permutation alignment.
+      rollout, first sample) against the ground truth after OpenFold3's permutation alignment;
+      `fold=False` skips this rollout (the loss alone, for curves over many steps).
 
     `on_fold(entry, outputs)`, if given, sees each eval-mode fold (of3/release_eval.py judges
-    its pose); what it keeps is its business, and it must keep aggregates only.
+    its pose); what it keeps is its business, and it must keep aggregates only. With
+    `fold=False` there is no fold, so it is not called.
     """
     terms: dict[str, list[float]] = {}
     found: dict[str, list[float]] = {"lddt": [], "ligand_rmsd": []}
@@ -440,6 +443,8 @@ def evaluate(
             check_terms(expected, breakdown, f"held-out {entry.name}")
             for name, value in breakdown.items():
                 terms.setdefault(name, []).append(_scalar(value))
+            if not fold:
+                continue
             model.eval()
             with seeded(seed, "of3-eval-fold", entry.name):
                 batch, outputs = model(to_device(load(entry), device))
