@@ -133,3 +133,22 @@ def test_eval_table_joins_an_eval_command_registered_before_it() -> None:
     register(sub)
     assert parser.parse_args(["eval", "--model", "m", "--data", "d"]).func == "score"
     assert parser.parse_args(["eval", "table", "var/demo"]).func is cmd_eval_table
+
+
+def test_both_eval_commands_parse_on_the_real_command_line() -> None:
+    """`foldfed eval --model --data` (of3/eval_commands.py) owns the `eval` parser and
+    `foldfed eval table` joins it: each parses without the other's arguments."""
+    import pytest
+
+    from foldfed.cli import build_parser
+    from foldfed.evaluation.commands import cmd_eval_table
+    from foldfed.of3.eval_commands import cmd_eval
+
+    parser = build_parser()
+    table = parser.parse_args(["eval", "table", "somewhere", "--json"])
+    assert table.func is cmd_eval_table and table.source == "somewhere" and table.json is True
+    score = parser.parse_args(["eval", "--model", "m.safetensors", "--data", "d"])
+    assert score.func is cmd_eval and (score.model, score.data) == ("m.safetensors", "d")
+    with pytest.raises(SystemExit) as refused:
+        cmd_eval(parser.parse_args(["eval", "--model", "m.safetensors"]))
+    assert refused.value.code == 2

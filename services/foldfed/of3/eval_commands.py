@@ -22,13 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "summary; files not scored are listed with their reason."
         ),
     )
+    # Not `required=True`: `foldfed eval table` (evaluation/commands.py) is a subcommand of
+    # this parser, and argparse would demand --model/--data of it too; cmd_eval checks them.
     parser.add_argument(
         "--model",
-        required=True,
+        default="",
         help="model file: a θ the federation writes (trainable tensors) or a full checkpoint; "
         "'init' scores the preset's seeded θ_0",
     )
-    parser.add_argument("--data", required=True, help="folder of complexes (DIR)")
+    parser.add_argument("--data", default="", help="folder of complexes (DIR)")
     parser.add_argument("--json", default="", help="also write the full report here")
     parser.add_argument("--preset", default="", help="OpenFold3 preset (default: $FOLDFED_MODEL's)")
     parser.add_argument("--seed", type=int, default=0, help="model init and scoring noise seed")
@@ -36,11 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--cache-dir", default="", help="feature cache (default: DIR/.foldfed-eval-cache)"
     )
-    parser.set_defaults(func=cmd_eval)
+    parser.set_defaults(func=cmd_eval, eval_parser=parser)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import os
+
+    if not (args.model and args.data):
+        args.eval_parser.error("scoring a model needs --model CKPT and --data DIR")
 
     from foldfed.of3.backend import Of3Settings, build
     from foldfed.of3.data.features import load_batch
