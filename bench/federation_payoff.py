@@ -7,7 +7,7 @@ lines: the arms, their statistics over seeds and their pictures belong together)
         [--grad-accum 1] [--lr 1e-3] [--warmup -1] [--companies company-a,...]
         [--pooled-grad-accum G_p] [--server-opt fedavg|fedavgm|fedadam] [--server-lr X]
         [--server-beta 0.9] [--arms alone,federation,pooled] [--eval-every 5]
-        [--eval-dir DIR] [--plots DIR] [--checkpointing] [--quick]
+        [--eval-dir DIR] [--plots DIR] [--base-seed 0] [--checkpointing] [--quick]
         [--split-by entries|clusters]
 
 alone       each company trains only on its own training split: R rounds of K optimizer
@@ -26,7 +26,11 @@ rounds) with a warm-up that fits the run: `--warmup -1` (the default) is 10 % of
 tiny OpenFold3 preset from its seeded init with the trainer's own round
 (foldfed.of3.training.train_round). Company i's alone run and its share of the federation
 draw the same structures and noise in round 1 (same participant index), so the arms differ
-only by what they learn from. A seed changes θ_0, the order of structures and the noise.
+only by what they learn from. A seed changes the order of structures and the training
+noise. θ_0 and the held-out scoring noise come from `--base-seed` (default 0) in every run,
+as a consortium fine-tunes one pretrained model and scores it with one instrument: the
+spread over seeds is then the training's, not θ_0's (`--base-seed -1` draws them from each
+run's seed too, which makes θ_0's own variation most of the spread).
 
 Data: `--sample pool` (the default) is the larger pool (45 complexes from plinder and five
 pinned PyPI archives, docs/of3_data.md section 10) at var/of3-pool-payoff, prepared offline from
@@ -253,7 +257,9 @@ def run_seed(args: argparse.Namespace, seed: int, ext_entries: list[Any]) -> dic
         model="openfold3-tiny", sample_dir=sample.folder, warmup_steps=warmup, lr=args.lr,
         overrides=overrides,
     )  # fmt: skip
-    built = build(settings, seed=seed)
+    # θ_0 and the scoring noise: the same in every run unless --base-seed -1 (docstring).
+    base = seed if args.base_seed < 0 else args.base_seed
+    built = build(settings, seed=base)
     load = BatchCache(load_batch)
     config = Of3TrainConfig(
         local_steps=args.local_steps, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=warmup
@@ -267,18 +273,18 @@ def run_seed(args: argparse.Namespace, seed: int, ext_entries: list[Any]) -> dic
         load_trainable(built.model, built.trainable, theta)
         out = {}
         for entry in heldout:
-            found = evaluate(built.model, built.loss_fn, [entry.features], load, seed=seed)
+            found = evaluate(built.model, built.loss_fn, [entry.features], load, seed=base)
             out[entry.entry_id] = {k: found[k] for k in KEYS if k in found}
         return out
 
     def loss_only(theta: dict) -> float:
         load_trainable(built.model, built.trainable, theta)
-        found = evaluate(built.model, built.loss_fn, heldout_files, load, seed=seed, fold=False)
+        found = evaluate(built.model, built.loss_fn, heldout_files, load, seed=base, fold=False)
         return found["eval_loss"]
 
     def external(theta: dict) -> dict[str, Any]:
         load_trainable(built.model, built.trainable, theta)
-        scored, refused = score_entries(built, ext_entries, load, seed=seed)
+        scored, refused = score_entries(built, ext_entries, load, seed=base)
         return summarize(scored, refused)
 
     def step(theta: dict, files: list[Path], index: int, t: int, cfg: Any = config) -> Any:
@@ -667,6 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", default="5", help="N (seeds 0..N-1) or a comma list")
     parser.add_argument("--jobs", type=int, default=2, help="seeds run in this many processes")
+    parser.add_argument(
+        "--base-seed", type=int, default=0,
+        help="θ_0 and the held-out scoring noise in every run (-1: each run's own seed)",
+    )  # fmt: skip
     parser.add_argument("--companies", default="", help="comma-separated subset (default all)")
     parser.add_argument(
         "--checkpointing", action="store_true", help="keep activation checkpointing"
