@@ -7,9 +7,11 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
@@ -153,3 +155,28 @@ def hub(broker: BrokerHandle, tmp_path: Path) -> Iterator[tuple[dict[str, str], 
         yield env, service
     finally:
         service.stop()
+
+
+class _DateOnly(BaseHTTPRequestHandler):
+    """Stands in for a hub page: the gate's clock reference is the Date header every
+    answer has (foldfed gate check --hub-clock)."""
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hub_clock() -> Iterator[str]:
+    """A local hub page's URL for the gate's clock check (tests of `foldfed gate`)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DateOnly)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()

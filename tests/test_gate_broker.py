@@ -8,9 +8,6 @@ import asyncio
 import base64
 import json
 import subprocess
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aio_pika
@@ -32,29 +29,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 ORG = PARTICIPANTS[0]
 WATCH_QUEUE = "test.gate.readiness"
-
-
-class _DateOnly(BaseHTTPRequestHandler):
-    """Stands in for a hub page: its only use here is the Date header every answer has."""
-
-    def do_HEAD(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def hub_clock() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _DateOnly)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 async def _hub_with_watch(admin_url: str) -> None:

@@ -19,10 +19,7 @@ import asyncio
 import json
 import os
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -47,29 +44,6 @@ FINAL_1 = STEPS + 1
 WINDOW_S = 10.0
 SPLIT_KEY = "the consortium's split key (never published)"
 SPLIT = SplitConfig(split_by="entries", heldout_fraction=0.3, companies=3)
-
-
-class _DateOnly(BaseHTTPRequestHandler):
-    """Stands in for a hub page: the gate's clock reference is its Date header."""
-
-    def do_HEAD(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def hub_clock() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _DateOnly)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _write_split(path: Path, heldout_fraction: float) -> Path:

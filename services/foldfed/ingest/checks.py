@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from foldfed.codedvector import chunk_bounds
 from foldfed.domain import Manifest
 from foldfed.errors import CodecError, Reject
@@ -53,10 +55,7 @@ def _check_masked(m: Manifest) -> None:
         if t.name in names:
             raise Reject(f"tensor {t.name!r} listed twice")
         names.add(t.name)
-        elements = 1
-        for dim in t.shape:
-            elements *= dim
-        if t.begin != at or t.end - t.begin != elements:
+        if t.begin != at or t.end - t.begin != math.prod(t.shape):
             raise Reject(f"tensor {t.name!r}: element range does not follow on {list(t.shape)}")
         at = t.end
     if m.payload_size != at * (m.ring_bits // 8):
