@@ -53,12 +53,19 @@ def _env(sample: Path, spool: Path, initial: Path) -> dict[str, str]:
 def _round_lines(output: str) -> dict[int, str]:
     """rank -> delta digest, from the ranks' "round trained" log lines."""
     out: dict[int, str] = {}
+    decoder = json.JSONDecoder()
     for line in output.splitlines():
-        start = line.find("{")
-        if start < 0 or "round trained" not in line:
-            continue
-        record = json.loads(line[start:])
-        out[int(record["rank"])] = record["delta_digest"]
+        # Both ranks write to one log file: two records can share a line when their
+        # writes interleave, and the last line may still be half written.
+        at = line.find("{") if "round trained" in line else -1
+        while at >= 0:
+            try:
+                record, end = decoder.raw_decode(line, at)
+            except json.JSONDecodeError:
+                break
+            if record.get("event") == "round trained":
+                out[int(record["rank"])] = record["delta_digest"]
+            at = line.find("{", end)
     return out
 
 
